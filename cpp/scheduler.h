@@ -1,0 +1,201 @@
+// Scheduler: continuous batching over the KV pools and the radix cache.
+//
+// Requests wait in a queue, are admitted (with their cached prefix applied), run prefill in chunks
+// under a per-step token budget, then decode one token (plus `reserve` speculative slots) per step
+// until they hit a stop token, their max_new_tokens or the context length. Each schedule() builds
+// one StepPlan; commit() applies the tokens sampled for it. Exactly one plan is in flight at a time.
+//
+// A step schedules, in order: every running decode (never starved), then continuing prefill
+// chunks, then admissions from the waiting queue (`fcfs`, or `lpm`: longest cached prefix first)
+// while the token budget and the running limit allow. Admission reserves the pages of its first
+// chunk now and an estimate of its future pages (remaining prompt + new_token_ratio * remaining new
+// tokens, as SGLang does), so that decodes rarely run out. When they do, retraction frees victims
+// (fewest generated tokens first, then longest prompt): a victim drops the pages it does not share
+// with the cache, keeps its cached prefix, and goes back to the front of the queue to be recomputed;
+// no admission happens in a step that retracted.
+//
+// Chunk-local KV: with chunk size C, a request holds local pages only for [floor(n/C)*C, n) once n
+// tokens are computed (at most ceil(C/page)+1 pages outside a step); earlier ones are released
+// when it crosses a boundary. Global pages cover [0, n).
+//
+// Invariants (check() verifies them): for each pool free + held_by_requests + cached_in_tree ==
+// total; a page is in at most one of {free list, tree, one request}, except that requests may share
+// tree pages on locked paths; every page's reference count equals its holders; every request that
+// add_request() accepted ends through commit() (FinishReason) or abort().
+#pragma once
+
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "kv_pool.h"
+#include "radix_cache.h"
+
+namespace pyllama4 {
+
+enum class Policy { kFcfs, kLpm };
+enum class FinishReason { kStop, kLength, kAbort };
+
+struct SchedulerConfig {
+  int32_t page_size = 16;
+  int32_t global_pages = 0;        // capacity of the global (full-history, NoPE) pool
+  int32_t local_pages = 0;         // capacity of the chunk-local (RoPE) pool; 0 when chunk_size is 0
+  int32_t chunk_size = 0;          // attention chunk size C in tokens; 0: no chunk-local layers
+  int32_t context_len = 8192;      // most tokens (prompt + output) one sequence may hold
+  int32_t max_running = 256;       // most requests admitted at once
+  int32_t max_step_tokens = 8192;  // token budget per step (chunked-prefill size)
+  Policy policy = Policy::kFcfs;
+  bool enable_prefix_cache = true;
+  double init_new_token_ratio = 0.7;
+  double min_new_token_ratio_factor = 0.14;  // min ratio = init * factor
+  int32_t new_token_ratio_decay_steps = 600;
+  int32_t clip_max_new_tokens = 4096;        // cap on the per-request decode estimate
+  int32_t retract_decode_steps = 20;         // headroom used when re-estimating the ratio
+};
+
+// One step's inputs, as flat arrays (Python views them zero-copy). R requests, T tokens, S samples.
+// Decodes come first (num_decodes of them), then prefill chunks.
+struct StepPlan {
+  std::vector<int64_t> request_ids;    // [R]
+  std::vector<int32_t> query_start;    // [R+1] offsets of each request's tokens in the flat arrays
+  std::vector<int32_t> context_lens;   // [R] tokens already in the KV cache before this step
+  std::vector<int32_t> seq_lens;       // [R] context_lens + query length
+  std::vector<int32_t> token_ids;      // [T] (speculative slots hold the last known token)
+  std::vector<int32_t> positions;      // [T]
+  std::vector<int32_t> global_slots;   // [T] page * page_size + offset in the global pool
+  std::vector<int32_t> local_slots;    // [T] same in the local pool (-1 without a local pool)
+  std::vector<int32_t> global_block_start;  // [R+1] CSR offsets into global_block_ids
+  std::vector<int32_t> global_block_ids;    // pages for positions [0, seq_len) of each request
+  std::vector<int32_t> local_block_start;   // [R+1] CSR offsets into local_block_ids
+  std::vector<int32_t> local_block_ids;     // pages from local_first_page on
+  std::vector<int32_t> local_first_page;    // [R] absolute page index of each request's first local page
+  std::vector<int32_t> sample_indices;      // [S] flat index of the last known token of each sampling request
+  std::vector<int32_t> sample_requests;     // [S] request index (0..R-1) of each sample
+  int32_t num_decodes = 0;
+  int32_t num_retracted = 0;                // requests retracted while building this plan
+
+  int32_t num_requests() const { return static_cast<int32_t>(request_ids.size()); }
+  int32_t num_tokens() const { return static_cast<int32_t>(token_ids.size()); }
+  void clear();
+  void reserve_like(const StepPlan& other);  // capacity for a plan of the same size
+};
+
+struct Finished {
+  int64_t request_id;
+  FinishReason reason;
+  int32_t num_output_tokens;
+};
+
+struct RequestInfo {
+  bool running = false;
+  int32_t num_tokens = 0;         // prompt + output
+  int32_t num_output_tokens = 0;
+  int32_t num_computed = 0;       // tokens whose KV is in the cache
+  int32_t cached_tokens = 0;      // prefix tokens taken from the radix cache at the last admission
+  int32_t num_retractions = 0;
+  int32_t global_pages = 0;
+  int32_t local_pages = 0;
+};
+
+struct SchedulerStats {
+  int32_t num_waiting = 0, num_running = 0;
+  int32_t global_total = 0, global_free = 0, global_cached = 0, global_evictable = 0;
+  int32_t local_total = 0, local_free = 0, local_cached = 0, local_evictable = 0;
+  int64_t prompt_tokens = 0;      // prompt tokens admitted (re-admissions count again)
+  int64_t cached_tokens = 0;      // of which taken from the radix cache
+  int64_t num_retractions = 0;
+  int64_t num_steps = 0;
+  double new_token_ratio = 0;
+};
+
+struct Request;
+
+class Scheduler {
+ public:
+  explicit Scheduler(const SchedulerConfig& config);
+  ~Scheduler();
+  Scheduler(const Scheduler&) = delete;
+  Scheduler& operator=(const Scheduler&) = delete;
+
+  const SchedulerConfig& config() const { return config_; }
+
+  // Queues a request. Throws std::invalid_argument (naming the problem) when the request can never
+  // run: duplicate id, empty prompt, prompt not shorter than context_len, max_new_tokens < 1, a
+  // sequence that would need more pages than a pool holds, or a negative reserve.
+  void add_request(int64_t request_id, const std::vector<int32_t>& prompt, int32_t max_new_tokens,
+                   const std::vector<int32_t>& stop_token_ids, uint64_t extra_key, int32_t reserve);
+  // Removes a request in any state and releases its pages (caching its computed prefix). A request
+  // in the plan in flight is released at commit(), which skips it. Returns false if unknown.
+  bool abort(int64_t request_id);
+
+  // Builds the next step. Throws std::logic_error if the previous plan was not committed.
+  // The returned plan stays valid (and unchanged) after later steps for whoever holds it.
+  std::shared_ptr<const StepPlan> schedule();
+  // Applies the sampled tokens of the plan in flight. Without counts, tokens holds one token per
+  // sample (plan order). With counts (one per sample, each in [1, 1 + reserve]), the request's
+  // speculative slots accepted counts[i] - 1 tokens and tokens holds them all, concatenated.
+  std::vector<Finished> commit(const int32_t* tokens, int32_t num_tokens, const int32_t* counts,
+                               int32_t num_counts);
+
+  bool has_work() const { return !waiting_.empty() || !running_.empty(); }
+  bool plan_in_flight() const { return in_flight_; }
+  bool has_request(int64_t request_id) const { return requests_.count(request_id) != 0; }
+  RequestInfo request_info(int64_t request_id) const;
+  std::vector<int32_t> request_tokens(int64_t request_id) const;
+  SchedulerStats stats() const;
+  int32_t flush_cache();  // evicts every unlocked cached page; returns the global pages freed
+
+  KVPool& global_pool() { return *global_; }
+  KVPool* local_pool() { return local_.get(); }
+  RadixCache& cache() { return *cache_; }
+
+  // Empty when every invariant holds, else a description of the first violation.
+  std::string check() const;
+
+ private:
+  // Where a request's KV stands: what page arithmetic needs, for a request or a would-be one.
+  struct Footprint {
+    int32_t num_computed;
+    int32_t global_held;  // pages for [0, global_held * page_size)
+    int32_t local_first;  // first page index held in the local pool
+    int32_t local_held;
+  };
+  static Footprint footprint(const Request& r);
+  int32_t max_extend(const Footprint& f, int32_t want, int32_t avail_global, int32_t avail_local) const;
+  void pages_for(const Footprint& f, int32_t extend, int32_t* global, int32_t* local) const;
+  int32_t future_pages(const Request& r, const Footprint& f, bool local) const;
+  int32_t decode_extend(const Request& r) const;
+  bool make_room(int32_t global, int32_t local);
+  void allocate(Request& r, int32_t extend);
+  void emit(Request& r, int32_t known, int32_t extend);
+  bool admit(Request& r, int32_t budget, int32_t reserved_global, int32_t reserved_local);
+  void retract(Request& r);
+  Request* pick_victim(const Request* keep);
+  void release(Request& r, bool cache_prefix);
+  void release_old_local_pages(Request& r);
+  void finish(Request& r, FinishReason reason);
+  void order_waiting();
+
+  SchedulerConfig config_;
+  std::unique_ptr<KVPool> global_;
+  std::unique_ptr<KVPool> local_;
+  std::unique_ptr<RadixCache> cache_;
+  std::unordered_map<int64_t, std::unique_ptr<Request>> requests_;
+  std::deque<Request*> waiting_;
+  std::vector<Request*> running_;
+  std::shared_ptr<StepPlan> plan_;
+  std::vector<Request*> plan_requests_;
+  std::vector<int32_t> plan_known_;  // known tokens computed by the plan, per plan request
+  std::vector<Finished> finished_;   // filled by commit
+  bool in_flight_ = false;
+  int64_t arrivals_ = 0;
+  double new_token_ratio_;
+  double min_new_token_ratio_;
+  double new_token_ratio_decay_;
+  SchedulerStats counters_;
+};
+
+}  // namespace pyllama4
