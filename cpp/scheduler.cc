@@ -251,21 +251,42 @@ Request* Scheduler::pick_victim(const Request* keep) {
   return victim;
 }
 
-void Scheduler::release(Request& r, bool cache_prefix) {
+void Scheduler::insert_prefix(Request& r) {
   const int32_t P = config_.page_size;
-  if (cache_prefix && config_.enable_prefix_cache) {
-    const int32_t full = r.num_computed / P;
-    if (full > 0) {
-      std::vector<int32_t> local_aligned;
-      if (local_) {
-        local_aligned.assign(full, -1);
-        for (int32_t i = r.local_first; i < std::min(full, r.local_first + static_cast<int32_t>(r.local_pages.size())); ++i)
-          local_aligned[i] = r.local_pages[i - r.local_first];
-      }
-      cache_->insert(r.extra_key, r.tokens.data(), full * P, r.global_pages.data(),
-                     local_ ? local_aligned.data() : nullptr);
-    }
+  const int32_t full = r.num_computed / P;
+  if (full == 0) return;
+  std::vector<int32_t> local_aligned;
+  if (local_) {
+    local_aligned.assign(full, -1);
+    const int32_t end = std::min(full, r.local_first + static_cast<int32_t>(r.local_pages.size()));
+    for (int32_t i = r.local_first; i < end; ++i) local_aligned[i] = r.local_pages[i - r.local_first];
   }
+  cache_->insert(r.extra_key, r.tokens.data(), full * P, r.global_pages.data(),
+                 local_ ? local_aligned.data() : nullptr);
+}
+
+void Scheduler::cache_unfinished(Request& r) {
+  const int32_t P = config_.page_size;
+  insert_prefix(r);
+  MatchResult m = cache_->match_prefix(r.extra_key, r.tokens.data(), r.num_computed / P * P);
+  cache_->lock(m.node);
+  if (r.node) cache_->unlock(r.node);
+  r.node = m.length > 0 ? m.node : nullptr;
+  auto share = [](KVPool& pool, int32_t& mine, int32_t tree) {
+    if (mine == tree) return;
+    pool.ref(tree);
+    pool.unref(mine);
+    mine = tree;
+  };
+  const int32_t pages = m.length / P;
+  for (int32_t i = 0; i < pages; ++i) share(*global_, r.global_pages[i], m.global_pages[i]);
+  if (!local_) return;
+  for (int32_t i = std::max(m.local_first_page, r.local_first); i < pages; ++i)
+    share(*local_, r.local_pages[i - r.local_first], m.local_pages[i - m.local_first_page]);
+}
+
+void Scheduler::release(Request& r, bool cache_prefix) {
+  if (cache_prefix && config_.enable_prefix_cache) insert_prefix(r);
   for (int32_t page : r.global_pages) global_->unref(page);
   for (int32_t page : r.local_pages) local_->unref(page);
   r.global_pages.clear();
@@ -339,17 +360,26 @@ void Scheduler::order_waiting() {
 
 std::shared_ptr<const StepPlan> Scheduler::schedule() {
   if (in_flight_) throw std::logic_error("schedule(): the previous plan was not committed");
-  auto plan = std::make_shared<StepPlan>();
-  plan->reserve_like(*plan_);
-  plan->clear();
-  plan_ = std::move(plan);
+  // Reuse a plan buffer that no caller holds any more; allocate only while callers keep plans.
+  std::shared_ptr<StepPlan> next;
+  for (auto& buffer : plan_buffers_)
+    if (buffer != plan_ && buffer.use_count() == 1) next = buffer;
+  if (!next) {
+    next = std::make_shared<StepPlan>();
+    next->reserve_like(*plan_);
+    if (plan_buffers_.size() < 4) plan_buffers_.push_back(next);
+  }
+  next->clear();
+  plan_ = std::move(next);
   plan_requests_.clear();
   plan_known_.clear();
   ++counters_.num_steps;
   for (;;) {
     // 1. Decodes: every running request whose prompt is done. Retract until they all fit.
-    std::vector<Request*> decodes, prefills;
-    decodes.reserve(running_.size());
+    std::vector<Request*>& decodes = decodes_;
+    std::vector<Request*>& prefills = prefills_;
+    decodes.clear();
+    prefills.clear();
     int32_t need_g = 0, need_l = 0;
     for (Request* r : running_) {
       if (r->pending() != 1) {
@@ -524,9 +554,11 @@ std::vector<Finished> Scheduler::commit(const int32_t* tokens, int32_t num_token
     if (done) {
       finish(r, reason);
       any_done = true;
-    } else {
-      release_old_local_pages(r);
+      continue;
     }
+    release_old_local_pages(r);
+    if (static_cast<int32_t>(i) >= plan_->num_decodes && config_.enable_prefix_cache)
+      cache_unfinished(r);
   }
   in_flight_ = false;
   if (any_done) {

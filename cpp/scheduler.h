@@ -14,6 +14,11 @@
 // with the cache, keeps its cached prefix, and goes back to the front of the queue to be recomputed;
 // no admission happens in a step that retracted.
 //
+// Prefix caching: after each prefill chunk a request inserts its computed whole pages into the
+// radix cache and switches to the tree's copies of any pages that were already cached, so that
+// requests admitted later share the prefix while it is still running. At the end (finish or
+// abort) it inserts everything it computed. Retraction drops only what the tree does not hold.
+//
 // Chunk-local KV: with chunk size C, a request holds local pages only for [floor(n/C)*C, n) once n
 // tokens are computed (at most ceil(C/page)+1 pages outside a step); earlier ones are released
 // when it crosses a boundary. Global pages cover [0, n).
@@ -174,6 +179,8 @@ class Scheduler {
   bool admit(Request& r, int32_t budget, int32_t reserved_global, int32_t reserved_local);
   void retract(Request& r);
   Request* pick_victim(const Request* keep);
+  void insert_prefix(Request& r);
+  void cache_unfinished(Request& r);
   void release(Request& r, bool cache_prefix);
   void release_old_local_pages(Request& r);
   void finish(Request& r, FinishReason reason);
@@ -187,6 +194,8 @@ class Scheduler {
   std::deque<Request*> waiting_;
   std::vector<Request*> running_;
   std::shared_ptr<StepPlan> plan_;
+  std::vector<std::shared_ptr<StepPlan>> plan_buffers_;  // reused once nobody else holds them
+  std::vector<Request*> decodes_, prefills_;             // scratch for schedule()
   std::vector<Request*> plan_requests_;
   std::vector<int32_t> plan_known_;  // known tokens computed by the plan, per plan request
   std::vector<Finished> finished_;   // filled by commit
