@@ -111,20 +111,28 @@ def main() -> None:
     args = ap.parse_args()
     rng = np.random.default_rng(args.seed)
 
-    print(f"pyllama4 core benchmark on {platform.machine()} ({platform.processor() or 'cpu'}), "
-          f"python {platform.python_version()}")
-    print(f"\nschedule()+commit() per decode step (prompt {args.prompt_len}, page {PAGE}, "
-          f"chunk {CHUNK}, {args.steps} steps)")
+    print(
+        f"pyllama4 core benchmark on {platform.machine()} ({platform.processor() or 'cpu'}), "
+        f"python {platform.python_version()}"
+    )
+    print(
+        f"\nschedule()+commit() per decode step (prompt {args.prompt_len}, page {PAGE}, "
+        f"chunk {CHUNK}, {args.steps} steps)"
+    )
     print(f"{'running':>8} {'median us':>10} {'p90 us':>10} {'mean us':>10} {'us/request':>11}")
     for size in args.sizes:
         r = bench_decode_step(size, args.prompt_len, args.steps, rng)
-        print(f"{r['running']:>8} {r['median_us']:>10.1f} {r['p90_us']:>10.1f} "
-              f"{r['mean_us']:>10.1f} {r['median_us'] / size:>11.3f}", flush=True)
+        print(
+            f"{r['running']:>8} {r['median_us']:>10.1f} {r['p90_us']:>10.1f} "
+            f"{r['mean_us']:>10.1f} {r['median_us'] / size:>11.3f}",
+            flush=True,
+        )
 
     r = bench_radix(args.radix_tokens, rng)
     print(f"\nradix cache: {r['cached_tokens']} cached tokens in {r['nodes']} nodes")
-    print(f"  insert: {r['insert_tok_s'] / 1e6:8.1f} M tokens/s ({r['insert_us']:.1f} us per 768-token prompt)")
-    print(f"  match:  {r['match_tok_s'] / 1e6:8.1f} M tokens/s ({r['match_us']:.1f} us per 768-token prompt)")
+    for op in ("insert", "match"):
+        rate, per_call = r[f"{op}_tok_s"] / 1e6, r[f"{op}_us"]
+        print(f"  {op + ':':<7} {rate:8.1f} M tokens/s ({per_call:.1f} us per 768-token prompt)")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 #include <stdexcept>
+#include <string>
 
 namespace pyllama4 {
 
@@ -222,6 +223,16 @@ int32_t RadixCache::insert(uint64_t extra_key, const int32_t* tokens, int32_t n,
   if (n < 0 || n % page_size_ != 0)
     throw std::invalid_argument("RadixCache::insert: length must be a multiple of the page size");
   const int32_t num_pages = n / page_size_;
+  // Every page must be live (the caller holds it): check them all before changing anything, so
+  // that a bad id throws (out_of_range / logic_error, as KVPool::ref would) with the tree intact.
+  for (int32_t i = 0; i < num_pages; ++i) {
+    if (global_->ref_count(global_pages[i]) == 0)
+      throw std::logic_error("RadixCache::insert: global page " + std::to_string(global_pages[i]) +
+                             " is free");
+    if (local_ && local_pages && local_pages[i] >= 0 && local_->ref_count(local_pages[i]) == 0)
+      throw std::logic_error("RadixCache::insert: local page " + std::to_string(local_pages[i]) +
+                             " is free");
+  }
   ++clock_;
   RadixNode* node = root_;
   int32_t pos = 0, present = 0;

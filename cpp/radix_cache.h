@@ -89,7 +89,8 @@ class RadixCache {
   // local_pages[i] (-1: not cached) hold page i. Pages already present are kept; the tree adopts
   // (takes a reference on) the new ones, including local pages that fill gaps in existing nodes.
   // Returns the number of tokens whose global pages were already cached; the caller drops its own
-  // references as usual, which frees its duplicates.
+  // references as usual, which frees its duplicates. Every page passed must be live: an id out of
+  // range (std::out_of_range) or free (std::logic_error) throws before anything changes.
   int32_t insert(uint64_t extra_key, const int32_t* tokens, int32_t n, const int32_t* global_pages,
                  const int32_t* local_pages);
 
@@ -107,7 +108,10 @@ class RadixCache {
   int32_t evictable_local_pages() const { return evictable_local_; }
   int32_t protected_global_pages() const { return cached_global_ - evictable_global_; }
   int32_t protected_local_pages() const { return cached_local_ - evictable_local_; }
-  int32_t num_nodes() const { return static_cast<int32_t>(nodes_.size()) - 1; }
+  // Live nodes other than the root (dead ids waiting for reuse are not nodes).
+  int32_t num_nodes() const {
+    return static_cast<int32_t>(nodes_.size() - free_ids_.size()) - 1;
+  }
 
   RadixNode* root() const { return root_; }
   RadixNode* node_by_id(int32_t id) const;  // null when no live node has this id

@@ -92,6 +92,10 @@ Scheduler::Scheduler(const SchedulerConfig& config) : config_(config) {
   if (c.init_new_token_ratio < 0 || c.min_new_token_ratio_factor < 0 ||
       c.new_token_ratio_decay_steps <= 0 || c.clip_max_new_tokens < 0)
     throw std::invalid_argument("new-token-ratio settings must be non-negative");
+  // A ratio above 1 would reserve more pages than a request can use: one that add_request accepts
+  // could then never be admitted.
+  if (!(c.init_new_token_ratio <= 1) || !(c.min_new_token_ratio_factor <= 1))
+    throw std::invalid_argument("init_new_token_ratio and min_new_token_ratio_factor must be <= 1");
   global_ = std::make_unique<KVPool>(c.global_pages, c.page_size);
   if (c.chunk_size > 0) local_ = std::make_unique<KVPool>(c.local_pages, c.page_size);
   cache_ = std::make_unique<RadixCache>(global_.get(), local_.get(), c.chunk_size);
@@ -179,7 +183,8 @@ int32_t Scheduler::future_pages(const Request& r, const Footprint& f, bool local
       config_.context_len, r.num_tokens() + static_cast<int64_t>(std::ceil(est_new)));
   const int32_t end_page = ceil_div(est_total, P);
   if (!local) return std::max(0, end_page - f.global_held);
-  const int32_t peak = config_.chunk_size / P + 1 + ceil_div(r.reserve, P);
+  // The most local pages a request needs at once, as add_request() checks it against the pool.
+  const int32_t peak = config_.chunk_size / P + ceil_div(1 + r.reserve, P);
   return std::max(0, std::min(end_page - f.local_first, peak) - f.local_held);
 }
 
@@ -251,9 +256,8 @@ Request* Scheduler::pick_victim(const Request* keep) {
   return victim;
 }
 
-void Scheduler::insert_prefix(Request& r) {
+void Scheduler::insert_prefix(Request& r, int32_t full) {
   const int32_t P = config_.page_size;
-  const int32_t full = r.num_computed / P;
   if (full == 0) return;
   std::vector<int32_t> local_aligned;
   if (local_) {
@@ -267,8 +271,18 @@ void Scheduler::insert_prefix(Request& r) {
 
 void Scheduler::cache_unfinished(Request& r) {
   const int32_t P = config_.page_size;
-  insert_prefix(r);
-  MatchResult m = cache_->match_prefix(r.extra_key, r.tokens.data(), r.num_computed / P * P);
+  // With chunk-local layers, share only whole chunks while running: local pages of the current
+  // chunk put in the tree would stay locked by this request's path after it leaves the chunk, so
+  // a running request would pin local pages of every chunk it has passed (O(prompt), not O(chunk)).
+  // Its last chunk is cached when it finishes.
+  const int32_t n =
+      local_ ? cache_->chunk_first_page(r.num_computed) * P : r.num_computed / P * P;
+  // Never shorten the locked path: the request shares every page on it.
+  const int32_t locked = r.node ? r.node->end_page() * P : 0;
+  if (n <= locked) return;
+  insert_prefix(r, n / P);
+  MatchResult m = cache_->match_prefix(r.extra_key, r.tokens.data(), n);
+  if (m.length <= locked) return;
   cache_->lock(m.node);
   if (r.node) cache_->unlock(r.node);
   r.node = m.length > 0 ? m.node : nullptr;
@@ -286,7 +300,8 @@ void Scheduler::cache_unfinished(Request& r) {
 }
 
 void Scheduler::release(Request& r, bool cache_prefix) {
-  if (cache_prefix && config_.enable_prefix_cache) insert_prefix(r);
+  if (cache_prefix && config_.enable_prefix_cache)
+    insert_prefix(r, r.num_computed / config_.page_size);
   for (int32_t page : r.global_pages) global_->unref(page);
   for (int32_t page : r.local_pages) local_->unref(page);
   r.global_pages.clear();
@@ -374,6 +389,7 @@ std::shared_ptr<const StepPlan> Scheduler::schedule() {
   plan_requests_.clear();
   plan_known_.clear();
   ++counters_.num_steps;
+  bool dropped_local = false;  // step 4's last resort ran in this call
   for (;;) {
     // 1. Decodes: every running request whose prompt is done. Retract until they all fit.
     std::vector<Request*>& decodes = decodes_;
@@ -396,7 +412,11 @@ std::shared_ptr<const StepPlan> Scheduler::schedule() {
     auto avail_l = [&] { return local_ ? local_->num_free() + cache_->evictable_local_pages() : 0; };
     bool retracted = false;
     while (need_g > avail_g() || need_l > avail_l()) {
-      Request* victim = running_.size() > 1 ? pick_victim(nullptr) : nullptr;
+      // A lone request that does not fit can only be blocked by local pages its own locked path
+      // pins (see step 4): retract it as well and let step 4 drop them.
+      Request* victim = running_.size() > 1             ? pick_victim(nullptr)
+                        : local_ && !dropped_local ? running_.front()
+                                                   : nullptr;
       if (!victim) throw std::logic_error("Scheduler: a single request does not fit the KV pools");
       auto it = std::find(decodes.begin(), decodes.end(), victim);
       if (it != decodes.end()) {
@@ -463,11 +483,23 @@ std::shared_ptr<const StepPlan> Scheduler::schedule() {
       }
     }
 
-    // 4. Running requests that cannot move at all hold each other's pages: free one and retry.
-    if (plan_->num_requests() > 0 || running_.empty()) break;
-    Request* victim = running_.size() > 1 ? pick_victim(running_.front()) : nullptr;
-    if (!victim) throw std::logic_error("Scheduler: a single request does not fit the KV pools");
-    retract(*victim);
+    // 4. Nothing scheduled although requests wait or run.
+    if (plan_->num_requests() > 0 || (running_.empty() && waiting_.empty())) break;
+    // Running requests that cannot move at all hold each other's pages: free one and retry.
+    if (running_.size() > 1) {
+      retract(*pick_victim(running_.front()));
+      continue;
+    }
+    // A lone running request, or the head of the queue with nothing running, always fits the pools
+    // (add_request checked it) unless the cache pins what it needs: a locked path pins the local
+    // pages of every node on it, including chunks that its requests have left. As a last resort,
+    // retract the lone request, drop every unlocked local page of the cache and admit again; the
+    // matches then end at chunk boundaries, which need no local pages.
+    if (!local_ || dropped_local)
+      throw std::logic_error("Scheduler: a single request does not fit the KV pools");
+    if (!running_.empty()) retract(*running_.front());
+    cache_->evict_local(cache_->evictable_local_pages());
+    dropped_local = true;
   }
   in_flight_ = plan_->num_requests() > 0;
   return plan_;

@@ -12,12 +12,18 @@
 // tokens, as SGLang does), so that decodes rarely run out. When they do, retraction frees victims
 // (fewest generated tokens first, then longest prompt): a victim drops the pages it does not share
 // with the cache, keeps its cached prefix, and goes back to the front of the queue to be recomputed;
-// no admission happens in a step that retracted.
+// no admission happens in a step that retracted. Last resort: when nothing at all can be scheduled
+// although requests wait or run, and at most one runs, what blocks it is local pages that the
+// cache keeps on a locked path for chunks its requests have left (a lock pins every page of the
+// path). Then the running request is retracted too, every unlocked local page of the cache is
+// dropped, and admission runs again in the same step.
 //
 // Prefix caching: after each prefill chunk a request inserts its computed whole pages into the
 // radix cache and switches to the tree's copies of any pages that were already cached, so that
-// requests admitted later share the prefix while it is still running. At the end (finish or
-// abort) it inserts everything it computed. Retraction drops only what the tree does not hold.
+// requests admitted later share the prefix while it is still running. With chunk-local layers
+// it shares only whole chunks while running, since local pages of its current chunk in the tree
+// would stay pinned by its lock after it moves on. At the end (finish or abort) it inserts
+// everything it computed. Retraction drops only what the tree does not hold.
 //
 // Chunk-local KV: with chunk size C, a request holds local pages only for [floor(n/C)*C, n) once n
 // tokens are computed (at most ceil(C/page)+1 pages outside a step); earlier ones are released
@@ -179,7 +185,7 @@ class Scheduler {
   bool admit(Request& r, int32_t budget, int32_t reserved_global, int32_t reserved_local);
   void retract(Request& r);
   Request* pick_victim(const Request* keep);
-  void insert_prefix(Request& r);
+  void insert_prefix(Request& r, int32_t full_pages);  // caches r's pages [0, full_pages)
   void cache_unfinished(Request& r);
   void release(Request& r, bool cache_prefix);
   void release_old_local_pages(Request& r);
