@@ -75,6 +75,14 @@ one reference per page it lists.)doc")
       .def("ref_count", &KVPool::ref_count, py::arg("page"))
       .def("check", &KVPool::check, "Empty string when the invariants hold, else the violation.");
 
+  py::class_<RadixCacheStats>(m, "RadixCacheStats", "Radix cache running totals since construction.")
+      .def_readonly("lookups", &RadixCacheStats::lookups)
+      .def_readonly("lookup_tokens", &RadixCacheStats::lookup_tokens)
+      .def_readonly("hit_tokens", &RadixCacheStats::hit_tokens)
+      .def_readonly("inserted_tokens", &RadixCacheStats::inserted_tokens)
+      .def_readonly("evicted_global_pages", &RadixCacheStats::evicted_global_pages)
+      .def_readonly("evicted_local_pages", &RadixCacheStats::evicted_local_pages);
+
   py::class_<RadixCache>(m, "RadixCache", R"doc(
 Radix tree of cached KV pages over page-aligned token keys, namespaced by an extra key.
 Each page of a node has a global-pool page and, with chunk-local layers (chunk_size > 0), an
@@ -146,21 +154,26 @@ pages only. The tree owns one pool reference per page it lists.)doc")
       .def_property_readonly("protected_global_pages", &RadixCache::protected_global_pages)
       .def_property_readonly("protected_local_pages", &RadixCache::protected_local_pages)
       .def_property_readonly("num_nodes", &RadixCache::num_nodes)
+      .def("stats", &RadixCache::stats, "Running totals: lookups, hit tokens, insertions, evictions.")
       .def("check", &RadixCache::check);
 
   py::class_<StepPlan, std::shared_ptr<StepPlan>>(m, "StepPlan", R"doc(
 One step's inputs as flat arrays, viewed zero-copy (numpy; torch.from_numpy shares them).
 R requests (decodes first, then prefill chunks), T tokens, S sampling requests.
-Block tables are CSR: request i's global pages are
-global_block_ids[global_block_start[i]:global_block_start[i+1]] for positions [0, seq_lens[i]);
-its local pages start at absolute page local_first_page[i]. Slots are page * page_size + offset;
-local_slots is -1 without chunk-local layers. A plan never changes after schedule() returns it.)doc")
+Slots are page * page_size + offset; local_slots is -1 without chunk-local layers.
+Block tables are persistent and live with the model runner: global
+[max_running, Scheduler.global_table_width] (row r, column i: the global page of positions
+[i * page_size, (i + 1) * page_size)) and local [max_running, Scheduler.local_table_width]
+(column i % width: the local page of absolute page index i in the current chunk window).
+Request j uses row rows[j]. Before running a plan, apply its writes:
+table.view(-1)[global_table_index] = global_table_values, and the same for the local table
+(repeated indices carry equal values). A plan never changes after schedule() returns it.)doc")
 #define PLAN_ARRAY(name) \
   .def_property_readonly(#name, [](py::object self) { return view(self.cast<StepPlan&>().name, self); })
       PLAN_ARRAY(request_ids) PLAN_ARRAY(query_start) PLAN_ARRAY(context_lens) PLAN_ARRAY(seq_lens)
       PLAN_ARRAY(token_ids) PLAN_ARRAY(positions) PLAN_ARRAY(global_slots) PLAN_ARRAY(local_slots)
-      PLAN_ARRAY(global_block_start) PLAN_ARRAY(global_block_ids) PLAN_ARRAY(local_block_start)
-      PLAN_ARRAY(local_block_ids) PLAN_ARRAY(local_first_page) PLAN_ARRAY(sample_indices)
+      PLAN_ARRAY(rows) PLAN_ARRAY(global_table_index) PLAN_ARRAY(global_table_values)
+      PLAN_ARRAY(local_table_index) PLAN_ARRAY(local_table_values) PLAN_ARRAY(sample_indices)
       PLAN_ARRAY(sample_requests)
 #undef PLAN_ARRAY
       .def_property_readonly("num_requests", &StepPlan::num_requests)
@@ -297,5 +310,8 @@ owned twice; reference counts equal holders; locked tree pages are never evicted
       .def_property_readonly("page_size", [](const Scheduler& s) { return s.config().page_size; })
       .def_property_readonly("chunk_size", [](const Scheduler& s) { return s.config().chunk_size; })
       .def_property_readonly("context_len", [](const Scheduler& s) { return s.config().context_len; })
+      .def_property_readonly("max_running", [](const Scheduler& s) { return s.config().max_running; })
+      .def_property_readonly("global_table_width", &Scheduler::global_table_width)
+      .def_property_readonly("local_table_width", &Scheduler::local_table_width)
       .def("check", &Scheduler::check, "Empty string when every invariant holds, else the violation.");
 }

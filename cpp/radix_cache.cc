@@ -192,10 +192,16 @@ int32_t RadixCache::peek_prefix(uint64_t extra_key, const int32_t* tokens, int32
   return usable_pages(walk(extra_key, tokens, n / page_size_)) * page_size_;
 }
 
-MatchResult RadixCache::match_prefix(uint64_t extra_key, const int32_t* tokens, int32_t n) {
+MatchResult RadixCache::match_prefix(uint64_t extra_key, const int32_t* tokens, int32_t n,
+                                     bool count_lookup) {
   MatchResult result;
   const Walk w = walk(extra_key, tokens, n / page_size_);
   const int32_t pages = usable_pages(w);
+  if (count_lookup) {
+    ++stats_.lookups;
+    stats_.lookup_tokens += int64_t{n / page_size_} * page_size_;
+    stats_.hit_tokens += int64_t{pages} * page_size_;
+  }
   RadixNode* node = w.node;
   while (node != root_ && node->start_page >= pages) node = node->parent;
   if (node != root_ && node->end_page() > pages) node = split(node, pages - node->start_page);
@@ -256,6 +262,7 @@ int32_t RadixCache::insert(uint64_t extra_key, const int32_t* tokens, int32_t n,
         }
       }
       add_counts(leaf, leaf->num_pages(), leaf->num_local);
+      stats_.inserted_tokens += int64_t{leaf->num_pages()} * page_size_;
       node = leaf;
       break;
     }
@@ -328,6 +335,8 @@ int32_t RadixCache::evict(int32_t n) {
       }
     }
     const int32_t dropped = leaf->num_pages() - keep;
+    stats_.evicted_global_pages += dropped;
+    stats_.evicted_local_pages += dropped_local;
     cached_global_ -= dropped;
     evictable_global_ -= dropped;
     cached_local_ -= dropped_local;
@@ -357,6 +366,7 @@ int32_t RadixCache::evict_local(int32_t n) {
       --node->num_local;
       --cached_local_;
       --evictable_local_;
+      ++stats_.evicted_local_pages;
       ++freed;
     }
     refresh(node);

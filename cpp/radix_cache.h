@@ -64,6 +64,16 @@ struct MatchResult {
   RadixNode* node = nullptr;           // the node that ends at `length` (the root when length == 0)
 };
 
+// Running totals since construction.
+struct RadixCacheStats {
+  int64_t lookups = 0;          // counted match_prefix calls
+  int64_t lookup_tokens = 0;    // whole-page tokens they asked for
+  int64_t hit_tokens = 0;       // tokens they matched
+  int64_t inserted_tokens = 0;  // tokens insert() added to the tree (not already present)
+  int64_t evicted_global_pages = 0;
+  int64_t evicted_local_pages = 0;  // by evict() with their global pages, or by evict_local()
+};
+
 class RadixCache {
  public:
   // `local` may be null only when chunk_size == 0. The pools must outlive the cache.
@@ -80,8 +90,10 @@ class RadixCache {
 
   // Longest usable cached prefix of tokens[0, n) (n is rounded down to whole pages). Splits a node
   // so that the match ends on a node boundary and marks the path as used now. Does not lock and
-  // takes no references: lock result.node before anything can evict.
-  MatchResult match_prefix(uint64_t extra_key, const int32_t* tokens, int32_t n);
+  // takes no references: lock result.node before anything can evict. A lookup is counted in
+  // stats() unless count_lookup is false (the owner re-matching what it just inserted).
+  MatchResult match_prefix(uint64_t extra_key, const int32_t* tokens, int32_t n,
+                           bool count_lookup = true);
   // The length match_prefix would return, without changing the tree.
   int32_t peek_prefix(uint64_t extra_key, const int32_t* tokens, int32_t n) const;
 
@@ -102,6 +114,7 @@ class RadixCache {
   // Frees min(n, evictable_local_pages()) local pages, keeping global ones; returns the count.
   int32_t evict_local(int32_t n);
 
+  const RadixCacheStats& stats() const { return stats_; }
   int32_t cached_global_pages() const { return cached_global_; }
   int32_t cached_local_pages() const { return cached_local_; }
   int32_t evictable_global_pages() const { return evictable_global_; }
@@ -153,6 +166,7 @@ class RadixCache {
   std::set<std::tuple<uint64_t, int32_t, int32_t>> local_set_;  // unlocked nodes with local pages
   int32_t cached_global_ = 0, cached_local_ = 0;
   int32_t evictable_global_ = 0, evictable_local_ = 0;
+  RadixCacheStats stats_;
 };
 
 }  // namespace pyllama4

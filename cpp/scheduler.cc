@@ -25,6 +25,7 @@ struct Request {
   std::vector<int32_t> local_pages;   // local_pages[j] holds page local_first + j
   int32_t local_first = 0;
   RadixNode* node = nullptr;          // locked end of the cached prefix in use
+  int32_t row = -1;                   // block table row while running
 
   int32_t num_tokens() const { return static_cast<int32_t>(tokens.size()); }
   int32_t output_len() const { return num_tokens() - prompt_len; }
@@ -46,11 +47,11 @@ void StepPlan::clear() {
   positions.clear();
   global_slots.clear();
   local_slots.clear();
-  global_block_start.assign(1, 0);
-  global_block_ids.clear();
-  local_block_start.assign(1, 0);
-  local_block_ids.clear();
-  local_first_page.clear();
+  rows.clear();
+  global_table_index.clear();
+  global_table_values.clear();
+  local_table_index.clear();
+  local_table_values.clear();
   sample_indices.clear();
   sample_requests.clear();
   num_decodes = 0;
@@ -67,11 +68,7 @@ void StepPlan::reserve_like(const StepPlan& o) {
   positions.reserve(T);
   global_slots.reserve(T);
   local_slots.reserve(T);
-  global_block_start.reserve(R + 1);
-  global_block_ids.reserve(o.global_block_ids.size());
-  local_block_start.reserve(R + 1);
-  local_block_ids.reserve(o.local_block_ids.size());
-  local_first_page.reserve(R);
+  rows.reserve(R);
   sample_indices.reserve(R);
   sample_requests.reserve(R);
 }
@@ -99,6 +96,13 @@ Scheduler::Scheduler(const SchedulerConfig& config) : config_(config) {
   global_ = std::make_unique<KVPool>(c.global_pages, c.page_size);
   if (c.chunk_size > 0) local_ = std::make_unique<KVPool>(c.local_pages, c.page_size);
   cache_ = std::make_unique<RadixCache>(global_.get(), local_.get(), c.chunk_size);
+  global_width_ = ceil_div(c.context_len, c.page_size);
+  // Local pages held at once span [chunk start of num_computed, end of this step's tokens): fewer
+  // than C/P + ceil(extend/P) page indices, extend <= max_step_tokens. A ring of that many
+  // columns never maps two held pages to one column.
+  local_width_ = c.chunk_size > 0 ? c.chunk_size / c.page_size + ceil_div(c.max_step_tokens, c.page_size) : 0;
+  row_owner_.assign(c.max_running, nullptr);
+  for (int32_t row = c.max_running - 1; row >= 0; --row) free_rows_.push_back(row);
   new_token_ratio_ = c.init_new_token_ratio;
   min_new_token_ratio_ = c.init_new_token_ratio * c.min_new_token_ratio_factor;
   new_token_ratio_decay_ =
@@ -132,6 +136,10 @@ void Scheduler::add_request(int64_t request_id, const std::vector<int32_t>& prom
     throw std::invalid_argument("the request needs " + std::to_string(global_need) +
                                 " KV pages of " + std::to_string(P) + " tokens; the pool holds " +
                                 std::to_string(config_.global_pages));
+  if (int64_t{reserve} + 1 > config_.max_step_tokens)
+    throw std::invalid_argument("1 + reserve (" + std::to_string(int64_t{reserve} + 1) +
+                                ") exceeds the step token budget " +
+                                std::to_string(config_.max_step_tokens));
   if (local_) {
     const int32_t local_need = config_.chunk_size / P + ceil_div(1 + reserve, P);
     if (local_need > config_.local_pages)
@@ -201,9 +209,38 @@ bool Scheduler::make_room(int32_t global, int32_t local) {
 void Scheduler::allocate(Request& r, int32_t extend) {
   int32_t g, l;
   pages_for(footprint(r), extend, &g, &l);
+  const int32_t global_from = static_cast<int32_t>(r.global_pages.size());
+  const int32_t local_from = r.local_first + static_cast<int32_t>(r.local_pages.size());
   if (!make_room(g, l) || !global_->alloc(g, r.global_pages) ||
       (local_ && !local_->alloc(l, r.local_pages)))
     throw std::logic_error("Scheduler: allocation failed after the page check");
+  log_pages(r, global_from, local_from);
+}
+
+void Scheduler::log_pages(const Request& r, int32_t global_from, int32_t local_from) {
+  for (int32_t i = global_from; i < static_cast<int32_t>(r.global_pages.size()); ++i)
+    global_writes_.emplace_back(r.row, i);
+  for (int32_t i = local_from; i < r.local_first + static_cast<int32_t>(r.local_pages.size()); ++i)
+    local_writes_.emplace_back(r.row, i);
+}
+
+void Scheduler::resolve_table_writes() {
+  StepPlan& p = *plan_;
+  for (const auto& [row, i] : global_writes_) {
+    const Request* r = row_owner_[row];
+    if (!r || i >= static_cast<int32_t>(r->global_pages.size())) continue;
+    p.global_table_index.push_back(int64_t{row} * global_width_ + i);
+    p.global_table_values.push_back(r->global_pages[i]);
+  }
+  for (const auto& [row, i] : local_writes_) {
+    const Request* r = row_owner_[row];
+    if (!r || i < r->local_first || i >= r->local_first + static_cast<int32_t>(r->local_pages.size()))
+      continue;
+    p.local_table_index.push_back(int64_t{row} * local_width_ + i % local_width_);
+    p.local_table_values.push_back(r->local_pages[i - r->local_first]);
+  }
+  global_writes_.clear();
+  local_writes_.clear();
 }
 
 // ---- plan building ---------------------------------------------------------------------------
@@ -225,15 +262,7 @@ void Scheduler::emit(Request& r, int32_t known, int32_t extend) {
     p.local_slots.push_back(local_ ? r.local_pages[page - r.local_first] * P + offset : -1);
   }
   p.query_start.push_back(p.num_tokens());
-  const int32_t end_page = ceil_div(seq_len, P);
-  p.global_block_ids.insert(p.global_block_ids.end(), r.global_pages.begin(),
-                            r.global_pages.begin() + end_page);
-  p.global_block_start.push_back(static_cast<int32_t>(p.global_block_ids.size()));
-  if (local_)
-    p.local_block_ids.insert(p.local_block_ids.end(), r.local_pages.begin(),
-                             r.local_pages.begin() + (end_page - r.local_first));
-  p.local_block_start.push_back(static_cast<int32_t>(p.local_block_ids.size()));
-  p.local_first_page.push_back(r.local_first);
+  p.rows.push_back(r.row);
   if (start + known == r.num_tokens()) {
     p.sample_indices.push_back(p.query_start[index] + known - 1);
     p.sample_requests.push_back(index);
@@ -281,22 +310,26 @@ void Scheduler::cache_unfinished(Request& r) {
   const int32_t locked = r.node ? r.node->end_page() * P : 0;
   if (n <= locked) return;
   insert_prefix(r, n / P);
-  MatchResult m = cache_->match_prefix(r.extra_key, r.tokens.data(), n);
+  MatchResult m = cache_->match_prefix(r.extra_key, r.tokens.data(), n, /*count_lookup=*/false);
   if (m.length <= locked) return;
   cache_->lock(m.node);
   if (r.node) cache_->unlock(r.node);
   r.node = m.length > 0 ? m.node : nullptr;
-  auto share = [](KVPool& pool, int32_t& mine, int32_t tree) {
+  auto share = [&r](KVPool& pool, int32_t& mine, int32_t tree, int32_t index,
+                    std::vector<std::pair<int32_t, int32_t>>& writes) {
     if (mine == tree) return;
     pool.ref(tree);
     pool.unref(mine);
     mine = tree;
+    writes.emplace_back(r.row, index);
   };
   const int32_t pages = m.length / P;
-  for (int32_t i = 0; i < pages; ++i) share(*global_, r.global_pages[i], m.global_pages[i]);
+  for (int32_t i = 0; i < pages; ++i)
+    share(*global_, r.global_pages[i], m.global_pages[i], i, global_writes_);
   if (!local_) return;
   for (int32_t i = std::max(m.local_first_page, r.local_first); i < pages; ++i)
-    share(*local_, r.local_pages[i - r.local_first], m.local_pages[i - m.local_first_page]);
+    share(*local_, r.local_pages[i - r.local_first], m.local_pages[i - m.local_first_page], i,
+          local_writes_);
 }
 
 void Scheduler::release(Request& r, bool cache_prefix) {
@@ -309,6 +342,11 @@ void Scheduler::release(Request& r, bool cache_prefix) {
   r.local_first = 0;
   if (r.node) cache_->unlock(r.node);
   r.node = nullptr;
+  if (r.row >= 0) {
+    row_owner_[r.row] = nullptr;
+    free_rows_.push_back(r.row);
+    r.row = -1;
+  }
 }
 
 void Scheduler::retract(Request& r) {
@@ -352,6 +390,10 @@ bool Scheduler::admit(Request& r, int32_t budget, int32_t reserved_global, int32
   r.node = m.length > 0 ? m.node : nullptr;
   r.cached_tokens = m.length;
   r.running = true;
+  r.row = free_rows_.back();
+  free_rows_.pop_back();
+  row_owner_[r.row] = &r;
+  log_pages(r, 0, r.local_first);
   counters_.prompt_tokens += r.num_tokens();
   counters_.cached_tokens += m.length;
   running_.push_back(&r);
@@ -501,6 +543,7 @@ std::shared_ptr<const StepPlan> Scheduler::schedule() {
     cache_->evict_local(cache_->evictable_local_pages());
     dropped_local = true;
   }
+  if (plan_->num_requests() > 0) resolve_table_writes();
   in_flight_ = plan_->num_requests() > 0;
   return plan_;
 }
@@ -710,6 +753,8 @@ std::string Scheduler::check() const {
       continue;
     }
     ++num_running;
+    if (r.row < 0 || r.row >= config_.max_running || row_owner_[r.row] != &r)
+      return name + " does not own its block table row";
     if (r.num_computed > r.num_tokens()) return name + " computed more tokens than it has";
     if (static_cast<int32_t>(r.global_pages.size()) < ceil_div(r.num_computed, P))
       return name + " lacks global pages for its computed tokens";
@@ -734,6 +779,9 @@ std::string Scheduler::check() const {
     for (const RadixNode* n = r.node; n && n != cache_->root(); n = n->parent) locks[n]++;
   }
   if (num_running != running_.size()) return "running queue does not match running requests";
+  if (free_rows_.size() + num_running != row_owner_.size())
+    return "block table rows leaked: " + std::to_string(free_rows_.size()) + " free, " +
+           std::to_string(num_running) + " running";
   if (waiting_.size() + running_.size() != requests_.size()) return "queues lose requests";
   auto balance = [&](const KVPool& pool, const Books& b, int32_t cached, const char* name) {
     int32_t held = 0;

@@ -29,6 +29,11 @@
 // tokens are computed (at most ceil(C/page)+1 pages outside a step); earlier ones are released
 // when it crosses a boundary. Global pages cover [0, n).
 //
+// Block tables: each running request owns one row of two persistent tables (see StepPlan) from
+// admission to release. A plan lists only the entries written since the previous plan (new pages,
+// a new admission's cached prefix, pages swapped for the cache's copies), so a decode step costs
+// O(1) per request whatever the context length.
+//
 // Invariants (check() verifies them): for each pool free + held_by_requests + cached_in_tree ==
 // total; a page is in at most one of {free list, tree, one request}, except that requests may share
 // tree pages on locked paths; every page's reference count equals its holders; every request that
@@ -78,11 +83,17 @@ struct StepPlan {
   std::vector<int32_t> positions;      // [T]
   std::vector<int32_t> global_slots;   // [T] page * page_size + offset in the global pool
   std::vector<int32_t> local_slots;    // [T] same in the local pool (-1 without a local pool)
-  std::vector<int32_t> global_block_start;  // [R+1] CSR offsets into global_block_ids
-  std::vector<int32_t> global_block_ids;    // pages for positions [0, seq_len) of each request
-  std::vector<int32_t> local_block_start;   // [R+1] CSR offsets into local_block_ids
-  std::vector<int32_t> local_block_ids;     // pages from local_first_page on
-  std::vector<int32_t> local_first_page;    // [R] absolute page index of each request's first local page
+  std::vector<int32_t> rows;           // [R] each request's row in the block tables
+  // Block tables live with the model runner: global [max_running, global_table_width] maps a row's
+  // page index i (positions [i * P, (i + 1) * P)) to a global page; local [max_running,
+  // local_table_width] maps absolute page index i of the current chunk window to a local page at
+  // column i % local_table_width (width C/P + ceil(max_step_tokens/P)). A plan carries only the entries that changed since the last one:
+  // table.flat[index[u]] = values[u] for each u (repeated indices carry equal values), applied
+  // before the step runs. Entries a request does not hold are stale and never read.
+  std::vector<int64_t> global_table_index;   // [U] row * global_table_width + page index
+  std::vector<int32_t> global_table_values;  // [U] global page ids
+  std::vector<int64_t> local_table_index;    // [V] row * local_table_width + page % width
+  std::vector<int32_t> local_table_values;   // [V] local page ids
   std::vector<int32_t> sample_indices;      // [S] flat index of the last known token of each sampling request
   std::vector<int32_t> sample_requests;     // [S] request index (0..R-1) of each sample
   int32_t num_decodes = 0;
@@ -135,7 +146,8 @@ class Scheduler {
 
   // Queues a request. Throws std::invalid_argument (naming the problem) when the request can never
   // run: duplicate id, empty prompt, prompt not shorter than context_len, max_new_tokens < 1, a
-  // sequence that would need more pages than a pool holds, or a negative reserve.
+  // sequence that would need more pages than a pool holds, or a reserve that is negative
+  // or leaves 1 + reserve above max_step_tokens.
   void add_request(int64_t request_id, const std::vector<int32_t>& prompt, int32_t max_new_tokens,
                    const std::vector<int32_t>& stop_token_ids, uint64_t extra_key, int32_t reserve);
   // Removes a request in any state and releases its pages (caching its computed prefix). A request
@@ -158,6 +170,9 @@ class Scheduler {
   std::vector<int32_t> request_tokens(int64_t request_id) const;
   SchedulerStats stats() const;
   int32_t flush_cache();  // evicts every unlocked cached page; returns the global pages freed
+  // Block table shapes: max_running rows of these widths (local: 0 without chunk-local layers).
+  int32_t global_table_width() const { return global_width_; }
+  int32_t local_table_width() const { return local_width_; }
 
   KVPool& global_pool() { return *global_; }
   KVPool* local_pool() { return local_.get(); }
@@ -189,6 +204,8 @@ class Scheduler {
   void cache_unfinished(Request& r);
   void release(Request& r, bool cache_prefix);
   void release_old_local_pages(Request& r);
+  void log_pages(const Request& r, int32_t global_from, int32_t local_from);
+  void resolve_table_writes();
   void finish(Request& r, FinishReason reason);
   void order_waiting();
 
@@ -205,6 +222,12 @@ class Scheduler {
   std::vector<Request*> plan_requests_;
   std::vector<int32_t> plan_known_;  // known tokens computed by the plan, per plan request
   std::vector<Finished> finished_;   // filled by commit
+  int32_t global_width_ = 0, local_width_ = 0;
+  std::vector<Request*> row_owner_;     // [max_running] running request in each row, or null
+  std::vector<int32_t> free_rows_;
+  // Table entries written since the last plan: (row, page index). Values are read when the plan
+  // is built, from whoever owns the row then; entries it does not hold are dropped.
+  std::vector<std::pair<int32_t, int32_t>> global_writes_, local_writes_;
   bool in_flight_ = false;
   int64_t arrivals_ = 0;
   double new_token_ratio_;

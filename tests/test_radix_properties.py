@@ -49,6 +49,17 @@ class Model:
         self.C = chunk_size
         self.pages: dict[Key, Entry] = {}
         self.clock = 0
+        self.stats = dict.fromkeys(
+            (
+                "lookups",
+                "lookup_tokens",
+                "hit_tokens",
+                "inserted_tokens",
+                "evicted_global_pages",
+                "evicted_local_pages",
+            ),
+            0,
+        )
 
     # -- helpers ---------------------------------------------------------------------------------
     def key(self, extra_key: int, tokens, i: int) -> Key:
@@ -90,6 +101,9 @@ class Model:
             for e in entries:
                 e.tick = self.clock
         first = self.chunk_first_page(length * self.P)
+        self.stats["lookups"] += 1
+        self.stats["lookup_tokens"] += len(tokens) // self.P * self.P
+        self.stats["hit_tokens"] += length * self.P
         return {
             "length": length * self.P,
             "global_pages": [e.glob for e in entries],
@@ -108,6 +122,7 @@ class Model:
             e = self.pages.get(k)
             if e is None:
                 self.pages[k] = Entry(global_pages[i], local, self.clock)
+                self.stats["inserted_tokens"] += self.P
             else:
                 if e.local is None and local is not None:
                     e.local = local
@@ -129,7 +144,9 @@ class Model:
             candidates = [k for k in self.leaves() if self.pages[k].locks == 0]
             if not candidates:
                 break
-            del self.pages[self.lru(candidates)]
+            victim = self.pages.pop(self.lru(candidates))
+            self.stats["evicted_global_pages"] += 1
+            self.stats["evicted_local_pages"] += victim.local is not None
             freed += 1
         return freed
 
@@ -140,6 +157,7 @@ class Model:
             if not candidates:
                 break
             self.pages[self.lru(candidates)].local = None
+            self.stats["evicted_local_pages"] += 1
             freed += 1
         return freed
 
@@ -351,6 +369,8 @@ class RadixMachine(RuleBasedStateMachine):
         assert c.protected_global_pages == cached_g - evictable_g
         assert c.protected_local_pages == cached_l - evictable_l
         assert 0 <= c.num_nodes <= cached_g
+        stats = c.stats()
+        assert {k: getattr(stats, k) for k in self.model.stats} == self.model.stats
 
     @invariant()
     def pools_hold_exactly_the_cached_pages(self):

@@ -639,22 +639,50 @@ def test_lpm_without_prefix_cache_is_fcfs():
 # ---- chunk-local layers ----------------------------------------------------------------------
 
 
+def apply_writes(sched: Scheduler, plan, gtab: np.ndarray, ltab: np.ndarray) -> None:
+    """What the model runner does before each step: apply the plan's block table writes."""
+    gtab.reshape(-1)[plan.global_table_index] = plan.global_table_values
+    ltab.reshape(-1)[plan.local_table_index] = plan.local_table_values
+
+
 def test_chunk_local_block_tables_cover_the_current_chunk():
     sched = Scheduler(64, page_size=4, chunk_size=8, local_pages=6, max_step_tokens=64)
+    assert sched.local_table_width == 8 // 4 + 64 // 4
+    gtab = np.full((sched.max_running, sched.global_table_width), -1)
+    ltab = np.full((sched.max_running, sched.local_table_width), -1)
     sched.add_request(1, arr(range(1, 21)), 4)  # 20 tokens: chunks [0, 8), [8, 16), [16, 20)
     plan = sched.schedule()
+    apply_writes(sched, plan, gtab, ltab)
+    row = plan.rows[0]
     # A prefill that spans chunks needs local pages for all of them during the step ...
-    assert plan.local_first_page.tolist() == [0]
-    assert plan.local_block_start.tolist() == [0, 5]
+    assert sorted(plan.local_table_index.tolist()) == [row * 18 + i for i in range(5)]
+    assert plan.local_slots.tolist() == [ltab[row, p // 4] * 4 + p % 4 for p in range(20)]
+    assert plan.global_slots.tolist() == [gtab[row, p // 4] * 4 + p % 4 for p in range(20)]
     sched.commit(arr([1]))
     # ... and keeps only the current chunk's afterwards.
     info = sched.request_info(1)
     assert info.num_computed == 20 and info.local_pages == 1 and info.global_pages == 5
     plan = sched.schedule()
-    assert plan.local_first_page.tolist() == [4]  # page 4 holds positions 16..19
-    assert plan.local_slots.tolist() == [
-        plan.local_block_ids[1] * 4 + 0
-    ]  # position 20: page 5, offset 0
+    apply_writes(sched, plan, gtab, ltab)
+    # Position 20 starts page 5: the only new entry in each table.
+    assert plan.global_table_index.tolist() == [row * sched.global_table_width + 5]
+    assert plan.local_table_index.tolist() == [row * 18 + 5]
+    assert plan.local_slots.tolist() == [ltab[row, 5] * 4]
+    assert plan.global_slots.tolist() == [gtab[row, 5] * 4]
+
+
+def test_decode_steps_write_one_table_entry_per_new_page():
+    sched = Scheduler(256, page_size=4, context_len=1024)
+    sched.add_request(1, arr(range(1, 10)), 40)  # pages 0..2 hold the prompt
+    plan = sched.schedule()
+    assert sorted(plan.global_table_index.tolist()) == [0, 1, 2]
+    sched.commit(arr([1]))
+    written = []
+    for _ in range(20):  # positions 9..28: pages 3..7 start at 12, 16, 20, 24, 28
+        plan = sched.schedule()
+        written += plan.global_table_index.tolist()
+        sched.commit(arr([1]))
+    assert written == [3, 4, 5, 6, 7]
 
 
 def test_reserve_fits_the_smallest_local_pool_add_request_accepts():

@@ -181,6 +181,14 @@ class Harness:
         self.accepted_drafts = 0  # drafts accepted by speculative commits (count - 1, summed)
         self.spec_decodes = 0  # decodes scheduled with speculative slots
         self.rng = random.Random(0)
+        # The model runner's block tables, kept only through the writes each plan carries.
+        # -1: never written (a read of it fails the KV oracle below).
+        assert self.sched.global_table_width == ceil_div(self.ctx, self.P)
+        assert self.sched.local_table_width == (
+            self.C // self.P + ceil_div(self.max_step_tokens, self.P) if self.C else 0
+        )
+        self.gtab = np.full((self.max_running, self.sched.global_table_width), -1, np.int64)
+        self.ltab = np.full((self.max_running, max(1, self.sched.local_table_width)), -1, np.int64)
 
     # ---- operations ----------------------------------------------------------------------------
 
@@ -203,6 +211,8 @@ class Harness:
             error = "max_new_tokens"
         elif ceil_div(n + min(max_new, self.ctx - n) + reserve, self.P) > self.global_pages:
             error = "pages"
+        elif reserve + 1 > self.max_step_tokens:
+            error = "step token budget"
         elif self.C and self.C // self.P + ceil_div(1 + reserve, self.P) > self.local_pages:
             error = "chunk-local pool"
         before = s.stats()
@@ -281,17 +291,27 @@ class Harness:
         pos = plan.positions.tolist()
         gslots = plan.global_slots.tolist()
         lslots = plan.local_slots.tolist()
-        gbs = plan.global_block_start.tolist()
-        gids = plan.global_block_ids.tolist()
-        lbs = plan.local_block_start.tolist()
-        lids = plan.local_block_ids.tolist()
-        lfp = plan.local_first_page.tolist()
+        rows = plan.rows.tolist()
+        lw = self.sched.local_table_width
+        gidx, gval = plan.global_table_index, plan.global_table_values
+        lidx, lval = plan.local_table_index, plan.local_table_values
+        assert gidx.shape == gval.shape and lidx.shape == lval.shape
+        assert ((0 <= gval) & (gval < self.global_pages)).all()
+        assert ((0 <= lval) & (lval < max(1, self.local_pages))).all()
+        for idx, val in ((gidx, gval), (lidx, lval)):  # repeated entries must agree
+            first = {}
+            for k, v in zip(idx.tolist(), val.tolist(), strict=True):
+                assert first.setdefault(k, v) == v, f"table entry {k} written twice differently"
+        self.gtab.reshape(-1)[gidx] = gval
+        if C:
+            self.ltab.reshape(-1)[lidx] = lval
+        else:
+            assert lidx.size == 0 and lw == 0
         nd = plan.num_decodes
         assert len(set(rids)) == R, "a request appears twice in one plan"
         assert len(qs) == R + 1 and qs[0] == 0 and qs[-1] == T
-        assert len(gbs) == R + 1 and gbs[0] == 0 and gbs[-1] == len(gids)
-        assert len(lbs) == R + 1 and lbs[0] == 0 and lbs[-1] == len(lids)
-        assert len(ctxs) == len(seqs) == len(lfp) == R
+        assert len(ctxs) == len(seqs) == len(rows) == R
+        assert len(set(rows)) == R and all(0 <= row < self.max_running for row in rows)
         assert len(pos) == len(gslots) == len(lslots) == T
         assert 0 <= nd <= R
 
@@ -361,23 +381,15 @@ class Harness:
                 t = qs[i] + k
                 want = r.tokens[ctx + k] if k < known else r.tokens[-1]
                 assert tok[t] == want, f"token id at position {ctx + k} of request {rid}"
-            # Block tables.
-            end_page = ceil_div(seq, P)
-            assert gbs[i + 1] - gbs[i] == end_page
+            # Slots agree with the block tables the runner holds after this plan's writes.
+            grow, lrow = self.gtab[rows[i]], self.ltab[rows[i]]
             for t in range(qs[i], qs[i + 1]):
                 p = pos[t]
-                assert gslots[t] == gids[gbs[i] + p // P] * P + p % P
-            if C:
-                assert lfp[i] == ctx // C * (C // P), "local pages start at the current chunk"
-                assert lbs[i + 1] - lbs[i] == end_page - lfp[i]
-                for t in range(qs[i], qs[i + 1]):
-                    p = pos[t]
-                    assert lslots[t] == lids[lbs[i] + p // P - lfp[i]] * P + p % P
-            else:
+                assert gslots[t] == grow[p // P] * P + p % P
+                if C:
+                    assert lslots[t] == lrow[p // P % lw] * P + p % P
+            if not C:
                 assert lslots[qs[i] : qs[i + 1]] == [-1] * q
-                assert lbs[i + 1] == lbs[i] and lfp[i] == 0
-        assert all(0 <= g < self.global_pages for g in gids)
-        assert all(0 <= g < self.local_pages for g in lids)
         assert decodes_before <= set(rids[:nd])
         assert prefill_tokens <= max(0, self.max_step_tokens - decode_tokens), "token budget"
         assert plan.sample_requests.tolist() == sampling
@@ -444,9 +456,9 @@ class Harness:
                 return r.ids[j] if j < n else expect[i, j]
 
             kvg = self.kv["g"]
-            base = gbs[i]
+            grow, lrow = self.gtab[rows[i]], self.ltab[rows[i]]
             for j in range(seq):  # union of [0, p] over the scheduled positions p
-                slot = gids[base + j // P] * P + j % P
+                slot = int(grow[j // P]) * P + j % P
                 got = kvg.get(slot)
                 assert got == want(j), (
                     f"request {rid} (extra_key {r.extra_key}) reads global KV of position {j} "
@@ -455,9 +467,7 @@ class Harness:
             if C:
                 kvl = self.kv["l"]
                 for j in range(ctx // C * C, seq):  # union of [floor(p/C)*C, p]
-                    idx = j // P - lfp[i]
-                    assert 0 <= idx < lbs[i + 1] - lbs[i]
-                    slot = lids[lbs[i] + idx] * P + j % P
+                    slot = int(lrow[j // P % lw]) * P + j % P
                     got = kvl.get(slot)
                     assert got == want(j), (
                         f"request {rid} reads local KV of position {j} from slot {slot}: "

@@ -14,11 +14,11 @@ ARRAYS = [
     "positions",
     "global_slots",
     "local_slots",
-    "global_block_start",
-    "global_block_ids",
-    "local_block_start",
-    "local_block_ids",
-    "local_first_page",
+    "rows",
+    "global_table_index",
+    "global_table_values",
+    "local_table_index",
+    "local_table_values",
     "sample_indices",
     "sample_requests",
 ]
@@ -70,5 +70,7 @@ def test_plan_shapes_are_consistent():
         assert getattr(plan, name).shape == (t,) and getattr(plan, name).dtype == np.int32
     assert plan.request_ids.dtype == np.int64
     np.testing.assert_array_equal(plan.seq_lens - plan.context_lens, np.diff(plan.query_start))
-    assert plan.global_block_start[-1] == plan.global_block_ids.size
-    assert plan.local_block_start[-1] == plan.local_block_ids.size
+    assert plan.rows.shape == (r,) and sorted(plan.rows.tolist()) == [0, 1]
+    assert plan.global_table_index.dtype == plan.local_table_index.dtype == np.int64
+    assert plan.global_table_index.shape == plan.global_table_values.shape
+    assert plan.local_table_index.shape == plan.local_table_values.shape
