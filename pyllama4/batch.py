@@ -1,0 +1,51 @@
+"""One step's model inputs as tensors, built from the core's StepPlan without copying on the host.
+
+Invariant: every tensor here describes the same R requests and T tokens as the plan it came from
+(decodes first, then prefill chunks); index tensors are int64 (what torch indexing wants).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pyllama4._core import StepPlan
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    token_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    global_slots: torch.Tensor  # [T] int64: page * page_size + offset in the global pool
+    local_slots: torch.Tensor  # [T] int64: same in the local pool (-1 without one)
+    rows: torch.Tensor  # [R] int64: block table row of each request
+    sample_indices: torch.Tensor  # [S] int64: flat token index whose logits are sampled
+    # Host copies (numpy, zero-copy views of the plan): the attention metadata is built from them.
+    query_start: np.ndarray  # [R + 1]
+    context_lens: np.ndarray  # [R]
+    seq_lens: np.ndarray  # [R]
+    num_decodes: int
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.token_ids.shape[0])
+
+    @classmethod
+    def from_plan(cls, plan: StepPlan, device: torch.device | str = "cpu") -> StepBatch:
+        def dev(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(a).to(device=device, dtype=torch.int64, non_blocking=True)
+
+        return cls(
+            token_ids=dev(plan.token_ids),
+            positions=dev(plan.positions),
+            global_slots=dev(plan.global_slots),
+            local_slots=dev(plan.local_slots),
+            rows=dev(plan.rows),
+            sample_indices=dev(plan.sample_indices),
+            query_start=plan.query_start,
+            context_lens=plan.context_lens,
+            seq_lens=plan.seq_lens,
+            num_decodes=plan.num_decodes,
+        )

@@ -1,0 +1,121 @@
+"""Attention over the paged KV cache: the torch reference that any GPU kernel must equal.
+
+Invariant: a query at position p of a request attends to that request's keys at positions
+j <= p — all of them on full-attention layers, only those with floor(j / C) == floor(p / C) on
+chunk-local layers — read through the block tables, after this step's keys and values have been
+written at the plan's slots. Works for any mix of decodes (with speculative slots) and prefill
+chunks. Decodes and prefills are padded separately so short queries never pay for long ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pyllama4.batch import StepBatch
+from pyllama4.kv_cache import PagedKVCache
+
+
+@dataclass(frozen=True)
+class _Group:
+    """Requests padded to [R, Q] queries and [R, K] keys."""
+
+    query_index: torch.Tensor  # [R, Q] flat token index (0 where padded)
+    query_valid: torch.Tensor  # [R, Q] bool
+    key_slots: torch.Tensor  # [R, K] pool slot of each key (0 where padded)
+    mask: torch.Tensor  # [R, 1, Q, K] bool: True where the query attends to the key
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    """Per step, shared by all layers of one pool: the groups to attend over."""
+
+    groups: tuple[_Group, ...]
+
+
+def _group(
+    batch: StepBatch,
+    lo: int,
+    hi: int,
+    table: torch.Tensor,
+    page_size: int,
+    chunk: int | None,
+    table_width: int,
+) -> _Group:
+    device = table.device
+    qs = batch.query_start[lo : hi + 1].astype(np.int64)
+    ctx = batch.context_lens[lo:hi].astype(np.int64)
+    seq = batch.seq_lens[lo:hi].astype(np.int64)
+    qlen = seq - ctx
+    # Keys: [0, seq) for full attention; from the chunk of the first query for chunk-local.
+    start = np.zeros_like(ctx) if chunk is None else ctx // chunk * chunk
+    q_max, k_max = int(qlen.max()), int((seq - start).max())
+    qj, kj = np.arange(q_max), np.arange(k_max)
+    qpos = ctx[:, None] + qj[None, :]
+    kpos = start[:, None] + kj[None, :]
+    query_valid = qj[None, :] < qlen[:, None]
+    key_valid = kpos < seq[:, None]
+    mask = key_valid[:, None, :] & (kpos[:, None, :] <= qpos[:, :, None])
+    if chunk is not None:
+        mask &= kpos[:, None, :] // chunk == qpos[:, :, None] // chunk
+    mask |= ~query_valid[:, :, None] & (kj == 0)[None, None, :]  # padded rows: no NaN
+    page = kpos // page_size
+    col = page if chunk is None else page % table_width
+    col = np.where(key_valid, col, 0)
+    rows = batch.rows[lo:hi]
+    pages = table[rows[:, None], torch.from_numpy(col).to(device)]
+    key_slots = torch.where(
+        torch.from_numpy(key_valid).to(device),
+        pages * page_size + torch.from_numpy(kpos % page_size).to(device),
+        0,
+    )
+    query_index = np.where(query_valid, qs[:-1, None] + qj[None, :], 0)
+    return _Group(
+        query_index=torch.from_numpy(query_index).to(device),
+        query_valid=torch.from_numpy(query_valid).to(device),
+        key_slots=key_slots,
+        mask=torch.from_numpy(mask[:, None]).to(device),
+    )
+
+
+def prepare(batch: StepBatch, cache: PagedKVCache, local: bool) -> AttentionMetadata:
+    """Metadata for the global-pool layers (local=False) or the chunk-local ones (local=True)."""
+    table = cache.local_table if local else cache.global_table
+    chunk = cache.chunk_size if local else None
+    num = len(batch.context_lens)
+    bounds = [(0, batch.num_decodes), (batch.num_decodes, num)]
+    return AttentionMetadata(
+        tuple(
+            _group(batch, lo, hi, table, cache.page_size, chunk, cache.local_table_width)
+            for lo, hi in bounds
+            if hi > lo
+        )
+    )
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """q [T, Hq, D], k/v [T, Hkv, D] of this step; writes k/v at `slots`, returns [T, Hq, D]."""
+    k_cache.index_copy_(0, slots, k)
+    v_cache.index_copy_(0, slots, v)
+    out = torch.empty_like(q)
+    for g in meta.groups:
+        qg = q[g.query_index].transpose(1, 2)  # [R, Hq, Q, D]
+        kg = k_cache[g.key_slots].transpose(1, 2)  # [R, Hkv, K, D]
+        vg = v_cache[g.key_slots].transpose(1, 2)
+        og = F.scaled_dot_product_attention(
+            qg, kg, vg, attn_mask=g.mask, scale=scale, enable_gqa=True
+        ).transpose(1, 2)  # [R, Q, Hq, D]
+        out[g.query_index[g.query_valid]] = og[g.query_valid]
+    return out
