@@ -19,6 +19,7 @@ from pyllama4.batch import StepBatch
 from pyllama4.config import TextConfig
 from pyllama4.kv_cache import PagedKVCache, local_layers
 from pyllama4.model.llama4 import Llama4ForCausalLM
+from pyllama4.runner import ModelRunner, greedy_generate
 
 FP32_TOL = 1e-4
 VOCAB = 512
@@ -275,3 +276,31 @@ def test_moe_dispatch_is_sparse():
         expected = x[mine] * chosen[mine, e : e + 1]
         assert torch.equal(xs, expected), f"expert {e} got rows that are not its tokens"
     assert len({e for e, _ in calls}) == len(calls), "one call per expert"
+
+
+@pytest.mark.parametrize("kind", ["scout", "maverick"])
+def test_rope_frequencies_equal_transformers_and_stay_float32(kind):
+    hf = random_hf_model(kind)
+    ours = ours_from(hf, torch.bfloat16)
+    assert ours.inv_freq.dtype == torch.float32
+    assert torch.equal(ours.inv_freq, hf.model.rotary_emb.inv_freq)
+    if kind == "scout":  # llama3 scaling divides the low frequencies by 16
+        plain = 1.0 / (500000.0 ** (torch.arange(0, 16, 2, dtype=torch.float) / 16))
+        assert not torch.equal(ours.inv_freq, plain)
+
+
+@pytest.mark.parametrize("kind", ["scout", "maverick"])
+def test_greedy_generation_through_the_runner_equals_transformers(kind):
+    hf = random_hf_model(kind, seed=5)
+    runner = ModelRunner(
+        ours_from(hf), kv_tokens=1024, context_len=CONTEXT, page_size=4, max_step_tokens=16
+    )
+    prompts = sequences(6, [3, 14, 27])
+    ours = greedy_generate(runner, prompts, max_new_tokens=12)
+    for prompt, got in zip(prompts, ours, strict=True):
+        with torch.no_grad():
+            ref = hf.generate(
+                torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None
+            )[0, len(prompt) :].tolist()
+        assert got == ref
+    assert runner.scheduler.check() == ""

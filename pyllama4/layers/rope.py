@@ -16,7 +16,8 @@ from pyllama4.config import RopeScaling
 
 def inv_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
     """[head_dim // 2] float32 inverse frequencies (transformers' default / llama3 formulas)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+    steps = torch.arange(0, head_dim, 2, dtype=torch.float, device="cpu")  # even under meta
+    inv_freq = 1.0 / (theta ** (steps / head_dim))
     if scaling is None:
         return inv_freq
     old_len = scaling.original_max_position_embeddings

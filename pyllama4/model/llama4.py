@@ -119,15 +119,14 @@ class Llama4ForCausalLM(nn.Module):
         self.config = config
         self.model = TextModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.register_buffer(
-            "inv_freq",
-            inv_frequencies(config.head_dim, config.rope_theta, config.rope_scaling),
-            persistent=False,
-        )
+        # float32 always, and not a buffer: Module.to(dtype) must never round the frequencies.
+        self.inv_freq = inv_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
 
     @torch.inference_mode()
     def forward(self, batch: StepBatch, cache: PagedKVCache) -> torch.Tensor:
         """Runs one step: writes the KV of its tokens, returns final-normed hidden states [T, H]."""
+        if self.inv_freq.device != batch.positions.device:
+            self.inv_freq = self.inv_freq.to(batch.positions.device)
         ctx = StepContext(self.config, self.inv_freq, batch, cache)
         x = self.model.embed_tokens(batch.token_ids)
         for layer in self.model.layers:

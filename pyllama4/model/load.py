@@ -1,0 +1,33 @@
+"""Builds a Llama 4 text model from a checkpoint directory.
+
+Invariant: the returned model holds exactly the checkpoint's weights in the requested dtype on
+the requested device; nothing is initialised randomly first (parameters are created on the meta
+device and materialised empty before loading).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pyllama4.config import TextConfig
+from pyllama4.model.llama4 import Llama4ForCausalLM
+from pyllama4.weights import load_weights
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def load_model(
+    checkpoint_dir: str | Path,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> Llama4ForCausalLM:
+    config = TextConfig.from_checkpoint(checkpoint_dir)
+    with torch.device("meta"):
+        model = Llama4ForCausalLM(config)
+    model = model.to_empty(device=device).to(dtype)
+    load_weights(model, checkpoint_dir, progress=progress)
+    return model.eval()

@@ -1,0 +1,545 @@
+"""Load the text weights of a Hugging Face Llama 4 checkpoint into a torch module.
+
+The target module must name its parameters like transformers' `Llama4ForCausalLM`:
+`model.embed_tokens.weight`, `model.layers.{i}.self_attn.{q,k,v,o}_proj.weight`,
+`model.layers.{i}.{input,post_attention}_layernorm.weight`, dense layers'
+`model.layers.{i}.feed_forward.{gate,up,down}_proj.weight`, MoE layers'
+`model.layers.{i}.feed_forward.router.weight`, `...feed_forward.experts.gate_up_proj` [E, H, 2I]
+and `...feed_forward.experts.down_proj` [E, I, H] (input-major, no `.weight` suffix),
+`...feed_forward.shared_expert.{gate,up,down}_proj.weight`, `model.norm.weight`, `lm_head.weight`.
+Buffers (RoPE frequencies) are not loaded: they are computed, and checkpoints do not store them.
+
+Invariant: every parameter of the module is written exactly once from the checkpoint, or the call
+fails with a `CheckpointError` naming what is wrong (missing, unexpected, wrongly shaped or repeated
+tensors, absent shard files, unsupported dtypes). The whole checkpoint is checked from its headers
+before the first byte is copied, so a bad checkpoint leaves the module untouched.
+
+Accepted checkpoints:
+- `model.safetensors`, or the shards listed in `model.safetensors.index.json` (like transformers,
+  a single `model.safetensors` wins when both exist).
+- Text-only names (`model.*`, `lm_head.weight`) and multimodal ones: `language_model.model.*` plus
+  `language_model.lm_head.weight` (what transformers 4.x and 5.24 both write for
+  `Llama4ForConditionalGeneration`), and the `model.language_model.*` plus `lm_head.weight` style
+  that other transformers 5.x multimodal models use. The vision tower and the projector
+  (`vision_model.*`, `multi_modal_projector.*`, also under `model.`) are skipped; any other tensor
+  the module has no place for is an error.
+- Routed experts either fused (`experts.gate_up_proj` [E, H, 2I], `experts.down_proj` [E, I, H])
+  or per expert in nn.Linear layout (`experts.{e}.gate_proj.weight` [I, H],
+  `experts.{e}.up_proj.weight` [I, H], `experts.{e}.down_proj.weight` [H, I]); the latter are
+  transposed into the fused parameters, gate in the first half of the last dim of `gate_up_proj`,
+  up in the second half.
+- A checkpoint without `lm_head.weight` whose config.json ties the word embeddings: lm_head gets a
+  copy of the embeddings. (A module that ties the two itself needs only one of them.)
+
+Not supported yet: quantized checkpoints (config.json `quantization_config`, float8 tensors).
+
+Tensors are read one at a time from memory-mapped files (large ones in row blocks), so the extra
+memory is about one tensor; each is cast to the parameter's dtype and copied in place.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+__all__ = [
+    "CheckpointError",
+    "UnsupportedCheckpointError",
+    "checkpoint_files",
+    "load_weights",
+    "text_name",
+]
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+# Tensors bigger than this are copied in blocks of rows, to bound the extra memory.
+_CHUNK_BYTES = 256 << 20
+# At most this many names are listed per kind of problem.
+_MAX_LISTED = 10
+# Within a shard, progress is printed at most this often (seconds).
+_PROGRESS_INTERVAL = 5.0
+
+_SKIPPED_PREFIXES = (
+    "vision_model.",
+    "multi_modal_projector.",
+    "model.vision_model.",
+    "model.multi_modal_projector.",
+)
+_FLOAT_DTYPES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
+_EXPERT_RE = re.compile(
+    r"^(?P<experts>.+\.feed_forward\.experts)\.(?P<e>\d+)\.(?P<part>gate|up|down)_proj\.weight$"
+)
+_FUSED_RE = re.compile(r"\.feed_forward\.experts\.(gate_up_proj|down_proj)$")
+
+
+class CheckpointError(ValueError):
+    """The checkpoint does not fit the module; the message names the offending tensors or files."""
+
+
+class UnsupportedCheckpointError(CheckpointError):
+    """The checkpoint is of a kind this loader does not handle yet (quantized, float8)."""
+
+
+def text_name(name: str) -> str | None:
+    """The `Llama4ForCausalLM` name of a checkpoint tensor; None for vision/projector tensors."""
+    if name.startswith(_SKIPPED_PREFIXES):
+        return None
+    if name.startswith("language_model."):
+        rest = name[len("language_model.") :]
+        return rest if rest.startswith(("model.", "lm_head.")) else "model." + rest
+    if name.startswith("model.language_model."):
+        return "model." + name[len("model.language_model.") :]
+    return name
+
+
+def checkpoint_files(checkpoint_dir: str | Path) -> list[Path]:
+    """The safetensors files of a checkpoint: the single file, or every shard named in the index."""
+    return _resolve(Path(checkpoint_dir))[0]
+
+
+def load_weights(
+    model: torch.nn.Module, checkpoint_dir: str | Path, *, progress: bool = True
+) -> None:
+    """Copy a Llama 4 checkpoint's text weights into `model`'s parameters, in place.
+
+    Every parameter is written exactly once, cast to its own dtype (and kept on its device).
+    Raises `CheckpointError` (a ValueError) if the checkpoint and the module do not match; the
+    checks run before anything is copied.
+    """
+    directory = Path(checkpoint_dir)
+    files, weight_map = _resolve(directory)
+    config = _read_config(directory)
+    _check_not_quantized(directory, config)
+    targets = _Targets(model)
+    plan = _plan(files, weight_map, targets, tie_embeddings=_ties_embeddings(config))
+    _execute(plan, files, progress)
+
+
+# ----------------------------------------------------------------------------------------------
+# Files and config
+
+
+def _resolve(directory: Path) -> tuple[list[Path], dict[str, Path] | None]:
+    """The files to read and, for a sharded checkpoint, the index's tensor -> file map."""
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint directory {directory} does not exist")
+    single = directory / SINGLE_FILE
+    if single.is_file():
+        return [single], None
+    index = directory / INDEX_FILE
+    if not index.is_file():
+        raise CheckpointError(f"{directory} has neither {SINGLE_FILE} nor {INDEX_FILE}")
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{index}: cannot read its weight_map ({exc})") from exc
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: weight_map is empty or not an object")
+    shards = sorted(set(weight_map.values()))
+    absent = [s for s in shards if not (directory / s).is_file()]
+    if absent:
+        raise CheckpointError(
+            f"{index} lists shard file(s) that are absent from {directory}: {_listing(absent)}"
+        )
+    return [directory / s for s in shards], {k: directory / v for k, v in weight_map.items()}
+
+
+def _open(path: Path):
+    try:
+        return safe_open(path, framework="pt", device="cpu")
+    except Exception as exc:  # SafetensorError, OSError: e.g. a Git LFS pointer instead of data
+        raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from exc
+
+
+def _read_config(directory: Path) -> dict:
+    path = directory / "config.json"
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc})") from exc
+    return config if isinstance(config, dict) else {}
+
+
+def _text_config(config: dict) -> dict:
+    text = config.get("text_config")
+    return text if isinstance(text, dict) else {}
+
+
+def _check_not_quantized(directory: Path, config: dict) -> None:
+    quant = config.get("quantization_config") or _text_config(config).get("quantization_config")
+    if quant:
+        method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else "unknown"
+        raise UnsupportedCheckpointError(
+            f"{directory}: quantized checkpoints are not supported yet "
+            f"(config.json quantization_config.quant_method = {method!r}); use a bf16 checkpoint"
+        )
+
+
+def _ties_embeddings(config: dict) -> bool:
+    text = _text_config(config)
+    if "tie_word_embeddings" in text:
+        return bool(text["tie_word_embeddings"])
+    return bool(config.get("tie_word_embeddings", False))
+
+
+# ----------------------------------------------------------------------------------------------
+# The module's parameters
+
+
+@dataclass(eq=False)
+class _Target:
+    """One distinct parameter (tied parameters are one target with several names)."""
+
+    names: list[str]
+    param: torch.nn.Parameter
+    fused: str | None  # "gate_up_proj" / "down_proj" for fused routed experts, else None
+
+    @property
+    def name(self) -> str:
+        return self.names[0]
+
+    def units(self) -> list:
+        """What must be written: the whole tensor (None), or (expert, part) for fused experts."""
+        num_experts = self.param.shape[0]
+        if self.fused == "gate_up_proj":
+            return [(e, p) for e in range(num_experts) for p in ("gate", "up")]
+        if self.fused == "down_proj":
+            return [(e, "down") for e in range(num_experts)]
+        return [None]
+
+
+class _Targets:
+    def __init__(self, model: torch.nn.Module) -> None:
+        by_id: dict[int, _Target] = {}
+        self.by_name: dict[str, _Target] = {}
+        for name, param in model.named_parameters(remove_duplicate=False):
+            target = by_id.get(id(param))
+            if target is None:
+                fused = _FUSED_RE.search(name)
+                fused_kind = fused.group(1) if fused and param.dim() == 3 else None
+                if fused_kind == "gate_up_proj" and param.shape[2] % 2:
+                    raise CheckpointError(
+                        f"module parameter {name} has an odd last dim: {_shape(param.shape)}"
+                    )
+                target = by_id[id(param)] = _Target([name], param, fused_kind)
+            else:
+                target.names.append(name)
+            self.by_name[name] = target
+        self.all = list(by_id.values())
+        on_meta = [t.name for t in self.all if t.param.device.type == "meta"]
+        if on_meta:
+            raise CheckpointError(
+                f"module parameters are on the meta device (materialise the module first, e.g. "
+                f"with to_empty): {_listing(on_meta)}"
+            )
+
+
+# ----------------------------------------------------------------------------------------------
+# Planning: headers only, all checks
+
+
+@dataclass(frozen=True)
+class _Source:
+    file: Path
+    name: str  # the name in the checkpoint
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+@dataclass
+class _Copy:
+    source: _Source
+    target: _Target
+    unit: object = None  # None: whole tensor; (expert, "gate" | "up" | "down"): one expert's slice
+    verify: str | None = None  # tied: the tensor already written to the parameter; compare
+
+
+@dataclass
+class _Problems:
+    unsupported: list[str] = field(default_factory=list)
+    duplicate: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    shape: list[str] = field(default_factory=list)
+    index: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+
+    def raise_if_any(self) -> None:
+        if self.unsupported:
+            raise UnsupportedCheckpointError(
+                f"not supported yet (fp8/quantized checkpoints): {_listing(self.unsupported)}"
+            )
+        sections = [
+            ("tensor(s) given more than once", self.duplicate),
+            ("unexpected tensor(s) (the module has no place for them)", self.unexpected),
+            ("tensor(s) with the wrong shape", self.shape),
+            ("index entries that do not match the shard contents", self.index),
+            ("missing tensor(s)", self.missing),
+        ]
+        lines = [f"{len(items)} {title}: {_listing(items)}" for title, items in sections if items]
+        if lines:
+            raise CheckpointError("checkpoint does not match the module:\n  " + "\n  ".join(lines))
+
+
+def _plan(
+    files: list[Path],
+    weight_map: dict[str, Path] | None,
+    targets: _Targets,
+    *,
+    tie_embeddings: bool,
+) -> list[_Copy]:
+    problems = _Problems()
+    copies: list[_Copy] = []
+    seen: dict[str, Path] = {}
+    claimed: dict[_Target, dict[object, str]] = {t: {} for t in targets.all}
+    whole: dict[_Target, _Source] = {}
+
+    def claim(source: _Source, target: _Target, unit: object, *, usable: bool = True) -> None:
+        """Assign `source` to (a slice of) `target`; an unusable one (wrong shape, already
+        reported) only marks the slice as provided, so that it is not also reported missing."""
+        units = target.units() if unit is None else [unit]
+        if not usable:
+            for u in units:
+                claimed[target].setdefault(u, source.name)
+            return
+        taken = [u for u in units if u in claimed[target]]
+        if taken:
+            first = claimed[target][taken[0]]
+            if unit is None and len(target.names) > 1 and target in whole:
+                copies.append(_Copy(source, target, verify=first))  # tied: must agree
+                return
+            problems.duplicate.append(
+                f"{source.name} and {first} both provide {_describe(target, taken[0])}"
+            )
+            for u in units:  # no copy (the call fails), but no spurious "missing" either
+                claimed[target].setdefault(u, source.name)
+            return
+        for u in units:
+            claimed[target][u] = source.name
+        if unit is None:
+            whole[target] = source
+        copies.append(_Copy(source, target, unit))
+
+    for path in files:
+        with _open(path) as handle:
+            keys = list(handle.keys())
+            for key in keys:
+                if key in seen:
+                    problems.duplicate.append(f"{key} is in both {seen[key].name} and {path.name}")
+                    continue
+                seen[key] = path
+                name = text_name(key)
+                if name is None:
+                    continue
+                tensor_slice = handle.get_slice(key)
+                shape = tuple(tensor_slice.get_shape())
+                dtype = tensor_slice.get_dtype()
+                if dtype not in _FLOAT_DTYPES:
+                    kind = "float8" if dtype.startswith("F8") else "unsupported"
+                    problems.unsupported.append(f"{key} has {kind} dtype {dtype}")
+                    continue
+                source = _Source(path, key, shape, _numel(shape) * _FLOAT_DTYPES[dtype])
+                _place(source, name, targets, problems, claim)
+        if weight_map is not None:
+            present = set(keys)
+            for key, shard in weight_map.items():
+                if shard == path and key not in present:
+                    problems.index.append(f"{key} is listed in {path.name} but not stored there")
+
+    if tie_embeddings:
+        _fill_tied(targets, claimed, whole, problems, claim)
+
+    for target in targets.all:
+        units = target.units()
+        gaps = [u for u in units if u not in claimed[target]]
+        if len(gaps) == len(units):
+            problems.missing.append(" = ".join(target.names))
+        else:
+            problems.missing.extend(_expert_name(target, u) for u in gaps)
+
+    problems.raise_if_any()
+    return copies
+
+
+def _place(source: _Source, name: str, targets: _Targets, problems: _Problems, claim) -> None:
+    target = targets.by_name.get(name)
+    if target is not None:
+        expected = tuple(target.param.shape)
+        if source.shape != expected:
+            problems.shape.append(_shape_problem(source, expected))
+        claim(source, target, None, usable=source.shape == expected)
+        return
+    match = _EXPERT_RE.match(name)
+    if match:
+        part = match.group("part")
+        fused = match.group("experts") + (".down_proj" if part == "down" else ".gate_up_proj")
+        target = targets.by_name.get(fused)
+        if target is not None and target.fused is not None:
+            num_experts, rows, cols = target.param.shape
+            if target.fused == "gate_up_proj":
+                expected = (cols // 2, rows)  # nn.Linear [I, H] of a [E, H, 2I] parameter
+            else:
+                expected = (cols, rows)  # nn.Linear [H, I] of a [E, I, H] parameter
+            expert = int(match.group("e"))
+            if expert >= num_experts:
+                problems.unexpected.append(
+                    f"{source.name} (expert {expert}, but {fused} has {num_experts} experts)"
+                )
+            else:
+                if source.shape != expected:
+                    problems.shape.append(_shape_problem(source, expected))
+                claim(source, target, (expert, part), usable=source.shape == expected)
+            return
+    problems.unexpected.append(source.name)
+
+
+def _fill_tied(targets: _Targets, claimed, whole, problems: _Problems, claim) -> None:
+    """config.json ties the embeddings: lm_head may come from the embeddings (and vice versa)."""
+    embed = targets.by_name.get("model.embed_tokens.weight")
+    head = targets.by_name.get("lm_head.weight")
+    if embed is None or head is None or embed is head:
+        return
+    for have, need in ((embed, head), (head, embed)):
+        if have in whole and not claimed[need]:
+            source = whole[have]
+            expected = tuple(need.param.shape)
+            if source.shape != expected:
+                problems.shape.append(_shape_problem(source, expected) + f" (tied to {need.name})")
+            claim(source, need, None, usable=source.shape == expected)
+
+
+# ----------------------------------------------------------------------------------------------
+# Copying
+
+
+def _execute(copies: list[_Copy], files: list[Path], progress: bool) -> None:
+    by_file: dict[Path, list[_Copy]] = {}
+    for copy in copies:
+        by_file.setdefault(copy.source.file, []).append(copy)
+    meter = _Progress(len(files), sum(c.source.nbytes for c in copies), enabled=progress)
+    with torch.no_grad():
+        for path in files:
+            if path in by_file:
+                with _open(path) as handle:
+                    for copy in by_file[path]:
+                        _apply(handle, copy)
+                        meter.advance(copy.source.nbytes)
+            meter.shard_done()
+    meter.finish()
+
+
+def _apply(handle, copy: _Copy) -> None:
+    param = copy.target.param
+    name = copy.source.name
+    if copy.verify:
+        tensor = handle.get_tensor(name).to(device=param.device, dtype=param.dtype)
+        if not torch.equal(tensor, param):
+            raise CheckpointError(
+                f"{copy.verify} and {name} differ, but the module ties them into one parameter "
+                f"({' = '.join(copy.target.names)})"
+            )
+        return
+    if copy.unit is None:
+        _copy_whole(handle, copy.source, param)
+        return
+    expert, part = copy.unit
+    tensor = handle.get_tensor(name).t()  # nn.Linear [out, in] -> input-major [in, out]
+    if part == "down":
+        param[expert].copy_(tensor)
+    else:
+        half = param.shape[2] // 2
+        cols = slice(0, half) if part == "gate" else slice(half, 2 * half)
+        param[expert, :, cols].copy_(tensor)
+
+
+def _copy_whole(handle, source: _Source, param: torch.Tensor) -> None:
+    rows = source.shape[0] if source.shape else 1
+    if source.nbytes <= _CHUNK_BYTES or rows < 2:
+        param.copy_(handle.get_tensor(source.name))
+        return
+    step = max(1, _CHUNK_BYTES // (source.nbytes // rows))
+    tensor_slice = handle.get_slice(source.name)
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        param[start:stop].copy_(tensor_slice[start:stop])
+
+
+class _Progress:
+    def __init__(self, shards: int, total_bytes: int, *, enabled: bool) -> None:
+        self.enabled = enabled
+        self.shards = shards
+        self.total = total_bytes
+        self.done_shards = 0
+        self.done_bytes = 0
+        self.start = self.last = time.monotonic()
+        self.unit, self.scale = ("GB", 1e9) if total_bytes >= 1e9 else ("MB", 1e6)
+
+    def _print(self, suffix: str = "") -> None:
+        if self.enabled:
+            print(
+                f"loading weights: {self.done_shards}/{self.shards} shards, "
+                f"{self.done_bytes / self.scale:.1f}/{self.total / self.scale:.1f} {self.unit}"
+                f"{suffix}",
+                file=sys.stderr,
+                flush=True,
+            )
+        self.last = time.monotonic()
+
+    def advance(self, nbytes: int) -> None:
+        self.done_bytes += nbytes
+        if time.monotonic() - self.last >= _PROGRESS_INTERVAL:
+            self._print()
+
+    def shard_done(self) -> None:
+        self.done_shards += 1
+        if self.done_shards < self.shards:
+            self._print()
+
+    def finish(self) -> None:
+        self._print(f", done in {time.monotonic() - self.start:.1f} s")
+
+
+# ----------------------------------------------------------------------------------------------
+# Messages
+
+
+def _numel(shape: Iterable[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _shape(shape: Iterable[int]) -> str:
+    return str(list(shape))
+
+
+def _shape_problem(source: _Source, expected: tuple[int, ...]) -> str:
+    return f"{source.name}: expected shape {_shape(expected)}, got {_shape(source.shape)}"
+
+
+def _describe(target: _Target, unit: object) -> str:
+    return target.name if unit is None else f"{_expert_name(target, unit)} (in {target.name})"
+
+
+def _expert_name(target: _Target, unit: tuple[int, str]) -> str:
+    """The per-expert checkpoint name of one slice of a fused expert parameter."""
+    expert, part = unit
+    prefix = target.name.rsplit(".", 1)[0]
+    return f"{prefix}.{expert}.{part}_proj.weight"
+
+
+def _listing(items: list[str]) -> str:
+    shown = ", ".join(items[:_MAX_LISTED])
+    more = len(items) - _MAX_LISTED
+    return shown + (f", ... and {more} more" if more > 0 else "")
