@@ -21,10 +21,14 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 def load_model(
     checkpoint_dir: str | Path,
     *,
-    dtype: torch.dtype = torch.bfloat16,
+    dtype: torch.dtype | str = torch.bfloat16,
     device: torch.device | str = "cpu",
     progress: bool = True,
 ) -> Llama4ForCausalLM:
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
     config = TextConfig.from_checkpoint(checkpoint_dir)
     with torch.device("meta"):
         model = Llama4ForCausalLM(config)
