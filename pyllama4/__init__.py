@@ -15,7 +15,28 @@ from pyllama4._core import (
     StepPlan,
 )
 
+# The engine pulls in torch: import it on first use, so the core alone stays light.
+_LAZY = {
+    "Engine": "pyllama4.engine",
+    "SamplingParams": "pyllama4.sampling_params",
+    "RequestOutput": "pyllama4.outputs",
+    "CompletionOutput": "pyllama4.outputs",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'pyllama4' has no attribute {name!r}")
+
+
 __all__ = [
+    "CompletionOutput",
+    "Engine",
+    "RequestOutput",
+    "SamplingParams",
     "Finished",
     "KVPool",
     "RadixCache",

@@ -7,13 +7,93 @@ applied before the forward that reads them.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 from pyllama4._core import Scheduler, StepPlan
 from pyllama4.batch import StepBatch
+from pyllama4.config import TextConfig
 from pyllama4.kv_cache import PagedKVCache, local_layers
 from pyllama4.model.llama4 import Llama4ForCausalLM
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """How the KV budget is split between the two pools."""
+
+    page_size: int
+    global_pages: int
+    local_pages: int
+    global_bytes_per_token: int  # over the layers that keep full history
+    local_bytes_per_token: int  # over the chunk-local layers
+    chunk_size: int  # 0: no chunk-local pool
+
+    @property
+    def max_tokens(self) -> int:
+        """Tokens of full history the global pool holds (the most any sequence can have)."""
+        return self.global_pages * self.page_size
+
+    @property
+    def total_bytes(self) -> int:
+        p = self.page_size
+        return p * (
+            self.global_pages * self.global_bytes_per_token
+            + self.local_pages * self.local_bytes_per_token
+        )
+
+    def describe(self) -> str:
+        gib = self.total_bytes / 2**30
+        text = (
+            f"KV cache: {gib:.2f} GiB, {self.global_bytes_per_token} B/token in the global pool "
+            f"({self.global_pages} pages of {self.page_size} = {self.max_tokens} tokens)"
+        )
+        if self.chunk_size:
+            text += (
+                f", {self.local_bytes_per_token} B/token in the chunk-local pool "
+                f"({self.local_pages} pages, chunk {self.chunk_size})"
+            )
+        return text
+
+
+def plan_memory(
+    config: TextConfig,
+    *,
+    dtype: torch.dtype,
+    context_len: int,
+    page_size: int,
+    max_running: int,
+    max_step_tokens: int,
+    kv_tokens: int | None = None,
+    kv_bytes: int | None = None,
+) -> MemoryPlan:
+    """Splits a budget given in tokens of full history (kv_tokens) or in bytes (kv_bytes).
+
+    The chunk-local pool gets room for every running request's window (its current chunk plus
+    one step) but never more than half a byte budget; the global pool gets the rest."""
+    local = local_layers(config, context_len)
+    per_layer = 2 * config.num_key_value_heads * config.head_dim * dtype.itemsize
+    g_bytes = per_layer * sum(not x for x in local)
+    l_bytes = per_layer * sum(local)
+    chunk = config.attention_chunk_size if any(local) else 0
+    window = chunk // page_size + -(-max_step_tokens // page_size) if chunk else 0
+    if (kv_tokens is None) == (kv_bytes is None):
+        raise ValueError("give exactly one of kv_tokens and kv_bytes")
+    if kv_tokens is not None:
+        global_pages = -(-kv_tokens // page_size)
+        local_pages = min(max_running * window, global_pages + window) if chunk else 0
+    else:
+        page_l, page_g = page_size * l_bytes, page_size * g_bytes
+        local_pages = min(max_running * window, kv_bytes // 2 // page_l) if chunk else 0
+        rest = kv_bytes - local_pages * page_l
+        global_pages = rest // page_g if g_bytes else local_pages
+    if global_pages < 1 or (chunk and local_pages < window):
+        raise ValueError(
+            f"the KV budget is too small: {global_pages} global pages, {local_pages} local pages "
+            f"(at least {max(1, window)} needed)"
+        )
+    return MemoryPlan(page_size, global_pages, local_pages, g_bytes, l_bytes, chunk)
 
 
 class ModelRunner:
@@ -21,45 +101,52 @@ class ModelRunner:
         self,
         model: Llama4ForCausalLM,
         *,
-        kv_tokens: int,
         context_len: int,
+        kv_tokens: int | None = None,
+        kv_bytes: int | None = None,
         page_size: int = 16,
         max_running: int = 256,
         max_step_tokens: int = 8192,
         enable_prefix_cache: bool = True,
+        policy: str = "fcfs",
     ):
-        """kv_tokens: capacity of the global pool in tokens. The chunk-local pool (when the model
-        has chunk-local layers shorter than the context) holds each running request's window."""
+        """The KV budget: kv_tokens (tokens of full history) or kv_bytes; see plan_memory."""
         self.model = model
         config = model.config
         device = next(model.parameters()).device
-        local = local_layers(config, context_len)
-        chunk = config.attention_chunk_size if any(local) else 0
-        global_pages = -(-kv_tokens // page_size)
-        local_pages = 0
-        if chunk:
-            window = chunk // page_size + -(-max_step_tokens // page_size)
-            local_pages = min(max_running * window, global_pages + window)
-        self.scheduler = Scheduler(
-            global_pages,
+        dtype = next(model.parameters()).dtype
+        self.memory = plan_memory(
+            config,
+            dtype=dtype,
+            context_len=context_len,
             page_size=page_size,
-            local_pages=local_pages,
-            chunk_size=chunk,
+            max_running=max_running,
+            max_step_tokens=max_step_tokens,
+            kv_tokens=kv_tokens,
+            kv_bytes=kv_bytes,
+        )
+        mem = self.memory
+        self.scheduler = Scheduler(
+            mem.global_pages,
+            page_size=page_size,
+            local_pages=mem.local_pages,
+            chunk_size=mem.chunk_size,
             context_len=context_len,
             max_running=max_running,
             max_step_tokens=max_step_tokens,
             enable_prefix_cache=enable_prefix_cache,
+            policy=policy,
         )
         self.cache = PagedKVCache(
             config,
             page_size=page_size,
-            global_pages=global_pages,
-            local_pages=local_pages,
-            local_layers=local,
+            global_pages=mem.global_pages,
+            local_pages=mem.local_pages,
+            local_layers=local_layers(config, context_len),
             max_rows=max_running,
             global_table_width=self.scheduler.global_table_width,
             local_table_width=self.scheduler.local_table_width,
-            dtype=next(model.parameters()).dtype,
+            dtype=dtype,
             device=device,
         )
         self.device = device

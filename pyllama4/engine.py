@@ -1,0 +1,455 @@
+"""pyllama4.Engine: the step loop that turns requests into tokens.
+
+Invariants:
+- One task runs the loop; only the event-loop thread touches the core scheduler (submit, abort
+  and commit all run there). The forward pass and the sampler run in a worker thread on a plan
+  that never changes, so the event loop keeps serving while the model computes.
+- An idle engine waits on an event; it never spins.
+- Every submitted request ends: with its output (finish_reason stop / length), with "abort" when
+  the caller aborts it, or with "error" and a message if the step that carried it failed.
+  A failing step fails only the requests it carried; the engine keeps running.
+- Outputs of a request never depend on what else is in the batch (batch invariance is a tested
+  property on CPU fp32), nor on chunked prefill, prefix reuse or retraction.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import numpy as np
+import torch
+from anyio.streams.memory import MemoryObjectSendStream
+
+from pyllama4.detokenizer import IncrementalDetokenizer, StopStrings
+from pyllama4.model.load import load_model
+from pyllama4.outputs import (
+    CompletionOutput,
+    EngineStats,
+    RequestMetrics,
+    RequestOutput,
+    TokenLogprob,
+)
+from pyllama4.runner import ModelRunner
+from pyllama4.sampler import SampleOutput, Sampler, SampleRequest
+from pyllama4.sampling_params import SamplingParams
+
+log = logging.getLogger("pyllama4.engine")
+
+
+@dataclass
+class _Completion:
+    """One completion of a request: one request in the core scheduler."""
+
+    core_id: int
+    index: int
+    group: _Group
+    params: SamplingParams
+    detokenizer: IncrementalDetokenizer
+    stops: StopStrings
+    stop_ids: frozenset[int]
+    pieces: list[str] = field(default_factory=list)  # output text, in the pieces it came in
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    emitted: tuple[int, int] = (0, 0)  # (pieces, tokens) in outputs already sent
+    in_core: bool = False
+    last_token_time: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class _Group:
+    """One submitted request (n completions) and the stream its caller reads."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    send: MemoryObjectSendStream[RequestOutput]
+    metrics: RequestMetrics
+    completions: list[_Completion] = field(default_factory=list)
+    deferred: list[_Completion] = field(default_factory=list)  # siblings waiting for the prefix
+    cached_tokens: int = 0
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(c.finished for c in self.completions)
+
+
+class Engine:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        tokenizer: Any,
+        *,
+        eos_token_ids: Sequence[int] = (),
+    ):
+        self.runner = runner
+        self.scheduler = runner.scheduler
+        self.tokenizer = tokenizer
+        self.vocab_size = runner.model.config.vocab_size
+        eos = set(eos_token_ids) | set(runner.model.config.eos_token_ids)
+        if getattr(tokenizer, "eos_token_id", None) is not None:
+            eos.add(tokenizer.eos_token_id)
+        self.eos_token_ids = frozenset(eos)
+        self.sampler = Sampler(self.vocab_size, runner.device)
+        self._core_ids = itertools.count(1)
+        self._request_ids = itertools.count(1)
+        self._by_core: dict[int, _Completion] = {}
+        self._groups: dict[str, _Group] = {}
+        self._wake = anyio.Event()
+        self._generation_tokens = 0
+        self._running = False
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        checkpoint_dir: str | Path,
+        *,
+        dtype: torch.dtype | str = torch.bfloat16,
+        device: torch.device | str = "cpu",
+        context_len: int | None = None,
+        progress: bool = True,
+        **runner_options: Any,
+    ) -> Engine:
+        """Loads a checkpoint and its tokenizer; runner_options go to ModelRunner (kv_tokens or
+        kv_bytes, page_size, max_running, max_step_tokens, enable_prefix_cache, policy)."""
+        from transformers import AutoTokenizer
+
+        model = load_model(checkpoint_dir, dtype=dtype, device=device, progress=progress)
+        context = context_len or model.config.max_position_embeddings
+        if "kv_tokens" not in runner_options and "kv_bytes" not in runner_options:
+            runner_options["kv_tokens"] = context
+        runner = ModelRunner(model, context_len=context, **runner_options)
+        log.info(runner.memory.describe())
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)
+        return cls(runner, tokenizer)
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Engine:
+        self._task_group = anyio.create_task_group()
+        await self._task_group.__aenter__()
+        self._task_group.start_soon(self.run)
+        return self
+
+    async def __aexit__(self, *exc: object) -> bool | None:
+        self._task_group.cancel_scope.cancel()
+        return await self._task_group.__aexit__(*exc)
+
+    async def run(self) -> None:
+        """The step loop. Run it in a task group (or use `async with engine:`)."""
+        if self._running:
+            raise RuntimeError("the engine loop is already running")
+        self._running = True
+        try:
+            while True:
+                if not self.scheduler.has_work():
+                    await self._wake.wait()
+                    self._wake = anyio.Event()
+                    continue
+                await self._step()
+        finally:
+            self._running = False
+
+    async def _step(self) -> None:
+        plan = self.scheduler.schedule()
+        if plan.num_requests == 0:
+            return
+        sampled_ids = plan.request_ids[plan.sample_requests].tolist()
+        completions = [self._by_core[i] for i in sampled_ids]
+        requests = [self._sample_request(c) for c in completions]
+        for c in completions:  # the cache hit is known once the request is admitted
+            if c.index == 0 and not c.token_ids:
+                c.group.cached_tokens = self.scheduler.request_info(c.core_id).cached_tokens
+        try:
+            out = await anyio.to_thread.run_sync(self._forward, plan, requests)
+        except Exception as e:  # noqa: BLE001 - any failure of a step fails its requests only
+            log.exception("step failed")
+            self.scheduler.commit(np.zeros(plan.num_samples, dtype=np.int32))
+            for core_id in plan.request_ids.tolist():
+                c = self._by_core.get(core_id)
+                if c is not None:
+                    self._fail(c.group, f"{type(e).__name__}: {e}")
+            return
+        tokens = out.tokens.to(torch.int32).cpu().numpy()
+        finished = {f.request_id: f for f in self.scheduler.commit(tokens)}
+        now = time.monotonic()
+        logprobs = self._logprob_rows(out, completions)
+        touched: dict[str, _Group] = {}
+        for row, (c, token) in enumerate(zip(completions, tokens.tolist(), strict=True)):
+            touched[c.group.request_id] = c.group
+            if c.finished:  # aborted while in flight
+                continue
+            self._generation_tokens += 1
+            self._on_token(c, token, logprobs[row], finished.get(c.core_id), now)
+        for group in touched.values():
+            self._release_siblings(group)
+            self._emit(group)
+
+    def _forward(self, plan: Any, requests: list[SampleRequest]) -> SampleOutput:
+        logits = self.runner.forward(plan)
+        return self.sampler(logits, requests)
+
+    def _sample_request(self, c: _Completion) -> SampleRequest:
+        return SampleRequest(
+            params=c.params,
+            prompt_ids=c.group.prompt_ids,
+            output_ids=c.token_ids,
+            stop_ids=c.stop_ids,
+            seed_offset=c.index,
+        )
+
+    @staticmethod
+    def _logprob_rows(out: SampleOutput, completions: list[_Completion]) -> list[Any]:
+        if out.logprobs is None:
+            return [None] * len(completions)
+        lp = out.logprobs.tolist()
+        top_ids = out.top_ids.tolist() if out.top_ids is not None else None
+        top_lp = out.top_logprobs.tolist() if out.top_logprobs is not None else None
+        rows: list[Any] = []
+        for row, c in enumerate(completions):
+            k = c.params.logprobs
+            if k is None:
+                rows.append(None)
+                continue
+            top = list(zip(top_ids[row][:k], top_lp[row][:k], strict=True)) if top_ids else []
+            rows.append((lp[row], top))
+        return rows
+
+    def _on_token(self, c: _Completion, token: int, logprob: Any, done: Any, now: float) -> None:
+        metrics = c.group.metrics
+        if metrics.first_token_time is None:
+            metrics.first_token_time = now
+        if c.last_token_time is not None:
+            metrics.sum_inter_token += now - c.last_token_time
+            metrics.num_token_times += 1
+        c.last_token_time = now
+        c.token_ids.append(token)
+        if logprob is not None:
+            c.logprobs.append(TokenLogprob(token, logprob[0], logprob[1]))
+        by_stop_token = done is not None and done.reason == "stop"
+        # A stop token ends the text: its own text is not part of the output.
+        text = "" if by_stop_token else c.detokenizer.push([token])
+        if done is not None:
+            text += c.detokenizer.finish()
+        emit, stopped = c.stops.push(text)
+        c.pieces.append(emit)
+        if stopped:
+            c.stop_reason = c.stops.matched
+            self._finish(c, "stop")
+            if done is None:
+                self.scheduler.abort(c.core_id)
+        elif done is not None:
+            c.pieces.append(c.stops.finish())
+            c.stop_reason = token if by_stop_token else None
+            self._finish(c, "stop" if by_stop_token else "length")
+
+    def _finish(self, c: _Completion, reason: str) -> None:
+        c.finish_reason = reason
+        c.in_core = False
+        self._by_core.pop(c.core_id, None)
+        if c.group.finished:
+            c.group.metrics.finish_time = time.monotonic()
+
+    def _release_siblings(self, group: _Group) -> None:
+        """n > 1: the other completions start once the first has its prompt in the cache."""
+        if group.deferred and group.completions[0].token_ids:
+            for c in group.deferred:
+                self._add_to_core(c)
+            group.deferred.clear()
+
+    def _emit(self, group: _Group) -> None:
+        output = RequestOutput(
+            request_id=group.request_id,
+            prompt_token_ids=group.prompt_ids,
+            outputs=[_snapshot(c) for c in group.completions],
+            finished=group.finished,
+            cached_tokens=group.cached_tokens,
+            metrics=group.metrics,
+            error=group.error,
+        )
+        for c in group.completions:
+            c.emitted = (len(c.pieces), len(c.token_ids))
+        try:
+            group.send.send_nowait(output)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            pass  # the caller stopped listening; abort() cleans up
+        if group.finished:
+            group.send.close()
+            self._groups.pop(group.request_id, None)
+
+    def _fail(self, group: _Group, message: str) -> None:
+        group.error = message
+        for c in group.completions:
+            if not c.finished:
+                if c.in_core:
+                    self.scheduler.abort(c.core_id)
+                self._finish(c, "error")
+        group.deferred.clear()
+        self._emit(group)
+
+    # ---- requests ---------------------------------------------------------------------------
+
+    def tokenize(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return list(self.tokenizer(prompt)["input_ids"])
+        return [int(t) for t in prompt]
+
+    def submit(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Queues a request; returns the stream of its outputs (the last has finished=True).
+
+        Raises ValueError at once for a request that can never run (empty prompt, unknown token
+        ids, too long for the context, a duplicate request id)."""
+        params = params or SamplingParams()
+        params.validate()
+        prompt_ids = self.tokenize(prompt)
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(
+                f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})"
+            )
+        for name, ids in (
+            ("logit_bias", params.logit_bias),
+            ("stop_token_ids", params.stop_token_ids),
+        ):
+            if any(t >= self.vocab_size for t in ids):
+                raise ValueError(
+                    f"{name}: token ids must be below the vocabulary size {self.vocab_size}"
+                )
+        request_id = request_id or f"req-{next(self._request_ids)}"
+        if request_id in self._groups:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        send, receive = anyio.create_memory_object_stream[RequestOutput](math.inf)
+        group = _Group(request_id, prompt_ids, params, send, RequestMetrics(time.monotonic()))
+        stop_ids = frozenset(params.stop_token_ids) | (
+            frozenset() if params.ignore_eos else self.eos_token_ids
+        )
+        for index in range(params.n):
+            c = _Completion(
+                core_id=next(self._core_ids),
+                index=index,
+                group=group,
+                params=params,
+                detokenizer=IncrementalDetokenizer(
+                    self.tokenizer, prompt_ids, params.skip_special_tokens
+                ),
+                stops=StopStrings(params.stop, params.include_stop_str_in_output),
+                logprobs=[] if params.logprobs is not None else None,
+                stop_ids=stop_ids,
+            )
+            group.completions.append(c)
+        self._add_to_core(group.completions[0])  # raises ValueError before anything is kept
+        group.deferred = group.completions[1:]
+        self._groups[request_id] = group
+        return _stream(receive, self, request_id)
+
+    def _add_to_core(self, c: _Completion) -> None:
+        self.scheduler.add_request(
+            c.core_id,
+            np.asarray(c.group.prompt_ids, dtype=np.int32),
+            max_new_tokens=c.params.max_tokens,
+            stop_token_ids=sorted(c.stop_ids),
+        )
+        c.in_core = True
+        self._by_core[c.core_id] = c
+        self._wake.set()
+
+    def abort(self, request_id: str) -> bool:
+        """Ends a request at once (finish_reason "abort"); its pages are released now or, if
+        its step is running, when that step commits. Returns False for an unknown request."""
+        group = self._groups.get(request_id)
+        if group is None:
+            return False
+        for c in group.completions:
+            if not c.finished:
+                if c.in_core:
+                    self.scheduler.abort(c.core_id)
+                self._finish(c, "abort")
+        group.deferred.clear()
+        self._emit(group)
+        return True
+
+    def stats(self) -> EngineStats:
+        s = self.scheduler.stats()
+        return EngineStats(
+            num_running=s.num_running,
+            num_waiting=s.num_waiting,
+            global_pages_used=s.global_total - s.global_free,
+            global_pages_total=s.global_total,
+            local_pages_used=s.local_total - s.local_free,
+            local_pages_total=s.local_total,
+            prompt_tokens=s.prompt_tokens,
+            cached_prompt_tokens=s.cached_tokens,
+            generation_tokens=self._generation_tokens,
+            num_retractions=s.num_retractions,
+            num_steps=s.num_steps,
+        )
+
+    # ---- offline ----------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Runs a batch to completion (no event loop of the caller's needed); final outputs in
+        prompt order."""
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+
+        async def main() -> list[RequestOutput]:
+            results: list[RequestOutput | None] = [None] * len(prompts)
+            streams = [self.submit(p, sp) for p, sp in zip(prompts, params, strict=True)]
+
+            async def collect(i: int) -> None:
+                async for out in streams[i]:
+                    results[i] = out
+
+            async with self:
+                async with anyio.create_task_group() as tg:
+                    for i in range(len(prompts)):
+                        tg.start_soon(collect, i)
+            return [r for r in results if r is not None]
+
+        return anyio.run(main)
+
+
+async def _stream(receive: Any, engine: Engine, request_id: str) -> AsyncIterator[RequestOutput]:
+    """The caller's view of a request; leaving it early (or being cancelled) aborts the request."""
+    finished = False
+    try:
+        async with receive:
+            async for output in receive:
+                finished = output.finished
+                yield output
+    finally:
+        if not finished:
+            engine.abort(request_id)
+
+
+def _snapshot(c: _Completion) -> CompletionOutput:
+    return CompletionOutput(
+        c.index, c.pieces, c.token_ids, c.logprobs, c.finish_reason, c.stop_reason, c.emitted
+    )

@@ -1,0 +1,254 @@
+"""pyllama4.Engine: batching, prefix reuse, chunked prefill, retraction and sampling change
+timing only, never tokens; streaming, stops and aborts behave; nothing leaks.
+
+Tiny random Llama 4 models (Scout-like: chunk 8, QK-norm, llama3 RoPE, MoE everywhere) with the
+demo model's real tokenizer (vocab 49152), fp32 on the CPU.
+"""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+import torch
+from transformers import AutoTokenizer, Llama4TextConfig
+from transformers import Llama4ForCausalLM as HFLlama4
+
+from pyllama4 import Engine, SamplingParams
+from pyllama4.config import TextConfig
+from pyllama4.model.llama4 import Llama4ForCausalLM
+from pyllama4.runner import ModelRunner
+
+VOCAB = 49152
+CONTEXT = 160
+
+
+@pytest.fixture(scope="module")
+def tokenizer(demo_dir):
+    return AutoTokenizer.from_pretrained(demo_dir)
+
+
+@pytest.fixture(scope="module")
+def weights():
+    torch.manual_seed(0)
+    cfg = Llama4TextConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=32,
+        intermediate_size_mlp=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_local_experts=4,
+        interleave_moe_layer_step=1,
+        attention_chunk_size=8,
+        floor_scale=8,
+        max_position_embeddings=1024,
+        bos_token_id=1,
+        eos_token_id=2,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 16.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 1.0,
+            "original_max_position_embeddings": 8192,
+        },
+    )
+    hf = HFLlama4(cfg)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "experts" in name or "router" in name:
+                p.normal_(0, 0.1)
+            if "lm_head" in name:
+                p.normal_(0, 0.5)  # peaked distributions: seeded samples are not all distinct noise
+    return TextConfig.from_dict(cfg.to_dict()), hf.state_dict()
+
+
+def make_engine(weights, tokenizer, **runner) -> Engine:
+    config, state = weights
+    model = Llama4ForCausalLM(config)
+    model.load_state_dict(state, strict=False)
+    options = {"kv_tokens": 4096, "page_size": 4, "max_step_tokens": 256, **runner}
+    return Engine(ModelRunner(model.eval(), context_len=CONTEXT, **options), tokenizer)
+
+
+def prompts(count: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 60, (count,), generator=g).tolist()
+    return [torch.randint(100, VOCAB, (n,), generator=g).tolist() for n in lengths]
+
+
+def assert_nothing_held(engine: Engine) -> None:
+    s = engine.scheduler.stats()
+    assert s.num_running == s.num_waiting == 0
+    assert s.global_total - s.global_free == s.global_cached, "requests still hold global pages"
+    assert s.local_total - s.local_free == s.local_cached, "requests still hold local pages"
+    assert engine.scheduler.check() == ""
+
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+
+def tokens_of(outputs) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+def test_batch_invariance(weights, tokenizer):
+    engine = make_engine(weights, tokenizer)
+    batch = prompts(32)
+    together = tokens_of(engine.generate(batch, GREEDY))
+    alone = [tokens_of(engine.generate([p], GREEDY))[0] for p in batch]
+    assert together == alone
+    assert all(len(t) == 12 for t in together)
+    assert_nothing_held(engine)
+
+
+def test_prefix_reuse_reports_cached_tokens_and_changes_nothing(weights, tokenizer):
+    shared = prompts(1, seed=1)[0][:5] + list(range(200, 247))  # 52 tokens: six chunks of 8
+    second = shared + [300, 301, 302]
+    cached = make_engine(weights, tokenizer)
+    first_out = cached.generate([shared], GREEDY)[0]
+    second_out = cached.generate([second], GREEDY)[0]
+    assert second_out.cached_tokens >= 48, "the shared prefix (whole chunks) was not reused"
+    uncached = make_engine(weights, tokenizer, enable_prefix_cache=False)
+    ref = uncached.generate([shared, second], GREEDY)
+    assert [first_out.outputs[0].token_ids, second_out.outputs[0].token_ids] == tokens_of(ref)
+    assert ref[1].cached_tokens == 0
+    assert cached.stats().cache_hit_rate > 0
+    assert_nothing_held(cached)
+    assert_nothing_held(uncached)
+
+
+@pytest.mark.parametrize("budget", [1, 7, 64])
+def test_chunked_prefill_budgets_give_the_same_tokens(weights, tokenizer, budget):
+    batch = prompts(6, seed=2)
+    ref = tokens_of(make_engine(weights, tokenizer).generate(batch, GREEDY))
+    engine = make_engine(weights, tokenizer, max_step_tokens=budget)
+    assert tokens_of(engine.generate(batch, GREEDY)) == ref
+    assert_nothing_held(engine)
+
+
+def test_retraction_under_a_tiny_pool_keeps_every_token(weights, tokenizer):
+    batch = prompts(12, seed=3)
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    ref = tokens_of(make_engine(weights, tokenizer).generate(batch, params))
+    small = make_engine(weights, tokenizer, kv_tokens=CONTEXT, max_step_tokens=32)
+    assert tokens_of(small.generate(batch, params)) == ref
+    assert small.stats().num_retractions > 0
+    assert_nothing_held(small)
+
+
+def test_seeded_sampling_is_reproducible_alone_or_batched(weights, tokenizer):
+    engine = make_engine(weights, tokenizer)
+    p = prompts(1, seed=4)[0]
+    seeded = SamplingParams(temperature=1.0, top_p=0.95, seed=1234, max_tokens=16, ignore_eos=True)
+    alone = engine.generate([p], seeded)[0].outputs[0].token_ids
+    others = prompts(7, seed=5)
+    noise = SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True)
+    batch = engine.generate(others[:3] + [p] + others[3:], [noise] * 3 + [seeded] + [noise] * 4)
+    assert batch[3].outputs[0].token_ids == alone
+    other_seeds = [
+        engine.generate([p], SamplingParams(temperature=1.0, seed=s, max_tokens=16))[0]
+        for s in (1, 2, 3)
+    ]
+    assert len({tuple(o.outputs[0].token_ids) for o in other_seeds} | {tuple(alone)}) > 1
+    assert_nothing_held(engine)
+
+
+def test_n_completions_share_the_prompt_and_differ(weights, tokenizer):
+    engine = make_engine(weights, tokenizer)
+    p = prompts(1, seed=6)[0] + list(range(500, 540))
+    out = engine.generate(
+        [p], SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=10, ignore_eos=True)
+    )[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1
+    assert engine.stats().cached_prompt_tokens > 0, "siblings did not reuse the prompt's KV"
+    assert_nothing_held(engine)
+
+
+def test_stop_strings_spanning_tokens_are_trimmed_and_never_streamed(weights, tokenizer):
+    engine = make_engine(weights, tokenizer)
+    p = prompts(1, seed=8)[0]
+    full = engine.generate([p], SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))
+    text = full[0].outputs[0].text
+    # A stop string that straddles a token boundary in the middle of the output.
+    ids = full[0].outputs[0].token_ids
+    pieces = [tokenizer.decode(ids[: i + 1]) for i in range(len(ids))]
+    cut = next(i for i in range(3, len(ids)) if len(pieces[i]) - len(pieces[i - 1]) >= 2)
+    start = len(pieces[cut - 1]) - 1
+    stop = text[start : start + 2]
+    assert stop and text.index(stop) <= start
+    first = text.index(stop)
+
+    async def stream() -> list[str]:
+        seen: list[str] = []
+        async with engine:
+            params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, stop=[stop])
+            async for out in engine.submit(p, params):
+                seen.append(out.outputs[0].delta_text)
+                final = out
+        assert final.outputs[0].finish_reason == "stop"
+        assert final.outputs[0].stop_reason == stop
+        assert final.outputs[0].text == text[:first]
+        return seen
+
+    seen = anyio.run(stream)
+    assert "".join(seen) == text[:first]
+    assert_nothing_held(engine)
+
+
+def test_abort_in_flight_ends_the_request_and_frees_its_pages(weights, tokenizer):
+    engine = make_engine(weights, tokenizer)
+
+    async def main() -> None:
+        async with engine:
+            params = SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True)
+            stream = engine.submit(prompts(1, seed=9)[0], params, request_id="x")
+            other = engine.submit(prompts(1, seed=10)[0], GREEDY)
+            async for out in stream:
+                if out.finished:
+                    assert out.outputs[0].finish_reason == "abort"
+                    assert len(out.outputs[0].token_ids) < 100
+                elif len(out.outputs[0].token_ids) >= 3:
+                    assert engine.abort("x")
+            finals = [out async for out in other]
+            assert finals[-1].outputs[0].finish_reason == "length"
+            assert not engine.abort("x")
+
+    anyio.run(main)
+    assert_nothing_held(engine)
+
+
+def test_bad_requests_fail_at_submit_and_disturb_nothing(weights, tokenizer):
+    engine = make_engine(weights, tokenizer)
+    with pytest.raises(ValueError, match="empty"):
+        engine.submit([], GREEDY)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        engine.submit([5, VOCAB], GREEDY)
+    with pytest.raises(ValueError, match="context length"):
+        engine.submit(list(range(1, CONTEXT + 5)), GREEDY)
+    with pytest.raises(ValueError, match="logit_bias"):
+        engine.submit([5, 6], SamplingParams(logit_bias={VOCAB: 1.0}))
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1)
+    assert tokens_of(engine.generate(prompts(2, seed=11), GREEDY))
+    assert_nothing_held(engine)
+
+
+def test_logprobs_and_metrics_are_reported(weights, tokenizer):
+    engine = make_engine(weights, tokenizer)
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=3)
+    out = engine.generate([prompts(1, seed=12)[0]], params)[0]
+    completion = out.outputs[0]
+    assert len(completion.logprobs) == len(completion.token_ids) == 6
+    for entry, token in zip(completion.logprobs, completion.token_ids, strict=True):
+        assert entry.token_id == token and entry.logprob <= 0
+        assert len(entry.top) == 3 and entry.top[0][0] == token  # greedy: the top token
+        assert entry.top[0][1] == pytest.approx(entry.logprob)
+        assert [lp for _, lp in entry.top] == sorted((lp for _, lp in entry.top), reverse=True)
+    m = out.metrics
+    assert 0 < m.ttft <= m.e2e and m.mean_itl is not None and m.mean_itl > 0
+    stats = engine.stats()
+    assert stats.generation_tokens >= 6 and stats.num_steps > 0 and stats.kv_usage >= 0
