@@ -1,7 +1,8 @@
 """Offline generation throughput of the demo model: pyllama4.Engine.generate beside
 transformers' generate on the same checkpoint, the same prompts, in one run.
 
-Prompts: chat prompts (the demo tokenizer's template) cycled to the batch size; greedy, exactly
+Prompts: distinct chat prompts (the demo tokenizer's template; they share only its system
+prompt, so prefix caching barely helps); greedy, exactly
 --max-tokens new tokens per prompt (EOS ignored on both sides), so both produce the same number
 of tokens. Throughput = generated tokens / wall time of the whole batch (prefill included).
 
@@ -37,7 +38,7 @@ def chat_prompts(tokenizer, batch: int) -> list[list[int]]:
     out = []
     for i in range(batch):
         text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
+            [{"role": "user", "content": f"{QUESTIONS[i % len(QUESTIONS)]} (question {i + 1})"}],
             add_generation_prompt=True,
             tokenize=False,
         )

@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import os
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -121,17 +122,22 @@ class Engine:
         dtype: torch.dtype | str = torch.bfloat16,
         device: torch.device | str = "cpu",
         context_len: int | None = None,
+        mem_fraction_static: float = 0.85,
         progress: bool = True,
         **runner_options: Any,
     ) -> Engine:
         """Loads a checkpoint and its tokenizer; runner_options go to ModelRunner (kv_tokens or
-        kv_bytes, page_size, max_running, max_step_tokens, enable_prefix_cache, policy)."""
+        kv_bytes, page_size, max_running, max_step_tokens, enable_prefix_cache, policy).
+
+        Without kv_tokens / kv_bytes the KV budget is, on a GPU, mem_fraction_static of its
+        memory minus what the weights already took (SGLang's --mem-fraction-static); on the CPU,
+        a quarter of the machine's memory, at most 4 GiB."""
         from transformers import AutoTokenizer
 
         model = load_model(checkpoint_dir, dtype=dtype, device=device, progress=progress)
         context = context_len or model.config.max_position_embeddings
         if "kv_tokens" not in runner_options and "kv_bytes" not in runner_options:
-            runner_options["kv_tokens"] = context
+            runner_options["kv_bytes"] = default_kv_bytes(model, mem_fraction_static)
         runner = ModelRunner(model, context_len=context, **runner_options)
         log.info(runner.memory.describe())
         tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)
@@ -434,6 +440,15 @@ class Engine:
             return [r for r in results if r is not None]
 
         return anyio.run(main)
+
+
+def default_kv_bytes(model: torch.nn.Module, mem_fraction_static: float) -> int:
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return max(0, int(total * mem_fraction_static) - (total - free))
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return min(4 << 30, physical // 4)
 
 
 async def _stream(receive: Any, engine: Engine, request_id: str) -> AsyncIterator[RequestOutput]:

@@ -23,9 +23,11 @@ from pyllama4.kv_cache import PagedKVCache
 class _Group:
     """Requests padded to [R, Q] queries and [R, K] keys."""
 
-    query_index: torch.Tensor  # [R, Q] flat token index (0 where padded)
-    query_valid: torch.Tensor  # [R, Q] bool
-    key_slots: torch.Tensor  # [R, K] pool slot of each key (0 where padded)
+    shape: tuple[int, int, int]  # (R, Q, K)
+    query_index: torch.Tensor  # [R * Q] flat token index of each padded query (0 where padded)
+    valid: torch.Tensor  # [V] positions in [R * Q] that are real queries
+    tokens: torch.Tensor  # [V] their flat token indices
+    key_slots: torch.Tensor  # [R * K] pool slot of each key (0 where padded)
     mask: torch.Tensor  # [R, 1, Q, K] bool: True where the query attends to the key
 
 
@@ -72,11 +74,14 @@ def _group(
         pages * page_size + torch.from_numpy(kpos % page_size).to(device),
         0,
     )
-    query_index = np.where(query_valid, qs[:-1, None] + qj[None, :], 0)
+    query_index = np.where(query_valid, qs[:-1, None] + qj[None, :], 0).reshape(-1)
+    valid = np.flatnonzero(query_valid)
     return _Group(
+        shape=(len(ctx), q_max, k_max),
         query_index=torch.from_numpy(query_index).to(device),
-        query_valid=torch.from_numpy(query_valid).to(device),
-        key_slots=key_slots,
+        valid=torch.from_numpy(valid).to(device),
+        tokens=torch.from_numpy(query_index[valid]).to(device),
+        key_slots=key_slots.reshape(-1),
         mask=torch.from_numpy(mask[:, None]).to(device),
     )
 
@@ -110,12 +115,15 @@ def paged_attention(
     k_cache.index_copy_(0, slots, k)
     v_cache.index_copy_(0, slots, v)
     out = torch.empty_like(q)
+    hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
     for g in meta.groups:
-        qg = q[g.query_index].transpose(1, 2)  # [R, Hq, Q, D]
-        kg = k_cache[g.key_slots].transpose(1, 2)  # [R, Hkv, K, D]
-        vg = v_cache[g.key_slots].transpose(1, 2)
+        r, nq, nk = g.shape
+        # index_select: several times faster than advanced indexing for row gathers on CPU.
+        qg = q.index_select(0, g.query_index).view(r, nq, hq, d).transpose(1, 2)
+        kg = k_cache.index_select(0, g.key_slots).view(r, nk, hkv, d).transpose(1, 2)
+        vg = v_cache.index_select(0, g.key_slots).view(r, nk, hkv, d).transpose(1, 2)
         og = F.scaled_dot_product_attention(
             qg, kg, vg, attn_mask=g.mask, scale=scale, enable_gqa=True
         ).transpose(1, 2)  # [R, Q, Hq, D]
-        out[g.query_index[g.query_valid]] = og[g.query_valid]
+        out.index_copy_(0, g.tokens, og.reshape(r * nq, hq, d).index_select(0, g.valid))
     return out
