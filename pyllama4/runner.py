@@ -153,10 +153,15 @@ class ModelRunner:
 
     def forward(self, plan: StepPlan) -> torch.Tensor:
         """Runs one plan; returns the logits [num_samples, vocab] of its sampling positions."""
+        return self.forward_with_hidden(plan)[0]
+
+    def forward_with_hidden(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """As forward, plus the final hidden states [num_tokens, hidden] of every token of the
+        plan (what speculative decoding drafts from)."""
         self.cache.apply_writes(plan)
         batch = StepBatch.from_plan(plan, self.device)
         hidden = self.model(batch, self.cache)
-        return self.model.logits(hidden[batch.sample_indices])
+        return self.model.logits(hidden[batch.sample_indices]), hidden
 
 
 def greedy_generate(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from transformers import Llama4ForCausalLM as HFLlama4
@@ -91,3 +92,14 @@ def test_load_model_casts_to_the_requested_dtype(saved, dtype):
     model = load_model(path, dtype=dtype, progress=False)
     assert {p.dtype for p in model.parameters()} == {dtype}
     assert model.inv_freq.dtype == torch.float32
+
+
+def test_runner_returns_hidden_states_of_every_token(saved):
+    _, path = saved
+    model = load_model(path, dtype=torch.float32, progress=False)
+    runner = ModelRunner(model, kv_tokens=512, context_len=64, page_size=4)
+    runner.scheduler.add_request(1, np.arange(5, 17, dtype=np.int32), max_new_tokens=2)
+    plan = runner.scheduler.schedule()
+    logits, hidden = runner.forward_with_hidden(plan)
+    assert hidden.shape == (12, model.config.hidden_size)
+    assert torch.allclose(logits, model.logits(hidden[-1:]))
