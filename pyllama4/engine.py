@@ -137,7 +137,7 @@ class Engine:
 
         Without kv_tokens / kv_bytes the KV budget is, on a GPU, mem_fraction_static of its
         memory minus what the weights already took (SGLang's --mem-fraction-static); on the CPU,
-        a quarter of the machine's memory, at most 4 GiB."""
+        a quarter of the machine's memory, at most 1 GiB."""
         from transformers import AutoTokenizer
 
         def build() -> ModelRunner:
@@ -462,7 +462,7 @@ def default_kv_bytes(model: torch.nn.Module, mem_fraction_static: float) -> int:
         free, total = torch.cuda.mem_get_info(device)
         return max(0, int(total * mem_fraction_static) - (total - free))
     physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return min(4 << 30, physical // 4)
+    return min(1 << 30, physical // 4)
 
 
 async def _stream(receive: Any, engine: Engine, request_id: str) -> AsyncIterator[RequestOutput]:

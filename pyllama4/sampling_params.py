@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 MAX_TOP_LOGPROBS = 20
+MAX_N = 128  # completions per request: more is a denial of service, not a use case
 
 
 @dataclass
@@ -45,8 +46,8 @@ class SamplingParams:
         def bad(name: str, why: str) -> ValueError:
             return ValueError(f"{name}: {why}")
 
-        if self.n < 1:
-            raise bad("n", "must be >= 1")
+        if not 1 <= self.n <= MAX_N:
+            raise bad("n", f"must be in [1, {MAX_N}]")
         if not 0.0 <= self.temperature <= 2.0:
             raise bad("temperature", "must be in [0, 2]")
         if not 0.0 < self.top_p <= 1.0:

@@ -1,0 +1,702 @@
+"""The command line: `pyllama4-serve`, `pyllama4 serve` and `python -m pyllama4.launch_server`.
+
+Every flag of the SGLang command lines our users type for Llama 4 is accepted with SGLang's
+spelling and meaning. A flag whose feature is not built yet, or cannot work on this machine, stops
+the server at start with one line that names the flag and says why (`check_supported`); a flag
+that is accepted but has no effect here is logged as such. Nothing is silently ignored.
+
+Start-up order, so that a bad command line fails in well under a second with a single line on
+stderr: parse (one-line argparse errors), check_supported (before any logging, torch import or
+loading), then the port is bound (a busy port fails before minutes of loading), then the model is
+loaded and the app served with hypercorn until SIGTERM or SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+log = logging.getLogger("pyllama4.serve")
+
+PROG = "pyllama4-serve"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 30000  # SGLang's default
+# In-flight requests get this long to finish after SIGTERM / SIGINT; then they are aborted.
+SHUTDOWN_TIMEOUT_S = 30.0
+DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32", "half", "float")
+DTYPE_ALIASES = {"half": "float16", "float": "float32"}  # SGLang's (and vLLM's) spellings
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+# The order check_supported uses when a namespace does not say in which order the flags were
+# typed (it was not made by parse_args): the order of the seed's command lines.
+CHECK_ORDER = (
+    "model_path",
+    "tp",
+    "quantization",
+    "tool_call_parser",
+    "speculative_algorithm",
+    "speculative_draft_model_path",
+    "speculative_num_steps",
+    "speculative_eagle_topk",
+    "speculative_num_draft_tokens",
+    "enable_multimodal",
+    "device",
+    "chat_template",
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing
+# --------------------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one line, without the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _int_in(low: int, high: int | None = None) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low or (high is not None and value > high):
+            expected = f"{low}..{high}" if high is not None else f"an integer >= {low}"
+            raise argparse.ArgumentTypeError(f"{value} is out of range (expected {expected})")
+        return value
+
+    return parse
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and 0.0 < value <= 1.0):
+        raise argparse.ArgumentTypeError(f"{text} is out of range (expected 0 < value <= 1)")
+    return value
+
+
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    p = _Parser(
+        prog=prog,
+        description="Serve a Llama 4 checkpoint over the OpenAI API (and SGLang's native API). "
+        "Flags follow SGLang's launch_server; with no --model-path the built-in demo model is "
+        "served on the CPU.",
+        allow_abbrev=False,  # a flag is spelled out, as in SGLang's documented command lines
+    )
+    model = p.add_argument_group("model")
+    model.add_argument(
+        "--model-path",
+        metavar="DIR",
+        help="a local Hugging Face Llama 4 checkpoint directory (default: the built-in demo "
+        "model, SmolLM2-135M-Instruct as a Llama 4 text checkpoint, on the CPU in float32)",
+    )
+    model.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default="auto",
+        help="weights and KV cache dtype; auto = bfloat16 on a GPU, float32 on the CPU "
+        "(half = float16, float = float32)",
+    )
+    model.add_argument(
+        "--quantization",
+        metavar="METHOD",
+        help="quantized checkpoints (fp8, ...): not supported yet, stops at start",
+    )
+    model.add_argument(
+        "--context-length",
+        type=_int_in(1),
+        metavar="N",
+        help="the longest prompt + completion in tokens (default: the model's "
+        "max_position_embeddings)",
+    )
+    model.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="accepted for SGLang compatibility; pyllama4 never runs code from a checkpoint",
+    )
+    model.add_argument(
+        "--chat-template",
+        metavar="FILE",
+        help="a Jinja chat template file that replaces the checkpoint's",
+    )
+    model.add_argument(
+        "--enable-multimodal",
+        action="store_true",
+        help="image input: not built yet, stops at start",
+    )
+
+    hw = p.add_argument_group("device and memory")
+    hw.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        help="cuda (also AMD GPUs under ROCm) or cpu (default: cuda when a GPU is visible, "
+        "else cpu; the demo model defaults to cpu)",
+    )
+    hw.add_argument(
+        "--tp",
+        "--tp-size",
+        dest="tp",
+        type=_int_in(1),
+        default=1,
+        metavar="N",
+        help="tensor parallel size; only 1 is built yet",
+    )
+    hw.add_argument(
+        "--mem-fraction-static",
+        type=_fraction,
+        metavar="F",
+        help="fraction of GPU memory for weights + KV cache (default 0.85); no effect on the CPU",
+    )
+    hw.add_argument(
+        "--cuda-graph-max-bs",
+        type=_int_in(1),
+        metavar="N",
+        help="largest batch captured in a CUDA graph; graphs are not built yet, so this is "
+        "accepted and logged as having no effect",
+    )
+    hw.add_argument(
+        "--max-total-tokens",
+        type=_int_in(1),
+        metavar="N",
+        help="the KV cache's size in tokens (default: from --mem-fraction-static on a GPU; on "
+        "the CPU a quarter of RAM, at most 4 GiB)",
+    )
+    hw.add_argument(
+        "--page-size", type=_int_in(1), metavar="N", help="tokens per KV page (default 16)"
+    )
+
+    sched = p.add_argument_group("scheduling")
+    sched.add_argument(
+        "--chunked-prefill-size",
+        type=_int_in(1),
+        metavar="N",
+        help="the most tokens one step computes; longer prompts are prefilled in chunks "
+        "(default 8192)",
+    )
+    sched.add_argument(
+        "--max-running-requests",
+        type=_int_in(1),
+        metavar="N",
+        help="the most requests in a batch (default 256)",
+    )
+    sched.add_argument(
+        "--max-queued-requests",
+        type=_int_in(1),
+        metavar="N",
+        help="the most requests waiting for a batch slot; more are answered 503 with "
+        "Retry-After (default: no bound)",
+    )
+    sched.add_argument(
+        "--schedule-policy",
+        choices=("fcfs", "lpm"),
+        help="fcfs: first come first served (default); lpm: longest cached prefix first",
+    )
+    sched.add_argument(
+        "--disable-radix-cache",
+        action="store_true",
+        help="do not reuse the KV cache of shared prompt prefixes",
+    )
+
+    spec = p.add_argument_group("not built yet (each stops the server at start)")
+    spec.add_argument("--tool-call-parser", metavar="NAME", help="tool calling (e.g. pythonic)")
+    spec.add_argument("--speculative-algorithm", metavar="NAME", help="e.g. EAGLE3")
+    spec.add_argument("--speculative-draft-model-path", metavar="PATH")
+    spec.add_argument("--speculative-num-steps", type=int, metavar="N")
+    spec.add_argument("--speculative-eagle-topk", type=int, metavar="N")
+    spec.add_argument("--speculative-num-draft-tokens", type=int, metavar="N")
+
+    http = p.add_argument_group("HTTP")
+    http.add_argument("--host", default=DEFAULT_HOST, help=f"default {DEFAULT_HOST}")
+    http.add_argument(
+        "--port",
+        type=_int_in(0, 65535),
+        default=DEFAULT_PORT,
+        help=f"default {DEFAULT_PORT}; 0 picks a free port (logged)",
+    )
+    http.add_argument(
+        "--served-model-name",
+        metavar="NAME",
+        help="the model name in the API (default: --model-path as given)",
+    )
+    http.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help="require `Authorization: Bearer KEY` on every endpoint except /health",
+    )
+    http.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, default="info")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None, *, prog: str = PROG) -> argparse.Namespace:
+    """The server's options. `args.given` lists the dests of the flags typed, in typed order."""
+    parser = build_parser(prog)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    args.dtype = DTYPE_ALIASES.get(args.dtype, args.dtype)
+    args.prog = prog
+    dests = {s: a.dest for a in parser._actions for s in a.option_strings}
+    given: list[str] = []
+    for token in argv:
+        dest = dests.get(token.split("=", 1)[0]) if token.startswith("--") else None
+        if dest is not None and dest not in given:
+            given.append(dest)
+    args.given = given
+    return args
+
+
+# --------------------------------------------------------------------------------------------
+# What is supported
+# --------------------------------------------------------------------------------------------
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def resolve_device(args: argparse.Namespace) -> str:
+    """--device, else cpu for the demo model, else cuda when torch sees a GPU, else cpu."""
+    if args.device is not None:
+        return args.device
+    if args.model_path is None:
+        return "cpu"
+    return "cuda" if _cuda_available() else "cpu"
+
+
+def resolve_dtype(args: argparse.Namespace, device: str) -> str:
+    dtype = DTYPE_ALIASES.get(args.dtype, args.dtype)
+    if dtype == "auto":
+        return "bfloat16" if device == "cuda" else "float32"
+    return dtype
+
+
+def _check_model_path(value: str) -> str | None:
+    path = Path(value).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            return "no config.json in it: not a Hugging Face checkpoint directory"
+        return None
+    if path.exists():
+        return "not a directory: give the checkpoint's directory"
+    if not value.startswith(("/", ".", "~")) and value.count("/") == 1:
+        return (
+            "no such directory; downloading from the Hugging Face Hub is not built yet: "
+            f"fetch it first (hf download {value} --local-dir DIR) and give DIR"
+        )
+    return "no such directory"
+
+
+def _check_chat_template(value: str) -> str | None:
+    try:
+        Path(value).expanduser().read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        return f"cannot read it ({getattr(e, 'strerror', None) or e})"
+    return None
+
+
+_SPECULATIVE = "speculative decoding (EAGLE3) is not built yet"
+
+# dest -> check(value) -> why the server cannot start with it, or None.
+_CHECKS: dict[str, Callable[[Any], str | None]] = {
+    "model_path": lambda v: _check_model_path(v) if v is not None else None,
+    "tp": lambda v: (
+        "tensor parallelism is not built yet; pyllama4 serves on one device (--tp 1)"
+        if v > 1
+        else None
+    ),
+    "quantization": lambda v: (
+        None
+        if v is None
+        else "FP8 checkpoints are not supported yet; serve the bfloat16 checkpoint"
+        if v.lower().startswith("fp8")
+        else "quantized checkpoints are not supported yet; serve the bfloat16 checkpoint"
+    ),
+    "tool_call_parser": lambda v: None if v is None else "tool calling is not built yet",
+    "speculative_algorithm": lambda v: None if v is None else _SPECULATIVE,
+    "speculative_draft_model_path": lambda v: None if v is None else _SPECULATIVE,
+    "speculative_num_steps": lambda v: None if v is None else _SPECULATIVE,
+    "speculative_eagle_topk": lambda v: None if v is None else _SPECULATIVE,
+    "speculative_num_draft_tokens": lambda v: None if v is None else _SPECULATIVE,
+    "enable_multimodal": lambda v: (
+        "image input is not built yet; pyllama4 serves text only" if v else None
+    ),
+    "device": lambda v: (
+        "no GPU is visible to torch (torch.cuda.is_available() is False)"
+        if v == "cuda" and not _cuda_available()
+        else None
+    ),
+    "chat_template": lambda v: _check_chat_template(v) if v is not None else None,
+}
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def first_problem(args: argparse.Namespace) -> str | None:
+    """'--flag value: why' for the first flag (in typed order) the server cannot start with."""
+    order = getattr(args, "given", None)
+    if order is None:
+        order = CHECK_ORDER
+    for dest in order:
+        check = _CHECKS.get(dest)
+        value = getattr(args, dest, None)
+        why = check(value) if check is not None else None
+        if why is not None:
+            shown = "" if isinstance(value, bool) else f" {value}"
+            return f"{_flag(dest)}{shown}: {why}"
+    return None
+
+
+def notes(args: argparse.Namespace) -> list[tuple[int, str]]:
+    """(log level, line) for each accepted flag that has no effect here."""
+    out: list[tuple[int, str]] = []
+    device = resolve_device(args)
+    if args.trust_remote_code:
+        out.append(
+            (
+                logging.INFO,
+                "--trust-remote-code: accepted; no code from the checkpoint is ever run "
+                "(pyllama4 implements Llama 4 itself)",
+            )
+        )
+    if args.cuda_graph_max_bs is not None:
+        if device == "cpu":
+            # A tuning knob: CUDA graphs only exist on a GPU, on the CPU it means nothing.
+            out.append(
+                (
+                    logging.INFO,
+                    f"--cuda-graph-max-bs {args.cuda_graph_max_bs}: no effect on the CPU "
+                    "(CUDA graphs are a GPU feature)",
+                )
+            )
+        else:
+            # Accepted: graphs only make small-batch decode faster, they never change outputs;
+            # refusing to start over a speed knob would block a deployment that works.
+            out.append(
+                (
+                    logging.WARNING,
+                    f"--cuda-graph-max-bs {args.cuda_graph_max_bs}: CUDA graphs are not built "
+                    "yet; every step runs eagerly (same outputs, slower small-batch decode)",
+                )
+            )
+    if args.mem_fraction_static is not None and device == "cpu":
+        out.append(
+            (
+                logging.INFO,
+                f"--mem-fraction-static {args.mem_fraction_static}: no effect on the CPU "
+                "(the KV cache there gets a quarter of RAM, at most 4 GiB)",
+            )
+        )
+    return out
+
+
+def check_supported(args: argparse.Namespace) -> None:
+    """Stops (SystemExit with one line naming the flag) when a flag cannot be honoured; then
+    logs a line for each accepted flag that has no effect here."""
+    problem = first_problem(args)
+    if problem is not None:
+        raise SystemExit(f"{getattr(args, 'prog', PROG)}: {problem}")
+    for level, line in notes(args):
+        log.log(level, line)
+
+
+# --------------------------------------------------------------------------------------------
+# Serving
+# --------------------------------------------------------------------------------------------
+
+
+class _Stopped(Exception):
+    """SIGTERM or SIGINT arrived before the server was serving."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stopped(signum: int, frame: Any) -> None:
+    raise _Stopped(signum)
+
+
+def _exit_now(code: int) -> NoReturn:
+    """Exit without waiting for the model thread (it may be in the middle of loading)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%Y-%m-%d %H:%M:%S",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+def _fail(args: argparse.Namespace, message: str) -> NoReturn:
+    raise SystemExit(f"{args.prog}: {message}")
+
+
+def _bind(args: argparse.Namespace) -> socket.socket:
+    """The listening socket, bound now (not listening until hypercorn serves on it), so that a
+    busy port or a bad host fails before the model is loaded."""
+    try:
+        infos = socket.getaddrinfo(
+            args.host, args.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        family, kind, proto, _, address = infos[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind(address)
+        except BaseException:
+            sock.close()
+            raise
+    except OSError as e:
+        _fail(args, f"--host {args.host} --port {args.port}: cannot listen there ({e})")
+    return sock
+
+
+def _url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def main(argv: Sequence[str] | None = None, *, prog: str = PROG) -> None:
+    args = parse_args(argv, prog=prog)
+    _configure_logging(args.log_level)
+    check_supported(args)
+    signal.signal(signal.SIGTERM, _raise_stopped)
+    signal.signal(signal.SIGINT, _raise_stopped)
+    try:
+        _start_and_serve(args)
+    except _Stopped as stop:
+        name = signal.Signals(stop.signum).name
+        log.info("%s before the server was up: stopped", name)
+        _exit_now(0 if stop.signum == signal.SIGTERM else 128 + stop.signum)
+
+
+def _start_and_serve(args: argparse.Namespace) -> None:
+    import anyio
+    import torch
+
+    from pyllama4.config import ConfigError, TextConfig
+    from pyllama4.engine import Engine
+    from server.app import create_app  # before minutes of loading: a broken install fails now
+
+    device = resolve_device(args)
+    dtype = resolve_dtype(args, device)
+    chat_template = None
+    if args.chat_template is not None:
+        chat_template = Path(args.chat_template).expanduser().read_text(encoding="utf-8")
+
+    if args.model_path is None:
+        from pyllama4.demo import CHECKPOINT_SUBDIR, demo_checkpoint
+
+        log.info("no --model-path: serving the built-in demo model (SmolLM2-135M-Instruct)")
+        path = demo_checkpoint()
+        served_model_name = args.served_model_name or CHECKPOINT_SUBDIR
+    else:
+        path = Path(args.model_path).expanduser()
+        served_model_name = args.served_model_name or args.model_path
+    try:
+        config = TextConfig.from_checkpoint(path)
+    except ConfigError as e:
+        _fail(args, f"--model-path {path}: {e}")
+    context = args.context_length or config.max_position_embeddings
+    if context > config.max_position_embeddings:
+        _fail(
+            args,
+            f"--context-length {context}: longer than the model's max_position_embeddings "
+            f"({config.max_position_embeddings})",
+        )
+    sock = _bind(args)
+
+    options: dict[str, Any] = {}
+    if args.mem_fraction_static is not None:
+        options["mem_fraction_static"] = args.mem_fraction_static
+    if args.max_total_tokens is not None:
+        options["kv_tokens"] = args.max_total_tokens
+    if args.page_size is not None:
+        options["page_size"] = args.page_size
+    if args.max_running_requests is not None:
+        options["max_running"] = args.max_running_requests
+    if args.chunked_prefill_size is not None:
+        options["max_step_tokens"] = args.chunked_prefill_size
+    if args.disable_radix_cache:
+        options["enable_prefix_cache"] = False
+    if args.schedule_policy is not None:
+        options["policy"] = args.schedule_policy
+
+    log.info(
+        "loading %s as %r: dtype %s on %s, context %d tokens",
+        path,
+        served_model_name,
+        dtype,
+        device,
+        context,
+    )
+    start = time.monotonic()
+    try:
+        engine = Engine.from_checkpoint(
+            path, dtype=dtype, device=device, context_len=context, **options
+        )
+    except torch.OutOfMemoryError as e:
+        log.debug("loading failed", exc_info=True)
+        _fail(args, f"out of memory loading {path} on {device}: {str(e).splitlines()[0]}")
+    except (ValueError, OSError) as e:  # ConfigError, a KV budget too small, missing files
+        log.debug("loading failed", exc_info=True)
+        _fail(args, f"cannot load {path}: {e}")
+    model = engine.runner.model
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    memory = engine.runner.memory
+    log.info(
+        "loaded in %.1f s; memory plan: weights %.2f GiB (%d bytes); %s; max total tokens %d; "
+        "max context %d tokens",
+        time.monotonic() - start,
+        weight_bytes / 2**30,
+        weight_bytes,
+        memory.describe(),
+        memory.max_tokens,
+        context,
+    )
+    if memory.max_tokens < context:
+        log.warning(
+            "the KV cache holds %d tokens, fewer than the context length %d: a single request "
+            "cannot grow past %d tokens",
+            memory.max_tokens,
+            context,
+            memory.max_tokens,
+        )
+
+    app = create_app(
+        engine,
+        served_model_name=served_model_name,
+        api_key=args.api_key,
+        max_queued_requests=args.max_queued_requests,
+        chat_template=chat_template,
+        context_length=context,
+    )
+    anyio.run(_serve, app, sock, SHUTDOWN_TIMEOUT_S, backend="asyncio")
+    log.info("stopped")
+
+
+async def _serve(app: Any, sock: socket.socket, shutdown_timeout: float) -> None:
+    """Serve until SIGTERM or SIGINT; then stop accepting, give in-flight requests up to
+    shutdown_timeout to finish (app.shutdown aborts the rest) and return. A second signal
+    during the drain exits at once (status 1)."""
+    import anyio
+    from hypercorn.asyncio import serve
+    from hypercorn.config import Config
+
+    url = _url(sock)
+    config = Config()
+    config.bind = [f"fd://{sock.detach()}"]  # hypercorn takes the socket over
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.accesslog = (
+        logging.getLogger("hypercorn.access") if log.isEnabledFor(logging.DEBUG) else None
+    )
+    # hypercorn's own wait for open connections: a backstop behind app.shutdown's timeout.
+    config.graceful_timeout = shutdown_timeout + 5.0
+
+    stop = anyio.Event()
+
+    # Only the watcher is ever cancelled (cancelling the task that awaits hypercorn's serve
+    # makes the cancellation escape its scope: hypercorn mixes in asyncio.TaskGroup).
+    watching = anyio.CancelScope()
+
+    async def watch_signals(*, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+        with watching, anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            task_status.started()
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if stop.is_set():
+                    log.warning("%s again: stopping now, without waiting for requests", name)
+                    _exit_now(1)
+                log.info(
+                    "%s: shutting down; no new connections, in-flight requests get up to "
+                    "%.0f s (send it again to stop at once)",
+                    name,
+                    shutdown_timeout,
+                )
+                stop.set()
+
+    drain_scope = anyio.CancelScope()
+
+    async def drain() -> None:
+        with drain_scope:
+            await stop.wait()
+        if not stop.is_set():
+            return
+        with anyio.move_on_after(shutdown_timeout + 10.0) as scope:
+            await app.shutdown(shutdown_timeout)
+        if scope.cancelled_caught:
+            log.warning("the app did not shut down within %.0f s", shutdown_timeout + 10.0)
+
+    async def shutdown_trigger() -> None:
+        # hypercorn awaits this once the app has started and the socket is accepting.
+        log.info("serving on %s", url)
+        await stop.wait()
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(watch_signals)
+        tg.start_soon(drain)
+        await serve(app, config, shutdown_trigger=shutdown_trigger)
+        # The task group still waits for drain() when a signal started it.
+        if not stop.is_set():
+            drain_scope.cancel()
+        watching.cancel()
+
+
+# --------------------------------------------------------------------------------------------
+# Entry points
+# --------------------------------------------------------------------------------------------
+
+
+def serve_main() -> None:
+    """`pyllama4-serve ...`"""
+    main(prog=PROG)
+
+
+def pyllama4_main(argv: Sequence[str] | None = None) -> None:
+    """`pyllama4 COMMAND ...`; the one command so far is `serve`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "serve":
+        main(argv[1:], prog="pyllama4 serve")
+        return
+    from pyllama4 import __version__
+
+    parser = _Parser(prog="pyllama4", description="pyllama4: a Llama 4 serving engine.")
+    parser.add_argument("--version", action="version", version=f"pyllama4 {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    commands.add_parser(
+        "serve",
+        help="serve a model over the OpenAI API (pyllama4 serve --help lists its flags)",
+        add_help=False,
+    )
+    parser.parse_args(argv)  # "serve" was handled above: only help, --version and errors remain
+
+
+if __name__ == "__main__":
+    serve_main()

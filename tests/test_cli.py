@@ -1,0 +1,481 @@
+"""The command line: every command line of the seed (SGLang's Llama 4 page) either serves or stops
+at start with one line naming the flag; ranges give one-line errors; a real start and a SIGTERM.
+
+SEED_COMMANDS is the seed's own command generator ported to Python (../shared/seed/, the SGLang
+docs page for Llama 4: `Llama4ScoutDeployment` and `Llama4MaverickDeployment`'s generateCommand,
+plus the page's fixed `sglang serve` commands), with every combination of its options enumerated
+and duplicates dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from server import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SCOUT = "meta-llama/Llama-4-Scout-17B-16E-Instruct"
+MAVERICK = "meta-llama/Llama-4-Maverick-17B-128E-Instruct"
+SCOUT_EAGLE3 = "lmsys/sglang-EAGLE3-Llama-4-Scout-17B-16E-Instruct-v1"
+
+SCOUT_HARDWARE = ("b200", "h100", "h200", "mi300x", "mi325x", "mi355x")
+MAVERICK_HARDWARE = ("mi300x", "mi325x", "mi355x")
+
+
+def generate_command(
+    hardware: str,
+    quantization: str | None,
+    toolcall: str | None,
+    speculative: str | None,
+    host: str = "0.0.0.0",
+    port: str = "8000",
+) -> tuple[str, ...]:
+    """generateCommand of the seed page, flag for flag (both generators share it; note that the
+    page's Maverick generator also writes the Scout model path, and has no quantization, tool
+    call or speculative options, so those are undefined there)."""
+    cmd = ["--model-path", SCOUT]
+    if hardware in ("h100", "h200", "b200", "mi300x", "mi325x", "mi355x"):
+        cmd += ["--tp", "8"]
+    if quantization == "fp8":
+        cmd += ["--quantization", "fp8"]
+    if toolcall == "enabled":
+        cmd += ["--tool-call-parser", "pythonic"]
+    if speculative == "enabled":
+        cmd += [
+            "--speculative-algorithm",
+            "EAGLE3",
+            "--speculative-draft-model-path",
+            SCOUT_EAGLE3,
+            "--speculative-num-steps",
+            "3",
+            "--speculative-eagle-topk",
+            "1",
+            "--speculative-num-draft-tokens",
+            "4",
+            "--mem-fraction-static",
+            "0.75",
+            "--cuda-graph-max-bs",
+            "2",
+        ]
+    cmd += ["--enable-multimodal", "--context-length", "65536", "--dtype", "bfloat16"]
+    cmd += ["--trust-remote-code", "--host", host or "0.0.0.0", "--port", port or "8000"]
+    return tuple(cmd)
+
+
+def _seed_commands() -> list[tuple[str, ...]]:
+    commands: list[tuple[str, ...]] = []
+    scout = itertools.product(
+        SCOUT_HARDWARE, ("bf16", "fp8"), ("disabled", "enabled"), ("disabled", "enabled")
+    )
+    maverick = ((hw, None, None, None) for hw in MAVERICK_HARDWARE)
+    for options in itertools.chain(scout, maverick):
+        command = generate_command(*options)
+        if command not in commands:
+            commands.append(command)
+    # The page's fixed MI300x deployment commands (`sglang serve`, i.e. `pyllama4 serve`).
+    for model in (SCOUT, MAVERICK):
+        commands.append(
+            ("--model-path", model, "--tp", "8", "--context-length", "1000000")
+            + ("--trust-remote-code",)
+        )
+    return commands
+
+
+SEED_COMMANDS = _seed_commands()
+# The flags no seed command can start with, in the order the seed writes them.
+UNSUPPORTED = (
+    "--tp",
+    "--quantization",
+    "--tool-call-parser",
+    "--speculative-algorithm",
+    "--speculative-draft-model-path",
+    "--speculative-num-steps",
+    "--speculative-eagle-topk",
+    "--speculative-num-draft-tokens",
+    "--enable-multimodal",
+)
+VALUED = {"--trust-remote-code": False, "--enable-multimodal": False}
+
+
+def _command_id(command: tuple[str, ...]) -> str:
+    tags = {
+        "--tp": "tp8",
+        "--quantization": "fp8",
+        "--tool-call-parser": "tools",
+        "--speculative-algorithm": "eagle3",
+        "--enable-multimodal": "multimodal",
+    }
+    parts = ["maverick" if MAVERICK in command else "scout"]
+    parts += [tag for flag, tag in tags.items() if flag in command]
+    parts.append("ctx" + command[command.index("--context-length") + 1])
+    return "-".join(parts)
+
+
+def test_the_seed_page_generates_ten_distinct_command_lines():
+    # 6 Scout hardware choices all give --tp 8; 2 x 2 x 2 options: 8 lines; the Maverick
+    # generator's only line repeats Scout's default; plus the two `sglang serve` lines.
+    assert len(SEED_COMMANDS) == 10
+    assert len(set(SEED_COMMANDS)) == 10
+
+
+# --------------------------------------------------------------------------------------------
+# A tiny Llama 4 checkpoint (random weights, a 262-token byte-level tokenizer)
+# --------------------------------------------------------------------------------------------
+
+
+def make_tiny_checkpoint(path: Path) -> Path:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import Llama4ForCausalLM, Llama4TextConfig, PreTrainedTokenizerFast
+
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|header_start|>", "<|header_end|>"]
+    specials += ["<|eot|>"]
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    raw = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    raw.decoder = decoders.ByteLevel()
+    raw.add_special_tokens(specials)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=raw, bos_token="<|begin_of_text|>", eos_token="<|eot|>"
+    )
+    tokenizer.chat_template = (
+        "{{ bos_token }}{% for m in messages %}<|header_start|>{{ m['role'] }}<|header_end|>"
+        "{{ m['content'] }}<|eot|>{% endfor %}"
+        "{% if add_generation_prompt %}<|header_start|>assistant<|header_end|>{% endif %}"
+    )
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in specials}
+
+    torch.manual_seed(0)
+    config = Llama4TextConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=32,
+        intermediate_size_mlp=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_local_experts=4,
+        interleave_moe_layer_step=2,
+        attention_chunk_size=64,
+        max_position_embeddings=4096,
+        bos_token_id=ids["<|begin_of_text|>"],
+        eos_token_id=ids["<|eot|>"],
+        pad_token_id=ids["<|end_of_text|>"],
+    )
+    Llama4ForCausalLM(config).eval().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> str:
+    return str(make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-llama4")))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def for_test(command: tuple[str, ...], tiny: str, port: int) -> list[str]:
+    """The seed's command with the model path replaced and host/port set for the test."""
+    out = list(command)
+    out[out.index("--model-path") + 1] = tiny
+    for flag, value in (("--host", "127.0.0.1"), ("--port", str(port))):
+        if flag in out:
+            out[out.index(flag) + 1] = value
+        else:
+            out += [flag, value]
+    return out
+
+
+def launch(args: list[str], **kw) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.Popen(
+        [sys.executable, "-m", "pyllama4.launch_server", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
+
+
+def run_to_exit(args: list[str], timeout: float = 60) -> tuple[int, list[str]]:
+    proc = launch(args)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return proc.returncode, err.splitlines()
+
+
+def drop(command: list[str], flag: str) -> list[str]:
+    """The command without `flag` (and its value)."""
+    i = command.index(flag)
+    valued = VALUED.get(flag, True)
+    return command[:i] + command[i + 1 + valued :]
+
+
+# --------------------------------------------------------------------------------------------
+# The seed's command lines
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", SEED_COMMANDS, ids=_command_id)
+def test_every_seed_command_parses(command, tiny):
+    args = cli.parse_args(for_test(command, tiny, 8000))
+    assert args.tp == 8
+    assert args.model_path == tiny
+    assert args.trust_remote_code
+    assert args.given[:2] == ["model_path", "tp"]
+
+
+@pytest.mark.parametrize("command", SEED_COMMANDS, ids=_command_id)
+def test_every_seed_command_stops_at_start_with_one_line(command, tiny):
+    port = free_port()
+    start = time.monotonic()
+    rc, err = run_to_exit(for_test(command, tiny, port))
+    assert rc != 0
+    assert len(err) == 1, err
+    assert err[0].startswith("pyllama4-serve: --tp 8: tensor parallelism is not built yet")
+    assert time.monotonic() - start < 30  # fails before any loading
+
+
+@pytest.mark.parametrize("command", SEED_COMMANDS, ids=_command_id)
+def test_each_unsupported_flag_of_a_seed_command_is_named_in_turn(command, tiny, caplog):
+    """Drop the flag the server names, and it names the next one, until the rest starts."""
+    remaining = for_test(command, tiny, 8000)
+    expected = [f for f in UNSUPPORTED if f in remaining]
+    named = []
+    while True:
+        args = cli.parse_args(remaining)
+        try:
+            with caplog.at_level(logging.INFO, logger="pyllama4.serve"):
+                cli.check_supported(args)
+        except SystemExit as stop:
+            line = str(stop.code)
+            assert "\n" not in line and line.startswith("pyllama4-serve: --")
+            flag = line.split()[1].rstrip(":")
+            named.append(flag)
+            remaining = drop(remaining, flag)
+            continue
+        break
+    assert named == expected
+    # What remains starts; its accepted-but-no-effect flags are each logged, never silent.
+    logged = caplog.text
+    assert "--trust-remote-code: accepted" in logged
+    if "--cuda-graph-max-bs" in remaining:
+        assert "--cuda-graph-max-bs 2:" in logged
+    if "--mem-fraction-static" in remaining and cli.resolve_device(args) == "cpu":
+        assert "--mem-fraction-static 0.75: no effect on the CPU" in logged
+
+
+def test_unsupported_flags_are_named_in_the_order_typed(tiny):
+    line = f"--model-path {tiny} --enable-multimodal --quantization fp8 --tp 2".split()
+    with pytest.raises(SystemExit, match=r"^pyllama4-serve: --enable-multimodal: image input"):
+        cli.check_supported(cli.parse_args(line))
+    args = cli.parse_args(line)
+    del args.given  # a namespace not made by parse_args: the seed's order
+    with pytest.raises(SystemExit, match=r"^pyllama4-serve: --tp 2: tensor parallelism"):
+        cli.check_supported(args)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--quantization", "fp8"], "--quantization fp8: FP8 checkpoints are not supported"),
+        (["--quantization", "awq"], "--quantization awq: quantized checkpoints are not"),
+        (["--speculative-num-steps", "3"], "--speculative-num-steps 3: speculative decoding"),
+        (["--tool-call-parser", "llama4"], "--tool-call-parser llama4: tool calling is not"),
+        (["--chat-template", "/nonexistent.jinja"], "--chat-template /nonexistent.jinja: cannot"),
+    ],
+)
+def test_each_unsupported_flag_alone_stops_with_its_reason(flags, message, tiny):
+    with pytest.raises(SystemExit) as stop:
+        cli.check_supported(cli.parse_args(["--model-path", tiny, *flags]))
+    assert str(stop.value.code).startswith(f"pyllama4-serve: {message}")
+    assert "\n" not in str(stop.value.code)
+
+
+def test_model_path_must_be_a_local_checkpoint(tmp_path):
+    for path, why in [
+        (SCOUT, "downloading from the Hugging Face Hub is not built yet"),
+        (str(tmp_path / "missing"), "no such directory"),
+        (str(tmp_path), "no config.json in it"),
+    ]:
+        with pytest.raises(SystemExit) as stop:
+            cli.check_supported(cli.parse_args(["--model-path", path]))
+        assert str(stop.value.code).startswith(f"pyllama4-serve: --model-path {path}: ")
+        assert why in str(stop.value.code)
+
+
+@pytest.mark.skipif(cli._cuda_available(), reason="a GPU is visible")
+def test_device_cuda_without_a_gpu_stops(tiny):
+    with pytest.raises(SystemExit, match=r"^pyllama4-serve: --device cuda: no GPU is visible"):
+        cli.check_supported(cli.parse_args(["--model-path", tiny, "--device", "cuda"]))
+
+
+def test_a_command_with_only_supported_flags_passes(tiny, tmp_path, caplog):
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    args = cli.parse_args(
+        ["--model-path", tiny, "--tp", "1", "--dtype", "auto", "--device", "cpu"]
+        + ["--context-length", "256", "--mem-fraction-static", "0.8", "--cuda-graph-max-bs", "8"]
+        + ["--chunked-prefill-size", "64", "--max-running-requests", "4", "--page-size", "8"]
+        + ["--max-total-tokens", "4096"]
+        + ["--schedule-policy", "lpm", "--disable-radix-cache", "--max-queued-requests", "16"]
+        + ["--served-model-name", "tiny", "--api-key", "k", "--log-level", "DEBUG"]
+        + ["--chat-template", str(template), "--trust-remote-code", "--host", "::1", "--port", "0"]
+    )
+    with caplog.at_level(logging.INFO, logger="pyllama4.serve"):
+        cli.check_supported(args)
+    assert cli.resolve_dtype(args, cli.resolve_device(args)) == "float32"
+    assert (args.chunked_prefill_size, args.max_running_requests, args.page_size) == (64, 4, 8)
+    assert args.schedule_policy == "lpm" and args.disable_radix_cache and args.log_level == "debug"
+    notes = [r.getMessage() for r in caplog.records]
+    assert any(n.startswith("--cuda-graph-max-bs 8: no effect on the CPU") for n in notes)
+    assert any(n.startswith("--mem-fraction-static 0.8: no effect on the CPU") for n in notes)
+    assert any(n.startswith("--trust-remote-code: accepted") for n in notes)
+
+
+def test_defaults_follow_sglang_and_the_demo_runs_on_the_cpu_in_float32():
+    args = cli.parse_args([])
+    assert (args.host, args.port, args.tp, args.model_path) == ("127.0.0.1", 30000, 1, None)
+    assert cli.resolve_device(args) == "cpu"
+    assert cli.resolve_dtype(args, "cpu") == "float32"
+    assert cli.resolve_dtype(args, "cuda") == "bfloat16"
+    assert cli.parse_args(["--dtype", "half"]).dtype == "float16"
+    cli.check_supported(args)
+
+
+# --------------------------------------------------------------------------------------------
+# Out-of-range values and unknown flags: one line each
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--port", "70000"],
+        ["--port", "-1"],
+        ["--port", "http"],
+        ["--mem-fraction-static", "0"],
+        ["--mem-fraction-static", "1.5"],
+        ["--mem-fraction-static", "nan"],
+        ["--context-length", "0"],
+        ["--page-size", "0"],
+        ["--max-total-tokens", "0"],
+        ["--chunked-prefill-size", "0"],
+        ["--chunked-prefill-size", "-1"],
+        ["--max-running-requests", "0"],
+        ["--max-queued-requests", "0"],
+        ["--tp", "0"],
+        ["--cuda-graph-max-bs", "0"],
+        ["--dtype", "int8"],
+        ["--schedule-policy", "random"],
+        ["--device", "tpu"],
+        ["--log-level", "loud"],
+        ["--no-such-flag"],
+        ["--model"],  # no abbreviations: flags are spelled out
+    ],
+    ids=lambda f: "=".join(f),
+)
+def test_bad_values_give_one_line_naming_the_flag(flags, capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli.parse_args(flags)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("pyllama4-serve: error: ")
+    assert flags[0] in err[0]
+
+
+def test_a_bad_value_stops_the_process_with_one_line():
+    rc, err = run_to_exit(["--mem-fraction-static", "1.5"])
+    assert rc == 2
+    assert err == [
+        "pyllama4-serve: error: argument --mem-fraction-static: 1.5 is out of range "
+        "(expected 0 < value <= 1)"
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# Entry points
+# --------------------------------------------------------------------------------------------
+
+
+def test_pyllama4_help_lists_serve(capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli.pyllama4_main(["--help"])
+    assert stop.value.code == 0
+    assert "serve" in capsys.readouterr().out
+
+
+def test_pyllama4_serve_takes_the_same_flags(tiny):
+    with pytest.raises(SystemExit) as stop:
+        cli.pyllama4_main(["serve", "--model-path", tiny, "--tp", "8"])
+    assert str(stop.value.code).startswith("pyllama4 serve: --tp 8: tensor parallelism")
+    with pytest.raises(SystemExit) as stop:
+        cli.pyllama4_main(["serv"])
+    assert stop.value.code == 2
+
+
+def test_launch_server_module_is_sglangs_spelling():
+    import pyllama4.launch_server as launch_server
+
+    assert launch_server.main is cli.main
+    assert isinstance(cli.build_parser(), argparse.ArgumentParser)
+
+
+# --------------------------------------------------------------------------------------------
+# A real start: serves /health, then SIGTERM stops it with status 0
+# --------------------------------------------------------------------------------------------
+
+
+def test_serves_until_sigterm_then_exits_zero(tiny):
+    port = free_port()
+    args = ["--model-path", tiny, "--port", str(port), "--device", "cpu", "--dtype", "float32"]
+    # --max-total-tokens: the CPU's default KV cache (4 GiB) takes 10-20 s to allocate.
+    proc = launch(args + ["--context-length", "256", "--max-total-tokens", "4096"])
+    try:
+        deadline = time.monotonic() + 60
+        status = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                    status = r.status
+                    break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                time.sleep(0.2)
+        assert status == 200, f"exit {proc.poll()}"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert f"serving on http://127.0.0.1:{port}" in err
+    assert "SIGTERM: shutting down" in err
+    assert "memory plan: weights" in err
