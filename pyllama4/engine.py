@@ -150,7 +150,7 @@ class Engine:
 
         model_thread = ThreadPoolExecutor(1, "pyllama4-model")
         runner = model_thread.submit(build).result()
-        log.info(runner.memory.describe())
+        log.debug(runner.memory.describe())
         tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)
         return cls(runner, tokenizer, model_thread=model_thread)
 
