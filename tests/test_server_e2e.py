@@ -363,3 +363,30 @@ def test_api_key_is_required_when_set(demo_dir, tmp_path):
         assert client.completions.create(**body).choices
     finally:
         stop_server(proc)
+
+
+def test_a_full_queue_answers_503_with_retry_after(demo_dir, tmp_path):
+    args = ("--max-running-requests", "1", "--max-queued-requests", "1")
+    proc, base = start_server(demo_dir, tmp_path / "server.log", *args)
+    try:
+        body = {"model": MODEL, "prompt": "Once", "max_tokens": 64, "ignore_eos": True}
+        statuses: list[int] = []
+
+        async def one(http: httpx.AsyncClient) -> None:
+            r = await http.post(base + "/v1/completions", json=body)
+            statuses.append(r.status_code)
+            if r.status_code == 503:
+                assert r.headers["retry-after"] and r.json()["error"]["code"] == 503
+
+        async def main() -> None:
+            async with httpx.AsyncClient(timeout=120) as http:
+                async with anyio.create_task_group() as tg:
+                    for _ in range(6):
+                        tg.start_soon(one, http)
+                        await anyio.sleep(0.2)  # the first ones are admitted and queued
+
+        anyio.run(main)
+        assert statuses.count(200) >= 2 and 503 in statuses
+        assert_idle(base)
+    finally:
+        stop_server(proc)
