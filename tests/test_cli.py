@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -24,9 +25,8 @@ from pathlib import Path
 
 import pytest
 
+import pyllama4
 from server import cli
-
-ROOT = Path(__file__).resolve().parents[1]
 
 SCOUT = "meta-llama/Llama-4-Scout-17B-16E-Instruct"
 MAVERICK = "meta-llama/Llama-4-Maverick-17B-128E-Instruct"
@@ -207,10 +207,16 @@ def for_test(command: tuple[str, ...], tiny: str, port: int) -> list[str]:
 
 
 def launch(args: list[str], **kw) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # The pyllama4 under test (installed in CI, the source tree here), from a neutral directory
+    # so the source tree (no compiled core in CI) cannot shadow it.
+    package_root = Path(pyllama4.__file__).resolve().parents[1]
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(package_root), os.environ.get("PYTHONPATH", "")]),
+    )
     return subprocess.Popen(
         [sys.executable, "-m", "pyllama4.launch_server", *args],
-        cwd=ROOT,
+        cwd=tempfile.gettempdir(),
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

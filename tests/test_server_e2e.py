@@ -4,10 +4,6 @@ official openai client and raw HTTP for the error cases."""
 from __future__ import annotations
 
 import json
-import signal
-import socket
-import subprocess
-import sys
 import time
 
 import anyio
@@ -20,44 +16,11 @@ from hypothesis import strategies as st
 MODEL = "demo"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(demo_dir, log, *extra: str):
-    """Starts the server the way users do; returns (process, base URL) once /health answers."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "pyllama4.launch_server", "--model-path", str(demo_dir)]
-    cmd += ["--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(port)]
-    cmd += ["--device", "cpu", "--dtype", "float32", "--context-length", "1024"]
-    cmd += ["--max-total-tokens", "16384", *extra]
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited at start:\n{log.read_text()}")
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError("the server did not come up in 120 s")
-
-
-def stop_server(proc) -> None:
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 0
-
-
 @pytest.fixture(scope="module")
-def server(demo_dir, tmp_path_factory):
-    proc, base = start_server(demo_dir, tmp_path_factory.mktemp("server") / "server.log")
-    yield base
-    stop_server(proc)
+def server(launch_server, tmp_path_factory):
+    live = launch_server(tmp_path_factory.mktemp("server") / "server.log")
+    yield live.base
+    live.stop()
 
 
 @pytest.fixture(scope="module")
@@ -352,8 +315,9 @@ def test_the_server_is_idle_after_the_fuzz(server):
     assert_idle(server)
 
 
-def test_api_key_is_required_when_set(demo_dir, tmp_path):
-    proc, base = start_server(demo_dir, tmp_path / "server.log", "--api-key", "sekret")
+def test_api_key_is_required_when_set(launch_server, tmp_path):
+    live = launch_server(tmp_path / "server.log", "--api-key", "sekret")
+    base = live.base
     try:
         body = {"model": MODEL, "prompt": "Hi", "max_tokens": 1}
         for headers in ({}, {"authorization": "Bearer wrong"}):
@@ -362,12 +326,13 @@ def test_api_key_is_required_when_set(demo_dir, tmp_path):
         client = openai.OpenAI(base_url=base + "/v1", api_key="sekret", max_retries=0)
         assert client.completions.create(**body).choices
     finally:
-        stop_server(proc)
+        live.stop()
 
 
-def test_a_full_queue_answers_503_with_retry_after(demo_dir, tmp_path):
+def test_a_full_queue_answers_503_with_retry_after(launch_server, tmp_path):
     args = ("--max-running-requests", "1", "--max-queued-requests", "1")
-    proc, base = start_server(demo_dir, tmp_path / "server.log", *args)
+    live = launch_server(tmp_path / "server.log", *args)
+    base = live.base
     try:
         body = {"model": MODEL, "prompt": "Once", "max_tokens": 64, "ignore_eos": True}
         statuses: list[int] = []
@@ -389,4 +354,4 @@ def test_a_full_queue_answers_503_with_retry_after(demo_dir, tmp_path):
         assert statuses.count(200) >= 2 and 503 in statuses
         assert_idle(base)
     finally:
-        stop_server(proc)
+        live.stop()

@@ -1,0 +1,262 @@
+"""bench/serving.py: SGLang's bench_serving metrics on synthetic timelines, the printed block's
+labels against the seed's, and one run against a live pyllama4 server on the demo model."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "bench" / "serving.py"
+
+_spec = importlib.util.spec_from_file_location("bench_serving", SCRIPT)
+bs = importlib.util.module_from_spec(_spec)
+sys.modules["bench_serving"] = bs
+_spec.loader.exec_module(bs)
+
+# The labels of SGLang's "Serving Benchmark Result" block, copied line for line from the seed
+# document (/work/shared/seed/000_21057d9993ebb82e.txt, §5.1.1 "Test Results", the output of
+# `python3 -m sglang.bench_serving --backend sglang ... --max-concurrency 1`). Header, section
+# separators and footer are whole lines; the other entries are the text before the value column.
+SEED_LABELS = [
+    "============ Serving Benchmark Result ============",
+    "Backend:",
+    "Traffic request rate:",
+    "Max request concurrency:",
+    "Successful requests:",
+    "Benchmark duration (s):",
+    "Total input tokens:",
+    "Total input text tokens:",
+    "Total input vision tokens:",
+    "Total generated tokens:",
+    "Total generated tokens (retokenized):",
+    "Request throughput (req/s):",
+    "Input token throughput (tok/s):",
+    "Output token throughput (tok/s):",
+    "Peak output token throughput (tok/s):",
+    "Peak concurrent requests:",
+    "Total token throughput (tok/s):",
+    "Concurrency:",
+    "----------------End-to-End Latency----------------",
+    "Mean E2E Latency (ms):",
+    "Median E2E Latency (ms):",
+    "---------------Time to First Token----------------",
+    "Mean TTFT (ms):",
+    "Median TTFT (ms):",
+    "P99 TTFT (ms):",
+    "-----Time per Output Token (excl. 1st token)------",
+    "Mean TPOT (ms):",
+    "Median TPOT (ms):",
+    "P99 TPOT (ms):",
+    "---------------Inter-Token Latency----------------",
+    "Mean ITL (ms):",
+    "Median ITL (ms):",
+    "P95 ITL (ms):",
+    "P99 ITL (ms):",
+    "Max ITL (ms):",
+    "==================================================",
+]
+# Three value lines of the same seed block, verbatim (the value starts in column 42).
+SEED_LINES = [
+    "Backend:                                 sglang",
+    "Benchmark duration (s):                  74.62",
+    "Total input tokens:                      6101",
+]
+
+
+def rec(prompt_len, send, chunks, end, text, out=None, success=True):
+    return bs.RequestRecord(
+        prompt_len=prompt_len,
+        send_time=send,
+        chunk_times=list(chunks),
+        end_time=end,
+        generated_text=text,
+        output_tokens=out,
+        success=success,
+    )
+
+
+def timeline():
+    """Three successful requests and one failure over a 2 s benchmark.
+
+    A: sent 0.0, chunks 0.1 0.2 0.3 0.5, 4 tokens per the server, 5 retokenized.
+    B: sent 0.5, chunks 0.7 1.7, end 1.8, no server count (2 retokenized).
+    C: sent 1.0, one chunk at 1.4, 1 token.
+    """
+    return [
+        rec(10, 0.0, [0.1, 0.2, 0.3, 0.5], 0.5, "abcde", out=4),
+        rec(20, 0.5, [0.7, 1.7], 1.8, "xy"),
+        rec(30, 1.0, [1.4], 1.4, "z", out=1),
+        rec(99, 1.2, [], 1.3, "", success=False),
+    ]
+
+
+def test_metrics_on_a_synthetic_timeline():
+    m = bs.compute_metrics(timeline(), 2.0, len)
+    approx = pytest.approx
+    assert m["completed"] == 3 and m["failed"] == 1
+    assert m["total_input_tokens"] == 60
+    assert m["total_output_tokens"] == 4 + 2 + 1  # server counts, else retokenized
+    assert m["total_output_tokens_retokenized"] == 5 + 2 + 1
+    assert m["request_throughput"] == approx(1.5)
+    assert m["input_throughput"] == approx(30.0)
+    assert m["output_throughput"] == approx(3.5)
+    assert m["total_throughput"] == approx(33.5)
+    assert m["concurrency"] == approx((0.5 + 1.3 + 0.4) / 2.0)
+    # TTFT = first chunk - send
+    assert m["mean_ttft_ms"] == approx(1000 * (0.1 + 0.2 + 0.4) / 3)
+    assert m["median_ttft_ms"] == approx(200.0)
+    assert m["p99_ttft_ms"] == approx(np.percentile([100, 200, 400], 99))
+    assert m["std_ttft_ms"] == approx(np.std([100, 200, 400]))
+    # E2E = end - send
+    assert m["mean_e2e_latency_ms"] == approx(1000 * 2.2 / 3)
+    assert m["median_e2e_latency_ms"] == approx(500.0)
+    # TPOT = (E2E - TTFT) / (out - 1), only for out > 1: A (0.4 / 3) and B (1.1 / 1)
+    tpots = [400 / 3, 1100.0]
+    assert m["mean_tpot_ms"] == approx(np.mean(tpots))
+    assert m["median_tpot_ms"] == approx(np.median(tpots))
+    assert m["p99_tpot_ms"] == approx(np.percentile(tpots, 99))
+    # ITL = gaps between successive chunks: A 0.1 0.1 0.2, B 1.0
+    itls = [100, 100, 200, 1000]
+    assert m["mean_itl_ms"] == approx(350.0)
+    assert m["median_itl_ms"] == approx(150.0)
+    assert m["p95_itl_ms"] == approx(np.percentile(itls, 95))
+    assert m["p99_itl_ms"] == approx(np.percentile(itls, 99))
+    assert m["max_itl_ms"] == approx(1000.0)
+    # 1-second buckets from the first send: chunks [5, 2, 0]; requests in flight [2, 2, 0]
+    assert bs.peak_buckets(timeline()) == ([5, 2, 0], [2, 2, 0])
+    assert m["max_output_tokens_per_s"] == 5.0
+    assert m["max_concurrent_requests"] == 2
+
+
+def test_one_request_at_a_time_has_concurrency_one():
+    # Back-to-back requests, 1 s each, 10 chunks 0.1 s apart after a 0.1 s TTFT.
+    records = []
+    for i in range(5):
+        chunks = [i + 0.1 * (k + 1) for k in range(10)]
+        records.append(rec(8, float(i), chunks, i + 1.0, "t" * 10, out=10))
+    m = bs.compute_metrics(records, 5.0, len)
+    assert m["concurrency"] == pytest.approx(1.0)
+    assert m["mean_ttft_ms"] == pytest.approx(100.0)
+    assert m["mean_itl_ms"] == pytest.approx(100.0)
+    assert m["mean_tpot_ms"] == pytest.approx(100.0)  # (1.0 - 0.1) / 9
+    assert m["output_throughput"] == pytest.approx(10.0)
+
+
+def test_no_successful_request_gives_zeros():
+    m = bs.compute_metrics([rec(5, 0.0, [], 0.1, "", success=False)], 1.0, len)
+    assert m["completed"] == 0 and m["mean_ttft_ms"] == 0.0 and m["max_concurrent_requests"] == 0
+    assert bs.format_result(m, "pyllama4", float("inf"), None).splitlines()[3].endswith("not set")
+
+
+def test_printed_labels_equal_the_seeds():
+    m = bs.compute_metrics(timeline(), 2.0, len)
+    lines = bs.format_result(m, "sglang", float("inf"), 1).splitlines()
+    labels = [ln if ln[0] in "=-" else ln[:40].rstrip() for ln in lines]
+    assert labels == SEED_LABELS
+    for ln in lines:
+        if ln[0] not in "=-":
+            assert ln[40] == " " and ln[41] != " ", ln  # the value starts in column 42
+    assert lines[1] == "Backend:                                 sglang"
+    assert lines[2] == "Traffic request rate:                    inf"
+
+
+def test_value_lines_match_the_seed_format():
+    m = bs.compute_metrics(timeline(), 74.6213, len)
+    m["total_input_tokens"] = 6101
+    out = bs.format_result(m, "sglang", float("inf"), 1).splitlines()
+    for line in SEED_LINES:
+        assert line in out
+
+
+def test_accept_length_line_only_when_reported():
+    m = bs.compute_metrics(timeline(), 2.0, len)
+    lines = bs.format_result(m, "sglang", 4.0, 16, accept_length=2.5).splitlines()
+    assert "Accept length:                           2.50" in lines
+    assert "Traffic request rate:                    4.0" in lines
+
+
+def test_random_range_ratio_has_sglangs_meaning():
+    rng = np.random.default_rng(0)
+    assert set(bs.random_lengths(10, 0.5, 500, rng)) == set(range(5, 11))
+    assert set(bs.random_lengths(10, 0.0, 500, rng)) == set(range(1, 11))
+    assert bs.random_lengths(10, 1.0, 20, rng) == [10] * 20
+
+
+def test_truncated_sharegpt_keeps_complete_conversations(tmp_path):
+    convs = [
+        {"id": str(i), "conversations": [{"from": "human", "value": f"q{i}"}]} for i in range(3)
+    ]
+    text = json.dumps(convs, indent=2)
+    cut = text[: text.rindex('"q2"')]  # the third conversation is cut off
+    assert [c["id"] for c in bs.iter_json_list(cut)] == ["0", "1"]
+    assert len(list(bs.iter_json_list(text))) == 3
+
+
+class WordTokenizer:
+    def encode(self, text, add_special_tokens=True):
+        return text.split()
+
+
+def test_sharegpt_sampling_filters_like_sglang(tmp_path):
+    def conv(q, a):
+        return {"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}
+
+    data = [conv("a b c", "d e"), conv("x", "y z"), {"conversations": []}, conv("p q", "r s t")]
+    path = tmp_path / "sg.json"
+    path.write_text(json.dumps(data)[:-40])  # truncated inside the last conversation
+    rows = bs.sample_sharegpt(path, WordTokenizer(), 5, None, seed=0)
+    assert sorted((r.prompt, r.prompt_len, r.output_len) for r in rows) == [("a b c", 3, 2)]
+    rows = bs.sample_sharegpt(path, WordTokenizer(), 5, 7, seed=0)
+    assert {r.output_len for r in rows} == {7}
+
+
+def test_requests_per_backend():
+    row = bs.DatasetRow([5, 6, 7], 3, 4)
+    path, body = bs.build_request("sglang", "m", row, True)
+    assert path == "/generate" and body["input_ids"] == [5, 6, 7]
+    assert body["sampling_params"] == {"temperature": 0.0, "max_new_tokens": 4, "ignore_eos": True}
+    path, body = bs.build_request("pyllama4", "m", row, False)
+    assert path == "/v1/completions" and body["prompt"] == [5, 6, 7] and body["max_tokens"] == 4
+    assert body["stream"] and body["stream_options"] == {"include_usage": True}
+    path, body = bs.build_request("openai-chat", "m", bs.DatasetRow("hi", 1, 4), True)
+    assert path == "/v1/chat/completions" and body["messages"][0]["content"] == "hi"
+
+
+# ---- end to end against a live server (the start/stop helpers of tests/test_server_e2e.py) ----
+
+
+def test_bench_serving_against_a_live_server(launch_server, demo_dir, tmp_path):
+    live = launch_server(tmp_path / "server.log")
+    port = live.port
+    out = tmp_path / "results.jsonl"
+    try:
+        cmd = [sys.executable, str(SCRIPT), "--backend", "pyllama4", "--port", str(port)]
+        cmd += ["--tokenizer", str(demo_dir), "--dataset-name", "random"]
+        cmd += ["--random-input-len", "32", "--random-output-len", "8", "--num-prompts", "6"]
+        cmd += ["--max-concurrency", "3", "--output-file", str(out)]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=ROOT)
+    finally:
+        live.stop()
+    assert r.returncode == 0, r.stderr
+    (line,) = out.read_text().splitlines()
+    res = json.loads(line)
+    assert res["backend"] == "pyllama4" and res["dataset_name"] == "random"
+    assert res["completed"] == 6 and res["max_concurrency"] == 3
+    for key in ("request_throughput", "input_throughput", "output_throughput", "total_throughput"):
+        assert res[key] > 0, key
+    assert 0 < res["mean_ttft_ms"] <= res["mean_e2e_latency_ms"]
+    assert res["median_ttft_ms"] <= res["median_e2e_latency_ms"]
+    assert res["total_output_tokens"] > 0 and res["total_output_tokens_retokenized"] > 0
+    assert res["concurrency"] <= 3 + 1e-6
+    stdout = r.stdout.splitlines()
+    start = stdout.index("============ Serving Benchmark Result ============")
+    block = stdout[start : start + len(SEED_LABELS)]
+    assert [ln if ln[0] in "=-" else ln[:40].rstrip() for ln in block] == SEED_LABELS
+    assert "Successful requests:                     6" in block
