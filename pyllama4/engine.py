@@ -173,6 +173,7 @@ class Engine:
         self._running = True
         try:
             while True:
+                await anyio.lowlevel.checkpoint()  # cancellation lands between steps
                 if not self.scheduler.has_work():
                     await self._wake.wait()
                     self._wake = anyio.Event()
@@ -192,8 +193,11 @@ class Engine:
             if c.index == 0 and not c.token_ids:
                 c.group.cached_tokens = self.scheduler.request_info(c.core_id).cached_tokens
         try:
-            future = self._model_thread.submit(self._forward, plan, requests, completions)
-            tokens, logprobs = await anyio.to_thread.run_sync(future.result, abandon_on_cancel=True)
+            # A step always completes and commits, even when the loop is being cancelled:
+            # otherwise the core would keep a plan in flight and its requests forever.
+            with anyio.CancelScope(shield=True):
+                future = self._model_thread.submit(self._forward, plan, requests, completions)
+                tokens, logprobs = await anyio.to_thread.run_sync(future.result)
         except Exception as e:  # noqa: BLE001 - any failure of a step fails its requests only
             log.exception("step failed")
             self.scheduler.commit(np.zeros(plan.num_samples, dtype=np.int32))
@@ -408,6 +412,13 @@ class Engine:
         group.deferred.clear()
         self._emit(group)
         return True
+
+    def abort_all(self) -> int:
+        """Aborts every request (a server shutting down); returns how many there were."""
+        request_ids = list(self._groups)
+        for request_id in request_ids:
+            self.abort(request_id)
+        return len(request_ids)
 
     def stats(self) -> EngineStats:
         s = self.scheduler.stats()

@@ -146,8 +146,11 @@ class App:
         with anyio.move_on_after(timeout):
             while self.in_flight:
                 await anyio.sleep(0.05)
-        for request_id in list(self.engine._groups):
-            self.engine.abort(request_id)
+        aborted = self.engine.abort_all()
+        if aborted:
+            log.warning(
+                "shutdown: aborted %d requests still running after %.0f s", aborted, timeout
+            )
 
     async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = False

@@ -252,3 +252,22 @@ def test_logprobs_and_metrics_are_reported(weights, tokenizer):
     assert 0 < m.ttft <= m.e2e and m.mean_itl is not None and m.mean_itl > 0
     stats = engine.stats()
     assert stats.generation_tokens >= 6 and stats.num_steps > 0 and stats.kv_usage >= 0
+
+
+def test_abort_all_ends_every_request(weights, tokenizer):
+    engine = make_engine(weights, tokenizer)
+
+    async def main() -> None:
+        async with engine:
+            params = SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True)
+            streams = [engine.submit(p, params) for p in prompts(3, seed=13)]
+            first = await streams[0].__anext__()
+            assert not first.finished
+            assert engine.abort_all() == 3
+            for stream in streams:
+                finals = [out async for out in stream]
+                assert finals[-1].outputs[0].finish_reason == "abort"
+            assert engine.abort_all() == 0
+
+    anyio.run(main)
+    assert_nothing_held(engine)
