@@ -1,0 +1,1 @@
+"""Multimodal input: image preprocessing and prompt expansion for Llama 4."""
