@@ -1,4 +1,4 @@
-"""Llama 4 text configuration, parsed from a checkpoint's config.json.
+"""Llama 4 text (and vision, `VisionConfig`) configuration, parsed from a checkpoint's config.json.
 
 Invariant: a `TextConfig` is fully resolved — every per-layer choice (RoPE or NoPE, chunked or
 full attention, MoE or dense) is explicit, derived exactly as transformers derives it, so the
@@ -238,3 +238,163 @@ def _rope(text: dict[str, Any], max_positions: int) -> tuple[float, RopeScaling 
         )
     except KeyError as e:
         raise ConfigError(f"config.json: llama3 rope scaling lacks {e.args[0]}") from None
+
+
+# Defaults of transformers' Llama4VisionConfig, for keys a vision_config may omit.
+_VISION_DEFAULTS: dict[str, Any] = {
+    "image_size": 448,
+    "patch_size": 14,
+    "num_channels": 3,
+    "hidden_size": 768,
+    "num_hidden_layers": 34,
+    "num_attention_heads": 16,
+    "intermediate_size": 5632,
+    "norm_eps": 1e-5,
+    "pixel_shuffle_ratio": 0.5,
+    "projector_input_dim": 4096,
+    "projector_output_dim": 4096,
+    "vision_output_dim": 7680,
+}
+_IMAGE_TOKEN_DEFAULTS = {
+    "image_token_index": 200092,
+    "boi_token_index": 200080,
+    "eoi_token_index": 200081,
+}
+# transformers' vision LayerNorms always use nn.LayerNorm's default eps, whatever norm_eps says.
+_VISION_NORM_EPS = 1e-5
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """The vision tower, the projector into the text width, and the image token ids.
+
+    Invariant: the shapes are mutually consistent (checked by `from_dict`), so every tile of
+    image_size x image_size pixels becomes exactly `tokens_per_tile` text-width embeddings.
+    """
+
+    image_size: int  # tile side, pixels
+    patch_size: int
+    num_channels: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int  # encoder MLP width, and the pixel-shuffled width
+    norm_eps: float
+    pixel_shuffle_ratio: float
+    projector_input_dim: int  # vision-adapter MLP hidden width
+    projector_output_dim: int  # vision-adapter output width
+    vision_output_dim: int  # multi_modal_projector input width
+    rope_theta: float
+    text_hidden_size: int  # multi_modal_projector output width
+    image_token_index: int = 200092  # <|patch|>: the slots the projected features fill
+    boi_token_index: int = 200080  # <|image_start|>
+    eoi_token_index: int = 200081  # <|image_end|>
+
+    @property
+    def grid_size(self) -> int:
+        """Patches per tile side."""
+        return self.image_size // self.patch_size
+
+    @property
+    def shuffle_factor(self) -> int:
+        """Patches per output-token side: 1 / pixel_shuffle_ratio."""
+        return round(1 / self.pixel_shuffle_ratio)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def tokens_per_tile(self) -> int:
+        """(image_size / patch_size)^2 * pixel_shuffle_ratio^2."""
+        return (self.grid_size // self.shuffle_factor) ** 2
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]) -> VisionConfig | None:
+        """Parses a config.json dict; None when it has no vision_config (a text-only model)."""
+        vision = config.get("vision_config")
+        if vision is None:
+            return None
+        if not isinstance(vision, dict):
+            raise ConfigError("config.json: vision_config must be an object")
+        text = config.get("text_config")
+        text_hidden = text.get("hidden_size") if isinstance(text, dict) else None
+        get = {**_VISION_DEFAULTS, **{k: v for k, v in vision.items() if v is not None}}
+        ints = {key: get[key] for key, default in _VISION_DEFAULTS.items() if type(default) is int}
+        for key, value in ints.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"config.json: vision_config.{key} {value!r} (a positive int)")
+        params = vision.get("rope_parameters") or {}
+        # transformers also reads the *_id spellings (Llama4Config.attribute_map).
+        ids = {}
+        for key, default in _IMAGE_TOKEN_DEFAULTS.items():
+            value = config.get(key)
+            if value is None:
+                value = config.get(key.replace("_index", "_id"))
+            ids[key] = default if value is None else int(value)
+        parsed = cls(
+            **ints,
+            norm_eps=float(get["norm_eps"]),
+            pixel_shuffle_ratio=float(get["pixel_shuffle_ratio"]),
+            rope_theta=float(params.get("rope_theta", vision.get("rope_theta") or 10000.0)),
+            text_hidden_size=int(text_hidden or 5120),
+            **ids,
+        )
+        parsed._check()
+        return parsed
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint_dir: str | Path) -> VisionConfig | None:
+        return cls.from_dict(_read_config_json(checkpoint_dir))
+
+    def _check(self) -> None:
+        """The shapes transformers hard-wires must agree (LLAMA4.md §7.6)."""
+        problems = []
+        if self.norm_eps != _VISION_NORM_EPS:
+            problems.append(f"norm_eps {self.norm_eps} (transformers ignores it and uses 1e-5)")
+        ratio = self.pixel_shuffle_ratio
+        if not 0 < ratio <= 1 or round(1 / ratio) * ratio != 1:
+            problems.append(f"pixel_shuffle_ratio {ratio} (must be 1/n for an integer n)")
+        elif self.intermediate_size != self.hidden_size * self.shuffle_factor**2:
+            problems.append(
+                f"intermediate_size {self.intermediate_size} != hidden_size / "
+                f"pixel_shuffle_ratio^2 = {self.hidden_size * self.shuffle_factor**2}"
+            )
+        elif self.grid_size % self.shuffle_factor:
+            problems.append(
+                f"image_size/patch_size = {self.grid_size} not divisible by "
+                f"1/pixel_shuffle_ratio = {self.shuffle_factor}"
+            )
+        if self.image_size % self.patch_size:
+            problems.append(f"image_size {self.image_size} not a multiple of {self.patch_size}")
+        if self.hidden_size % self.num_attention_heads:
+            problems.append(
+                f"hidden_size {self.hidden_size} not divisible by {self.num_attention_heads} heads"
+            )
+        elif self.head_dim % 4:
+            problems.append(f"head_dim {self.head_dim} not divisible by 4 (2D RoPE)")
+        if self.projector_input_dim != self.projector_output_dim:
+            problems.append(
+                f"projector_input_dim {self.projector_input_dim} != projector_output_dim "
+                f"{self.projector_output_dim}"
+            )
+        if self.vision_output_dim != self.projector_output_dim:
+            problems.append(
+                f"vision_output_dim {self.vision_output_dim} != projector_output_dim "
+                f"{self.projector_output_dim}"
+            )
+        if problems:
+            raise ConfigError("config.json: vision_config " + "; ".join(problems))
+
+
+def _read_config_json(checkpoint_dir: str | Path) -> dict[str, Any]:
+    path = Path(checkpoint_dir) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path} not found: not a Hugging Face checkpoint directory") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: not a JSON object")
+    return config

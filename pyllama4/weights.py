@@ -1,4 +1,4 @@
-"""Load the text weights of a Hugging Face Llama 4 checkpoint into a torch module.
+"""Load the text (or vision) weights of a Hugging Face Llama 4 checkpoint into a torch module.
 
 The target module must name its parameters like transformers' `Llama4ForCausalLM`:
 `model.embed_tokens.weight`, `model.layers.{i}.self_attn.{q,k,v,o}_proj.weight`,
@@ -31,6 +31,11 @@ Accepted checkpoints:
 - A checkpoint without `lm_head.weight` whose config.json ties the word embeddings: lm_head gets a
   copy of the embeddings. (A module that ties the two itself needs only one of them.)
 
+`rename` maps checkpoint names to the module's (None: not this module's tensor, skipped); the
+default, `text_name`, does the above. `vision_name` instead selects the vision tower and the
+projector, for `pyllama4.model.vision.VisionTower` (`vision_model.*`, `multi_modal_projector.*`),
+and skips the text tensors.
+
 Not supported yet: quantized checkpoints (config.json `quantization_config`, float8 tensors).
 
 Tensors are read one at a time from memory-mapped files (large ones in row blocks), so the extra
@@ -43,7 +48,7 @@ import json
 import re
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +61,7 @@ __all__ = [
     "checkpoint_files",
     "load_weights",
     "text_name",
+    "vision_name",
 ]
 
 SINGLE_FILE = "model.safetensors"
@@ -68,12 +74,7 @@ _MAX_LISTED = 10
 # Within a shard, progress is printed at most this often (seconds).
 _PROGRESS_INTERVAL = 5.0
 
-_SKIPPED_PREFIXES = (
-    "vision_model.",
-    "multi_modal_projector.",
-    "model.vision_model.",
-    "model.multi_modal_projector.",
-)
+_VISION_PREFIXES = ("vision_model.", "multi_modal_projector.")
 _FLOAT_DTYPES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
 _EXPERT_RE = re.compile(
     r"^(?P<experts>.+\.feed_forward\.experts)\.(?P<e>\d+)\.(?P<part>gate|up|down)_proj\.weight$"
@@ -91,7 +92,7 @@ class UnsupportedCheckpointError(CheckpointError):
 
 def text_name(name: str) -> str | None:
     """The `Llama4ForCausalLM` name of a checkpoint tensor; None for vision/projector tensors."""
-    if name.startswith(_SKIPPED_PREFIXES):
+    if vision_name(name) is not None:
         return None
     if name.startswith("language_model."):
         rest = name[len("language_model.") :]
@@ -101,15 +102,29 @@ def text_name(name: str) -> str | None:
     return name
 
 
+def vision_name(name: str) -> str | None:
+    """The `VisionTower` name of a checkpoint tensor; None for text tensors."""
+    if name.startswith("model.") and name[len("model.") :].startswith(_VISION_PREFIXES):
+        return name[len("model.") :]
+    return name if name.startswith(_VISION_PREFIXES) else None
+
+
 def checkpoint_files(checkpoint_dir: str | Path) -> list[Path]:
     """The safetensors files of a checkpoint: the single file, or every shard named in the index."""
     return _resolve(Path(checkpoint_dir))[0]
 
 
 def load_weights(
-    model: torch.nn.Module, checkpoint_dir: str | Path, *, progress: bool = True
+    model: torch.nn.Module,
+    checkpoint_dir: str | Path,
+    *,
+    progress: bool = True,
+    rename: Callable[[str], str | None] = text_name,
 ) -> None:
-    """Copy a Llama 4 checkpoint's text weights into `model`'s parameters, in place.
+    """Copy a Llama 4 checkpoint's weights into `model`'s parameters, in place.
+
+    `rename` gives each checkpoint tensor's name in `model`, or None to skip it: `text_name`
+    (the default) loads the text model, `vision_name` the vision tower and projector.
 
     Every parameter is written exactly once, cast to its own dtype (and kept on its device).
     Raises `CheckpointError` (a ValueError) if the checkpoint and the module do not match; the
@@ -120,7 +135,7 @@ def load_weights(
     config = _read_config(directory)
     _check_not_quantized(directory, config)
     targets = _Targets(model)
-    plan = _plan(files, weight_map, targets, tie_embeddings=_ties_embeddings(config))
+    plan = _plan(files, weight_map, targets, rename=rename, tie_embeddings=_ties_embeddings(config))
     _execute(plan, files, progress)
 
 
@@ -296,6 +311,7 @@ def _plan(
     weight_map: dict[str, Path] | None,
     targets: _Targets,
     *,
+    rename: Callable[[str], str | None],
     tie_embeddings: bool,
 ) -> list[_Copy]:
     problems = _Problems()
@@ -338,7 +354,7 @@ def _plan(
                     problems.duplicate.append(f"{key} is in both {seen[key].name} and {path.name}")
                     continue
                 seen[key] = path
-                name = text_name(key)
+                name = rename(key)
                 if name is None:
                     continue
                 tensor_slice = handle.get_slice(key)

@@ -1,4 +1,4 @@
-"""Builds a Llama 4 text model from a checkpoint directory.
+"""Builds a Llama 4 text model, or the vision tower, from a checkpoint directory.
 
 Invariant: the returned model holds exactly the checkpoint's weights in the requested dtype on
 the requested device; nothing is initialised randomly first (parameters are created on the meta
@@ -11,9 +11,10 @@ from pathlib import Path
 
 import torch
 
-from pyllama4.config import TextConfig
+from pyllama4.config import TextConfig, VisionConfig
 from pyllama4.model.llama4 import Llama4ForCausalLM
-from pyllama4.weights import load_weights
+from pyllama4.model.vision import VisionTower
+from pyllama4.weights import load_weights, vision_name
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -35,3 +36,21 @@ def load_model(
     model = model.to_empty(device=device).to(dtype)
     load_weights(model, checkpoint_dir, progress=progress)
     return model.eval()
+
+
+def load_vision_tower(
+    checkpoint_dir: str | Path,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> VisionTower | None:
+    """The vision tower and projector of a multimodal checkpoint; None for a text-only one."""
+    config = VisionConfig.from_checkpoint(checkpoint_dir)
+    if config is None:
+        return None
+    with torch.device("meta"):
+        tower = VisionTower(config)
+    tower = tower.to_empty(device=device).to(dtype)
+    load_weights(tower, checkpoint_dir, progress=progress, rename=vision_name)
+    return tower.eval()
