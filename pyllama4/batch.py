@@ -27,13 +27,22 @@ class StepBatch:
     context_lens: np.ndarray  # [R]
     seq_lens: np.ndarray  # [R]
     num_decodes: int
+    # Image features (multimodal prompts): the embeddings of tokens `embed_index` [K] are
+    # replaced by `embeds` [K, hidden]; their token ids are radix-key ids, never embedded.
+    embed_index: torch.Tensor | None = None
+    embeds: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
         return int(self.token_ids.shape[0])
 
     @classmethod
-    def from_plan(cls, plan: StepPlan, device: torch.device | str = "cpu") -> StepBatch:
+    def from_plan(
+        cls,
+        plan: StepPlan,
+        device: torch.device | str = "cpu",
+        embeds: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> StepBatch:
         def dev(a: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(a).to(device=device, dtype=torch.int64, non_blocking=True)
 
@@ -48,4 +57,6 @@ class StepBatch:
             context_lens=plan.context_lens,
             seq_lens=plan.seq_lens,
             num_decodes=plan.num_decodes,
+            embed_index=None if embeds is None else embeds[0],
+            embeds=None if embeds is None else embeds[1],
         )

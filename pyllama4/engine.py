@@ -32,6 +32,9 @@ from anyio.streams.memory import MemoryObjectSendStream
 
 from pyllama4.detokenizer import IncrementalDetokenizer, StopStrings
 from pyllama4.model.load import load_model
+from pyllama4.multimodal.features import ImageFeed, PromptFeatures
+from pyllama4.multimodal.inputs import ImageInput, ImagePrompt
+from pyllama4.multimodal.support import ImageSupport
 from pyllama4.outputs import (
     CompletionOutput,
     EngineStats,
@@ -80,6 +83,8 @@ class _Group:
     params: SamplingParams
     send: MemoryObjectSendStream[RequestOutput]
     metrics: RequestMetrics
+    key_ids: np.ndarray  # the radix-cache key of the prompt (image positions keyed by content)
+    images: PromptFeatures | None = None  # image features, until the prompt is prefilled
     completions: list[_Completion] = field(default_factory=list)
     deferred: list[_Completion] = field(default_factory=list)  # siblings waiting for the prefix
     cached_tokens: int = 0
@@ -98,11 +103,14 @@ class Engine:
         *,
         eos_token_ids: Sequence[int] = (),
         model_thread: ThreadPoolExecutor | None = None,
+        images: ImageSupport | None = None,
     ):
         """model_thread: the one thread that runs all of the model's torch work (built by
         from_checkpoint, which also loads the model there). On the CPU, torch's OpenMP threads
-        are per calling thread: switching threads costs ~1.5x per step on 2 cores, measured."""
+        are per calling thread: switching threads costs ~1.5x per step on 2 cores, measured.
+        images: the vision tower and tiling settings; None for a text-only engine."""
         self.runner = runner
+        self.images = images
         self.scheduler = runner.scheduler
         self.tokenizer = tokenizer
         self.vocab_size = runner.model.config.vocab_size
@@ -117,6 +125,7 @@ class Engine:
         self._groups: dict[str, _Group] = {}
         self._wake = anyio.Event()
         self._generation_tokens = 0
+        self._images_encoded = 0
         self._running = False
         self._model_thread = model_thread or ThreadPoolExecutor(1, "pyllama4-model")
 
@@ -130,29 +139,44 @@ class Engine:
         context_len: int | None = None,
         mem_fraction_static: float = 0.85,
         progress: bool = True,
+        enable_multimodal: bool = False,
+        max_image_tiles: int | None = None,
         **runner_options: Any,
     ) -> Engine:
         """Loads a checkpoint and its tokenizer; runner_options go to ModelRunner (kv_tokens or
         kv_bytes, page_size, max_running, max_step_tokens, enable_prefix_cache, policy).
+        enable_multimodal also loads the vision tower (ValueError for a text-only checkpoint);
+        max_image_tiles overrides the checkpoint's preprocessor setting.
 
         Without kv_tokens / kv_bytes the KV budget is, on a GPU, mem_fraction_static of its
         memory minus what the weights already took (SGLang's --mem-fraction-static); on the CPU,
         a quarter of the machine's memory, at most 1 GiB."""
         from transformers import AutoTokenizer
 
-        def build() -> ModelRunner:
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)
+
+        def build() -> tuple[ModelRunner, ImageSupport | None]:
             model = load_model(checkpoint_dir, dtype=dtype, device=device, progress=progress)
+            images = None
+            if enable_multimodal:
+                images = ImageSupport.load(
+                    checkpoint_dir,
+                    tokenizer,
+                    dtype=next(model.parameters()).dtype,
+                    device=device,
+                    max_tiles=max_image_tiles,
+                    progress=progress,
+                )
             options = dict(runner_options)
             if "kv_tokens" not in options and "kv_bytes" not in options:
                 options["kv_bytes"] = default_kv_bytes(model, mem_fraction_static)
             context = context_len or model.config.max_position_embeddings
-            return ModelRunner(model, context_len=context, **options)
+            return ModelRunner(model, context_len=context, **options), images
 
         model_thread = ThreadPoolExecutor(1, "pyllama4-model")
-        runner = model_thread.submit(build).result()
+        runner, images = model_thread.submit(build).result()
         log.debug(runner.memory.describe())
-        tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)
-        return cls(runner, tokenizer, model_thread=model_thread)
+        return cls(runner, tokenizer, model_thread=model_thread, images=images)
 
     # ---- the loop ---------------------------------------------------------------------------
 
@@ -192,11 +216,12 @@ class Engine:
         for c in completions:  # the cache hit is known once the request is admitted
             if c.index == 0 and not c.token_ids:
                 c.group.cached_tokens = self.scheduler.request_info(c.core_id).cached_tokens
+        feed = self._image_feed(plan)
         try:
             # A step always completes and commits, even when the loop is being cancelled:
             # otherwise the core would keep a plan in flight and its requests forever.
             with anyio.CancelScope(shield=True):
-                future = self._model_thread.submit(self._forward, plan, requests, completions)
+                future = self._model_thread.submit(self._forward, plan, requests, completions, feed)
                 tokens, logprobs = await anyio.to_thread.run_sync(future.result)
         except Exception as e:  # noqa: BLE001 - any failure of a step fails its requests only
             log.exception("step failed")
@@ -207,6 +232,8 @@ class Engine:
                     self._fail(c.group, f"{type(e).__name__}: {e}")
             return
         finished = {f.request_id: f for f in self.scheduler.commit(tokens)}
+        if feed is not None:
+            self._images_encoded += feed.encoded
         now = time.monotonic()
         touched: dict[str, _Group] = {}
         for row, (c, token) in enumerate(zip(completions, tokens.tolist(), strict=True)):
@@ -217,13 +244,34 @@ class Engine:
             self._on_token(c, token, logprobs[row], finished.get(c.core_id), now)
         for group in touched.values():
             self._release_siblings(group)
+            self._drop_features(group)
             self._emit(group)
 
+    def _image_feed(self, plan: Any) -> ImageFeed | None:
+        """The image positions the plan's prefill chunks compute (decodes never hold any)."""
+        feed = ImageFeed()
+        request_ids, starts = plan.request_ids, plan.query_start
+        for r in range(plan.num_decodes, plan.num_requests):
+            c = self._by_core.get(int(request_ids[r]))
+            if c is not None and c.group.images is not None:
+                start = int(plan.context_lens[r])
+                end = start + int(starts[r + 1] - starts[r])
+                feed.add(c.group.images, start, end, int(starts[r]) - start)
+        return feed or None
+
     def _forward(
-        self, plan: Any, requests: list[SampleRequest], completions: list[_Completion]
+        self,
+        plan: Any,
+        requests: list[SampleRequest],
+        completions: list[_Completion],
+        feed: ImageFeed | None,
     ) -> tuple[np.ndarray, list[Any]]:
-        """On the model thread: forward, sample, and bring the results to the host."""
-        out = self.sampler(self.runner.forward(plan), requests)
+        """On the model thread: encode images, forward, sample, bring the results to the host."""
+        embeds = None
+        if feed is not None:
+            assert self.images is not None  # only image prompts have features to feed
+            embeds = feed.gather(self.images.tower, self.runner.device)
+        out = self.sampler(self.runner.forward(plan, embeds), requests)
         tokens = out.tokens.to(torch.int32).cpu().numpy()
         return tokens, self._logprob_rows(out, completions)
 
@@ -295,6 +343,13 @@ class Engine:
                 self._add_to_core(c)
             group.deferred.clear()
 
+    def _drop_features(self, group: _Group) -> None:
+        """Image features are dropped once every completion has its prompt computed."""
+        if group.images is None or group.deferred:
+            return
+        if all(c.token_ids or c.finished for c in group.completions):
+            group.images.drop()
+
     def _emit(self, group: _Group) -> None:
         output = RequestOutput(
             request_id=group.request_id,
@@ -332,19 +387,38 @@ class Engine:
             return list(self.tokenizer(prompt)["input_ids"])
         return [int(t) for t in prompt]
 
+    def image_prompt(
+        self, prompt: str | Sequence[int], images: Sequence[ImageInput]
+    ) -> ImagePrompt:
+        """A prompt with one `<|image|>` per image, expanded for submit(). ValueError if this
+        engine takes no images or the placeholders and images do not pair up."""
+        if self.images is None:
+            raise ValueError(
+                "this engine takes no images: load a multimodal checkpoint with "
+                "enable_multimodal=True (the server's --enable-multimodal)"
+            )
+        return self.images.expand(self.tokenize(prompt), images)
+
     def submit(
         self,
-        prompt: str | Sequence[int],
+        prompt: str | Sequence[int] | ImagePrompt,
         params: SamplingParams | None = None,
         request_id: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Queues a request; returns the stream of its outputs (the last has finished=True).
+        Image + text prompts come from image_prompt().
 
         Raises ValueError at once for a request that can never run (empty prompt, unknown token
         ids, too long for the context, a duplicate request id)."""
         params = params or SamplingParams()
         params.validate()
-        prompt_ids = self.tokenize(prompt)
+        if isinstance(prompt, ImagePrompt):
+            if self.images is None:
+                raise ValueError("this engine takes no images (enable_multimodal is off)")
+            prompt_ids, key_ids = prompt.token_ids, prompt.key_ids
+        else:
+            prompt_ids = self.tokenize(prompt)
+            key_ids = np.asarray(prompt_ids, dtype=np.int32)
         if not prompt_ids:
             raise ValueError("the prompt is empty")
         bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
@@ -364,7 +438,11 @@ class Engine:
         if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already in use")
         send, receive = anyio.create_memory_object_stream[RequestOutput](math.inf)
-        group = _Group(request_id, prompt_ids, params, send, RequestMetrics(time.monotonic()))
+        group = _Group(
+            request_id, prompt_ids, params, send, RequestMetrics(time.monotonic()), key_ids
+        )
+        if isinstance(prompt, ImagePrompt) and prompt.images:
+            group.images = PromptFeatures(prompt)
         stop_ids = frozenset(params.stop_token_ids) | (
             frozenset() if params.ignore_eos else self.eos_token_ids
         )
@@ -390,7 +468,7 @@ class Engine:
     def _add_to_core(self, c: _Completion) -> None:
         self.scheduler.add_request(
             c.core_id,
-            np.asarray(c.group.prompt_ids, dtype=np.int32),
+            c.group.key_ids,
             max_new_tokens=c.params.max_tokens,
             stop_token_ids=sorted(c.stop_ids),
         )
@@ -434,6 +512,7 @@ class Engine:
             generation_tokens=self._generation_tokens,
             num_retractions=s.num_retractions,
             num_steps=s.num_steps,
+            images_encoded=self._images_encoded,
         )
 
     # ---- offline ----------------------------------------------------------------------------

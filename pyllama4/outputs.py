@@ -119,6 +119,7 @@ class EngineStats:
     generation_tokens: int
     num_retractions: int
     num_steps: int
+    images_encoded: int = 0  # images run through the vision tower (a cache hit needs none)
 
     @property
     def cache_hit_rate(self) -> float:

@@ -151,15 +151,20 @@ class ModelRunner:
         )
         self.device = device
 
-    def forward(self, plan: StepPlan) -> torch.Tensor:
-        """Runs one plan; returns the logits [num_samples, vocab] of its sampling positions."""
-        return self.forward_with_hidden(plan)[0]
+    def forward(
+        self, plan: StepPlan, embeds: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Runs one plan; returns the logits [num_samples, vocab] of its sampling positions.
+        embeds: (flat token index [K], features [K, hidden]) of the image positions it computes."""
+        return self.forward_with_hidden(plan, embeds)[0]
 
-    def forward_with_hidden(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_with_hidden(
+        self, plan: StepPlan, embeds: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """As forward, plus the final hidden states [num_tokens, hidden] of every token of the
         plan (what speculative decoding drafts from)."""
         self.cache.apply_writes(plan)
-        batch = StepBatch.from_plan(plan, self.device)
+        batch = StepBatch.from_plan(plan, self.device, embeds)
         hidden = self.model(batch, self.cache)
         return self.model.logits(hidden[batch.sample_indices]), hidden
 

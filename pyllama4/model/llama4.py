@@ -128,10 +128,18 @@ class Llama4ForCausalLM(nn.Module):
         if self.inv_freq.device != batch.positions.device:
             self.inv_freq = self.inv_freq.to(batch.positions.device)
         ctx = StepContext(self.config, self.inv_freq, batch, cache)
-        x = self.model.embed_tokens(batch.token_ids)
+        x = self.embed(batch)
         for layer in self.model.layers:
             x = layer(x, ctx)
         return self.model.norm(x)
+
+    def embed(self, batch: StepBatch) -> torch.Tensor:
+        """Token embeddings, with image features in place at the batch's image positions."""
+        if batch.embeds is None:
+            return self.model.embed_tokens(batch.token_ids)
+        ids = batch.token_ids.index_fill(0, batch.embed_index, 0)
+        x = self.model.embed_tokens(ids)
+        return x.index_copy(0, batch.embed_index, batch.embeds.to(x.dtype))
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
