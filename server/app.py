@@ -24,12 +24,14 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from pyllama4 import Engine, SamplingParams
+from pyllama4.multimodal.inputs import ImageInput, ImagePrompt
+from pyllama4.multimodal.media import MediaError, MediaPolicy, load_image
 from pyllama4.outputs import RequestOutput
 from server import protocol as p
 
 log = logging.getLogger("pyllama4.server")
 
-MAX_BODY_BYTES = 16 << 20
+MAX_BODY_BYTES = 64 << 20  # room for a few base64 images
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -82,6 +84,7 @@ class _EngineCollector:
             "cached_prompt_tokens": ("Prompt tokens from the prefix cache", s.cached_prompt_tokens),
             "generation_tokens": ("Tokens generated", s.generation_tokens),
             "retractions": ("Requests retracted for lack of KV pages", s.num_retractions),
+            "images_encoded": ("Images run through the vision tower", s.images_encoded),
         }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(f"pyllama4_{name}", doc, value=value)
@@ -97,8 +100,13 @@ class App:
         api_key: str | None = None,
         max_queued_requests: int | None = None,
         chat_template: str | None = None,
+        media: MediaPolicy | None = None,
+        max_images_per_request: int = 10,
     ):
+        """media: how image references are fetched and decoded (for an engine with images)."""
         self.engine = engine
+        self.media = media or MediaPolicy()
+        self.max_images = max_images_per_request
         self.model = served_model_name
         self.context_length = context_length
         self.api_key = api_key
@@ -216,15 +224,16 @@ class App:
     async def chat_completions(self, body: bytes, send: Send, receive: Receive) -> None:
         req = decode(body, p.ChatCompletionRequest)
         self.check_model(req.model)
-        prompt_ids = self.render_chat(req)
+        prompt_ids, sources = self.render_chat(req)
+        prompt = await self.with_images(prompt_ids, sources, "messages")
         max_tokens = req.max_completion_tokens or req.max_tokens
         top = req.top_logprobs if req.logprobs else None
         if req.top_logprobs is not None and not req.logprobs:
             raise HTTPError(400, "top_logprobs requires logprobs: true", param="top_logprobs")
         params = self.sampling_params(
-            req, len(prompt_ids), max_tokens, (top or 0) if req.logprobs else None
+            req, prompt_length(prompt), max_tokens, (top or 0) if req.logprobs else None
         )
-        outputs = self.submit(prompt_ids, params)
+        outputs = self.submit(prompt, params)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         if req.stream:
             await self.stream(send, receive, outputs, rid, req, chat=True)
@@ -276,12 +285,15 @@ class App:
         if (req.text is None) == (req.input_ids is None):
             raise HTTPError(400, "give exactly one of text and input_ids", param="text")
         prompt_ids = self.engine.tokenize(req.text) if req.text is not None else req.input_ids
+        sources = [req.image_data] if isinstance(req.image_data, str) else req.image_data or []
+        prompt = await self.with_images(list(prompt_ids), sources, "image_data")
+        length = prompt_length(prompt)
         sp = req.sampling_params or p.NativeSamplingParams()
         stop = [sp.stop] if isinstance(sp.stop, str) else list(sp.stop or [])
-        if sp.max_new_tokens + len(prompt_ids) > self.context_length:
+        if sp.max_new_tokens + length > self.context_length:
             raise HTTPError(
                 400,
-                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens "
+                f"prompt ({length} tokens) + max_new_tokens "
                 f"({sp.max_new_tokens}) exceeds the context length "
                 f"{self.context_length}",
                 param="max_new_tokens",
@@ -306,7 +318,7 @@ class App:
             )
         except ValueError as e:
             raise HTTPError(400, str(e), param=str(e).split(":")[0]) from None
-        outputs = self.submit(list(prompt_ids), params)
+        outputs = self.submit(prompt, params)
         rid = uuid.uuid4().hex
 
         def native(out: RequestOutput) -> list[dict[str, Any]]:
@@ -402,33 +414,36 @@ class App:
                 param="model",
             )
 
-    def render_chat(self, req: p.ChatCompletionRequest) -> list[int]:
+    def render_chat(self, req: p.ChatCompletionRequest) -> tuple[list[int], list[str]]:
+        """The prompt's token ids (one <|image|> per image) and the images' sources, in order."""
         if not req.messages:
             raise HTTPError(400, "messages must not be empty", param="messages")
         messages = []
+        sources: list[str] = []
         for i, m in enumerate(req.messages):
             if m.role not in ("system", "user", "assistant", "tool", "ipython", "developer"):
                 raise HTTPError(
                     400, f"messages[{i}].role {m.role!r} is not a chat role", param="messages"
                 )
+            content: str | list[dict[str, str]] = m.content or ""
             if isinstance(m.content, list):
-                texts = []
+                parts: list[dict[str, str]] = []
                 for part in m.content:
                     if part.type == "text" and part.text is not None:
-                        texts.append(part.text)
-                    elif part.type == "image_url":
-                        raise HTTPError(
-                            400, "image input is not supported by this server yet", param="messages"
-                        )
+                        parts.append({"type": "text", "text": part.text})
+                    elif part.type == "image_url" and part.image_url is not None:
+                        self.check_takes_images("messages")
+                        parts.append({"type": "image"})
+                        sources.append(part.image_url.url)
                     else:
                         raise HTTPError(
                             400,
                             f"messages[{i}]: content part of type {part.type!r} needs its field",
                             param="messages",
                         )
-                content = "".join(texts)
-            else:
-                content = m.content or ""
+                # Text-only content stays a string: templates without image support take it.
+                has_image = any(part["type"] == "image" for part in parts)
+                content = parts if has_image else "".join(part["text"] for part in parts)
             messages.append({"role": m.role, "content": content})
         try:
             text = self.engine.tokenizer.apply_chat_template(
@@ -443,7 +458,53 @@ class App:
             raise HTTPError(
                 400, f"the chat template failed on these messages: {e}", param="messages"
             ) from None
-        return self.engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.engine.tokenizer(text, add_special_tokens=False)["input_ids"], sources
+
+    async def with_images(
+        self, prompt_ids: list[int], sources: list[str], param: str
+    ) -> list[int] | ImagePrompt:
+        """The prompt with its images fetched, decoded, tiled and expanded (if it has any)."""
+        if not sources:
+            return prompt_ids
+        self.check_takes_images(param)
+        if len(sources) > self.max_images:
+            raise HTTPError(
+                400,
+                f"{len(sources)} images in one request; this server takes at most "
+                f"{self.max_images} (--max-images-per-request)",
+                param=param,
+            )
+        images: list[Any] = [None] * len(sources)
+        errors: list[str] = []
+
+        async def fetch(i: int) -> None:
+            try:
+                images[i] = await load_image(sources[i], self.media)
+            except MediaError as e:
+                errors.append(f"image {i + 1}: {e}")
+
+        async with anyio.create_task_group() as tg:
+            for i in range(len(sources)):
+                tg.start_soon(fetch, i)
+        if errors:
+            raise HTTPError(400, sorted(errors)[0], param=param)
+        config = self.engine.images.processor
+        try:
+            tiled = await anyio.to_thread.run_sync(
+                lambda: [ImageInput.from_image(image, config) for image in images]
+            )
+            return self.engine.image_prompt(prompt_ids, tiled)
+        except ValueError as e:
+            raise HTTPError(400, str(e), param=param) from None
+
+    def check_takes_images(self, param: str) -> None:
+        if self.engine.images is None:
+            raise HTTPError(
+                400,
+                "this server takes text only: image input needs a multimodal checkpoint served "
+                "with --enable-multimodal",
+                param=param,
+            )
 
     def sampling_params(
         self, req: Any, prompt_len: int, max_tokens: int | None, logprobs: int | None
@@ -493,7 +554,9 @@ class App:
         except ValueError as e:
             raise HTTPError(400, str(e), param=str(e).split(":")[0]) from None
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+    def submit(
+        self, prompt: list[int] | ImagePrompt, params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
         if self.max_queued is not None and self.engine.stats().num_waiting >= self.max_queued:
             raise HTTPError(
                 503,
@@ -502,7 +565,7 @@ class App:
                 headers=[(b"retry-after", b"1")],
             )
         try:
-            return self.engine.submit(prompt_ids, params)
+            return self.engine.submit(prompt, params)
         except ValueError as e:
             raise HTTPError(400, str(e)) from None
 
@@ -630,6 +693,8 @@ def create_app(
     api_key: str | None = None,
     max_queued_requests: int | None = None,
     chat_template: str | None = None,
+    media: MediaPolicy | None = None,
+    max_images_per_request: int = 10,
 ) -> App:
     return App(
         engine,
@@ -638,6 +703,8 @@ def create_app(
         api_key=api_key,
         max_queued_requests=max_queued_requests,
         chat_template=chat_template,
+        media=media,
+        max_images_per_request=max_images_per_request,
     )
 
 
@@ -753,6 +820,10 @@ async def respond(
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+def prompt_length(prompt: list[int] | ImagePrompt) -> int:
+    return len(prompt.token_ids) if isinstance(prompt, ImagePrompt) else len(prompt)
 
 
 def finish_reason(c: Any) -> str | None:

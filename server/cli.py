@@ -48,9 +48,9 @@ CHECK_ORDER = (
     "speculative_num_steps",
     "speculative_eagle_topk",
     "speculative_num_draft_tokens",
-    "enable_multimodal",
     "device",
     "chat_template",
+    "allowed_local_media_path",
 )
 
 
@@ -134,10 +134,52 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         metavar="FILE",
         help="a Jinja chat template file that replaces the checkpoint's",
     )
-    model.add_argument(
+
+    images = p.add_argument_group("images (with --enable-multimodal)")
+    images.add_argument(
         "--enable-multimodal",
         action="store_true",
-        help="image input: not built yet, stops at start",
+        help="take images (OpenAI image_url content parts, /generate image_data); needs a "
+        "multimodal checkpoint (config.json with a vision_config)",
+    )
+    images.add_argument(
+        "--max-image-tiles",
+        type=_int_in(1),
+        metavar="N",
+        help="the most tiles an image is cut into, besides its global tile (default: the "
+        "checkpoint's preprocessor_config.json max_patches, 16 for Llama 4)",
+    )
+    images.add_argument(
+        "--max-images-per-request",
+        type=_int_in(1),
+        default=10,
+        metavar="N",
+        help="more images in one request are refused with a 400 (default 10)",
+    )
+    images.add_argument(
+        "--max-image-pixels",
+        type=_int_in(1),
+        default=40_000_000,
+        metavar="N",
+        help="images with more pixels (width x height) are refused before decoding "
+        "(default 40000000)",
+    )
+    images.add_argument(
+        "--image-fetch-timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds allowed to fetch an http(s) image URL (default 10)",
+    )
+    images.add_argument(
+        "--disable-image-url-fetch",
+        action="store_true",
+        help="refuse http(s) image URLs (data: URLs still work)",
+    )
+    images.add_argument(
+        "--allowed-local-media-path",
+        metavar="DIR",
+        help="accept file:// image URLs and paths, only below DIR (default: refused)",
     )
 
     hw = p.add_argument_group("device and memory")
@@ -333,8 +375,8 @@ _CHECKS: dict[str, Callable[[Any], str | None]] = {
     "speculative_num_steps": lambda v: None if v is None else _SPECULATIVE,
     "speculative_eagle_topk": lambda v: None if v is None else _SPECULATIVE,
     "speculative_num_draft_tokens": lambda v: None if v is None else _SPECULATIVE,
-    "enable_multimodal": lambda v: (
-        "image input is not built yet; pyllama4 serves text only" if v else None
+    "allowed_local_media_path": lambda v: (
+        None if v is None or Path(v).expanduser().is_dir() else "not a directory"
     ),
     "device": lambda v: (
         "no GPU is visible to torch (torch.cuda.is_available() is False)"
@@ -343,6 +385,16 @@ _CHECKS: dict[str, Callable[[Any], str | None]] = {
     ),
     "chat_template": lambda v: _check_chat_template(v) if v is not None else None,
 }
+
+
+_IMAGE_FLAGS = (
+    "max_image_tiles",
+    "max_images_per_request",
+    "max_image_pixels",
+    "image_fetch_timeout",
+    "disable_image_url_fetch",
+    "allowed_local_media_path",
+)
 
 
 def _flag(dest: str) -> str:
@@ -396,6 +448,12 @@ def notes(args: argparse.Namespace) -> list[tuple[int, str]]:
                     "yet; every step runs eagerly (same outputs, slower small-batch decode)",
                 )
             )
+    if not args.enable_multimodal:
+        for dest in _IMAGE_FLAGS:
+            if dest in getattr(args, "given", ()):
+                out.append(
+                    (logging.WARNING, f"{_flag(dest)}: no effect without --enable-multimodal")
+                )
     if args.mem_fraction_static is not None and device == "cpu":
         out.append(
             (
@@ -501,8 +559,9 @@ def _start_and_serve(args: argparse.Namespace) -> None:
     import anyio
     import torch
 
-    from pyllama4.config import ConfigError, TextConfig
+    from pyllama4.config import ConfigError, TextConfig, VisionConfig
     from pyllama4.engine import Engine
+    from pyllama4.multimodal.media import MediaPolicy
     from server.app import create_app  # before minutes of loading: a broken install fails now
 
     device = resolve_device(args)
@@ -522,6 +581,12 @@ def _start_and_serve(args: argparse.Namespace) -> None:
         served_model_name = args.served_model_name or args.model_path
     try:
         config = TextConfig.from_checkpoint(path)
+        if args.enable_multimodal and VisionConfig.from_checkpoint(path) is None:
+            _fail(
+                args,
+                f"--enable-multimodal: {path} is a text-only checkpoint (its config.json has no "
+                "vision_config); serve a multimodal Llama 4 checkpoint, or drop the flag",
+            )
     except ConfigError as e:
         _fail(args, f"--model-path {path}: {e}")
     context = args.context_length or config.max_position_embeddings
@@ -560,7 +625,13 @@ def _start_and_serve(args: argparse.Namespace) -> None:
     start = time.monotonic()
     try:
         engine = Engine.from_checkpoint(
-            path, dtype=dtype, device=device, context_len=context, **options
+            path,
+            dtype=dtype,
+            device=device,
+            context_len=context,
+            enable_multimodal=args.enable_multimodal,
+            max_image_tiles=args.max_image_tiles,
+            **options,
         )
     except torch.OutOfMemoryError as e:
         log.debug("loading failed", exc_info=True)
@@ -590,6 +661,9 @@ def _start_and_serve(args: argparse.Namespace) -> None:
             memory.max_tokens,
         )
 
+    if engine.images is not None:
+        log.info("%s", engine.images.describe())
+    local_media = args.allowed_local_media_path
     app = create_app(
         engine,
         served_model_name=served_model_name,
@@ -597,6 +671,13 @@ def _start_and_serve(args: argparse.Namespace) -> None:
         max_queued_requests=args.max_queued_requests,
         chat_template=chat_template,
         context_length=context,
+        media=MediaPolicy(
+            allow_fetch=not args.disable_image_url_fetch,
+            fetch_timeout=args.image_fetch_timeout,
+            allowed_local_path=Path(local_media).expanduser() if local_media else None,
+            max_pixels=args.max_image_pixels,
+        ),
+        max_images_per_request=args.max_images_per_request,
     )
     anyio.run(_serve, app, sock, SHUTDOWN_TIMEOUT_S, backend="asyncio")
     log.info("stopped")

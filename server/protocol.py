@@ -29,6 +29,7 @@ class StreamOptions(msgspec.Struct, forbid_unknown_fields=False):
 
 class ImageURL(msgspec.Struct):
     url: str
+    detail: str | None = None  # accepted; Llama 4 always tiles at full detail
 
 
 class ContentPart(msgspec.Struct, forbid_unknown_fields=False):
@@ -212,6 +213,7 @@ class NativeSamplingParams(msgspec.Struct, forbid_unknown_fields=False, kw_only=
 class GenerateRequest(msgspec.Struct, forbid_unknown_fields=False, kw_only=True):
     text: str | None = None
     input_ids: list[int] | None = None
+    image_data: str | list[str] | None = None  # URLs, paths or base64, one per <|image|>
     sampling_params: NativeSamplingParams | None = None
     stream: bool = False
 

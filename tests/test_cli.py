@@ -106,7 +106,6 @@ UNSUPPORTED = (
     "--speculative-num-steps",
     "--speculative-eagle-topk",
     "--speculative-num-draft-tokens",
-    "--enable-multimodal",
 )
 VALUED = {"--trust-remote-code": False, "--enable-multimodal": False}
 
@@ -298,8 +297,8 @@ def test_each_unsupported_flag_of_a_seed_command_is_named_in_turn(command, tiny,
 
 
 def test_unsupported_flags_are_named_in_the_order_typed(tiny):
-    line = f"--model-path {tiny} --enable-multimodal --quantization fp8 --tp 2".split()
-    with pytest.raises(SystemExit, match=r"^pyllama4-serve: --enable-multimodal: image input"):
+    line = f"--model-path {tiny} --chat-template /nonexistent --quantization fp8 --tp 2".split()
+    with pytest.raises(SystemExit, match=r"^pyllama4-serve: --chat-template /nonexistent: cannot"):
         cli.check_supported(cli.parse_args(line))
     args = cli.parse_args(line)
     del args.given  # a namespace not made by parse_args: the seed's order
