@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from tiny_models import TINY_TEXT
 from transformers import Llama4Config, Llama4TextConfig
 
 from pyllama4.config import ConfigError, RopeScaling, TextConfig
@@ -21,15 +22,9 @@ SCOUT_ROPE_4X = {
 def scout_like(**overrides) -> dict:
     d = {
         "model_type": "llama4_text",
-        "hidden_size": 64,
-        "intermediate_size": 32,
-        "intermediate_size_mlp": 96,
+        **TINY_TEXT,
         "num_hidden_layers": 8,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 16,
         "vocab_size": 512,
-        "num_local_experts": 4,
         "attention_chunk_size": 8,
         "floor_scale": 8,
     }

@@ -10,6 +10,7 @@ from __future__ import annotations
 import anyio
 import pytest
 import torch
+from tiny_models import LLAMA3_ROPE, TINY_TEXT
 from transformers import AutoTokenizer, Llama4TextConfig
 from transformers import Llama4ForCausalLM as HFLlama4
 
@@ -31,29 +32,15 @@ def tokenizer(demo_dir):
 def weights():
     torch.manual_seed(0)
     cfg = Llama4TextConfig(
+        **TINY_TEXT,
         vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=32,
-        intermediate_size_mlp=96,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        num_local_experts=4,
         interleave_moe_layer_step=1,
         attention_chunk_size=8,
         floor_scale=8,
         max_position_embeddings=1024,
         bos_token_id=1,
         eos_token_id=2,
-        rope_parameters={
-            "rope_type": "llama3",
-            "rope_theta": 500000.0,
-            "factor": 16.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 1.0,
-            "original_max_position_embeddings": 8192,
-        },
+        rope_parameters=LLAMA3_ROPE,
     )
     hf = HFLlama4(cfg)
     with torch.no_grad():

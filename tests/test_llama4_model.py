@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tiny_models import LLAMA3_ROPE, TINY_TEXT
 from transformers import Llama4ForCausalLM as HFLlama4
 from transformers import Llama4TextConfig
 
@@ -25,26 +26,11 @@ FP32_TOL = 1e-4
 VOCAB = 512
 CONTEXT = 96
 
-LLAMA3_ROPE = {
-    "rope_type": "llama3",
-    "rope_theta": 500000.0,
-    "factor": 16.0,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 1.0,
-    "original_max_position_embeddings": 8192,
-}
-
 
 def tiny_config(kind: str, chunk: int = 8) -> Llama4TextConfig:
     common = dict(
+        TINY_TEXT,
         vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=32,
-        intermediate_size_mlp=96,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        num_local_experts=4,
         num_experts_per_tok=1,
         attention_chunk_size=chunk,
         attn_temperature_tuning=True,
@@ -57,7 +43,6 @@ def tiny_config(kind: str, chunk: int = 8) -> Llama4TextConfig:
     if kind == "scout":  # all layers MoE, QK-norm, llama3 scaling
         return Llama4TextConfig(
             **common,
-            num_hidden_layers=4,
             interleave_moe_layer_step=1,
             use_qk_norm=True,
             rope_parameters=LLAMA3_ROPE,
@@ -65,7 +50,6 @@ def tiny_config(kind: str, chunk: int = 8) -> Llama4TextConfig:
     assert kind == "maverick"  # dense and MoE interleaved, no QK-norm, plain RoPE
     return Llama4TextConfig(
         **common,
-        num_hidden_layers=4,
         interleave_moe_layer_step=2,
         use_qk_norm=False,
         rope_parameters={"rope_type": "default", "rope_theta": 500000.0},

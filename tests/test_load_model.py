@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from tiny_models import TINY_TEXT
 from transformers import Llama4ForCausalLM as HFLlama4
 from transformers import Llama4TextConfig
 
@@ -27,15 +28,8 @@ LLAMA3 = {
 def saved(tmp_path_factory):
     torch.manual_seed(0)
     cfg = Llama4TextConfig(
+        **TINY_TEXT,
         vocab_size=256,
-        hidden_size=64,
-        intermediate_size=32,
-        intermediate_size_mlp=96,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        num_local_experts=4,
         interleave_moe_layer_step=2,
         attention_chunk_size=8,
         floor_scale=8,

@@ -4,7 +4,6 @@ official openai client and raw HTTP for the error cases."""
 from __future__ import annotations
 
 import json
-import time
 
 import anyio
 import httpx
@@ -12,6 +11,9 @@ import openai
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from server_checks import assert_idle, metric
+
+from server.app import MAX_BODY_BYTES
 
 MODEL = "demo"
 
@@ -30,21 +32,6 @@ def client(server):
 
 def ask(text: str) -> list[dict]:
     return [{"role": "user", "content": text}]
-
-
-def metric(server: str, name: str) -> float:
-    for line in httpx.get(server + "/metrics").text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name} not in /metrics")
-
-
-def assert_idle(server: str) -> None:
-    deadline = time.monotonic() + 10
-    while metric(server, "pyllama4_num_running_reqs") and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert metric(server, "pyllama4_num_running_reqs") == 0
-    assert metric(server, "pyllama4_pages_held_by_requests") == 0
 
 
 def test_chat_answers_a_factual_question(client, server):
@@ -173,7 +160,7 @@ def test_bad_requests_get_openai_errors(server, body, status, words):
 
 
 def test_oversized_and_overlong_requests_then_the_server_still_works(server, client):
-    r = httpx.post(server + "/v1/completions", content=b"x" * (17 << 20))
+    r = httpx.post(server + "/v1/completions", content=b"x" * (MAX_BODY_BYTES + 1))
     assert r.status_code == 413 and "error" in r.json()
     r = httpx.post(
         server + "/v1/completions", json={"model": MODEL, "prompt": "word " * 2000, "max_tokens": 4}

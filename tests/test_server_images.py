@@ -10,12 +10,12 @@ import base64
 import http.server
 import io
 import threading
-import time
 
 import httpx
 import openai
 import pytest
 from PIL import Image
+from server_checks import assert_idle, metric
 
 MODEL = "demo"  # the name the test servers are started with
 # Tokens an image adds to a chat prompt (the template's <|image|> is expanded in place).
@@ -99,21 +99,6 @@ def chat(client, messages, **kwargs):
     return client.chat.completions.create(
         model=MODEL, messages=messages, temperature=0, max_tokens=4, **kwargs
     )
-
-
-def metric(server: str, name: str) -> float:
-    for line in httpx.get(server + "/metrics").text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name} not in /metrics")
-
-
-def assert_idle(server: str) -> None:
-    deadline = time.monotonic() + 10
-    while metric(server, "pyllama4_num_running_reqs") and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert metric(server, "pyllama4_num_running_reqs") == 0
-    assert metric(server, "pyllama4_pages_held_by_requests") == 0
 
 
 def test_one_and_two_images_expand_as_llama4_tiles_them(client):

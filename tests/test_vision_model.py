@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_models import TINY_TEXT, TINY_VISION
 from transformers import Llama4Config, Llama4ForConditionalGeneration, Llama4TextConfig
 
 from pyllama4.config import ConfigError, VisionConfig
@@ -16,39 +17,24 @@ from pyllama4.model.load import load_vision_tower
 from pyllama4.model.vision import VisionTower, rotation_2d
 from pyllama4.weights import CheckpointError, text_name, vision_name
 
-TEXT = dict(
-    hidden_size=64,
-    intermediate_size=32,
-    intermediate_size_mlp=96,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    num_local_experts=4,
-    num_experts_per_tok=1,
-    interleave_moe_layer_step=2,
-    max_position_embeddings=1024,
-)
-VISION = dict(  # LLAMA4.md §8: 4x4 patches, 4 tokens per tile
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=128,
-    image_size=56,
-    patch_size=14,
-    pixel_shuffle_ratio=0.5,
-    projector_input_dim=64,
-    projector_output_dim=64,
-    vision_output_dim=64,
-)
+TEXT = {
+    **TINY_TEXT,
+    "num_experts_per_tok": 1,
+    "interleave_moe_layer_step": 2,
+    "max_position_embeddings": 1024,
+}
 # Other shapes, to catch anything hard-wired: a 6x6 grid with 4 heads of 8 and 3 layers; an 8x8
 # grid shuffled 4x4 (ratio 1/4) with 4 heads, another RoPE base and a wider text model.
 OTHER_VISION = {
     "grid6": dict(
-        VISION, image_size=84, num_attention_heads=4, num_hidden_layers=3, projector_input_dim=48
+        TINY_VISION,
+        image_size=84,
+        num_attention_heads=4,
+        num_hidden_layers=3,
+        projector_input_dim=48,
     ),
     "ratio4": dict(
-        VISION,
+        TINY_VISION,
         image_size=112,
         num_attention_heads=4,
         pixel_shuffle_ratio=0.25,
@@ -98,7 +84,7 @@ def reference(hf: Llama4ForConditionalGeneration, pixels: torch.Tensor) -> torch
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     """LLAMA4.md §8's tiny multimodal model (real vocabulary), saved once."""
-    return save_tiny(tmp_path_factory.mktemp("vlm"), VISION, vocab_size=202048)
+    return save_tiny(tmp_path_factory.mktemp("vlm"), TINY_VISION, vocab_size=202048)
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +171,7 @@ def test_bf16_is_close_to_fp32(tiny, tower):
 
 
 def vision_dict(**overrides) -> dict:
-    return {"text_config": {"hidden_size": 64}, "vision_config": {**VISION, **overrides}}
+    return {"text_config": {"hidden_size": 64}, "vision_config": {**TINY_VISION, **overrides}}
 
 
 @pytest.mark.parametrize(

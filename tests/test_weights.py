@@ -14,6 +14,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
+from tiny_models import TINY_TEXT, TINY_VISION  # noqa: E402
 from transformers import (  # noqa: E402
     Llama4Config,
     Llama4ForCausalLM,
@@ -31,38 +32,19 @@ from pyllama4.weights import (  # noqa: E402
 )
 
 # LLAMA4.md section 8, with a small vocabulary for the text-only tests.
-TEXT = dict(
-    hidden_size=64,
-    intermediate_size=32,
-    intermediate_size_mlp=96,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    num_local_experts=4,
-    num_experts_per_tok=1,
-    interleave_moe_layer_step=2,
-    no_rope_layer_interval=4,
-    attention_chunk_size=8,
-    use_qk_norm=True,
-    attn_temperature_tuning=True,
-    floor_scale=8,
-    attn_scale=0.1,
-    vocab_size=512,
-    max_position_embeddings=1024,
-)
-VISION = dict(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=128,
-    image_size=56,
-    patch_size=14,
-    pixel_shuffle_ratio=0.5,
-    projector_input_dim=64,
-    projector_output_dim=64,
-    vision_output_dim=64,
-)
+TEXT = {
+    **TINY_TEXT,
+    "num_experts_per_tok": 1,
+    "interleave_moe_layer_step": 2,
+    "no_rope_layer_interval": 4,
+    "attention_chunk_size": 8,
+    "use_qk_norm": True,
+    "attn_temperature_tuning": True,
+    "floor_scale": 8,
+    "attn_scale": 0.1,
+    "vocab_size": 512,
+    "max_position_embeddings": 1024,
+}
 MOE_LAYERS = (1, 3)
 EXPERTS = "model.layers.{l}.feed_forward.experts"
 
@@ -222,7 +204,7 @@ def test_per_expert_layout_mixed_with_fused_per_layer(text_ckpt, tmp_path):
 
 def test_multimodal_checkpoint_loads_text_weights(tmp_path):
     torch.manual_seed(3)
-    config = Llama4Config(text_config={**TEXT, "vocab_size": 202048}, vision_config=VISION)
+    config = Llama4Config(text_config={**TEXT, "vocab_size": 202048}, vision_config=TINY_VISION)
     src = Llama4ForConditionalGeneration(config)
     src.save_pretrained(tmp_path / "mm")
     with safe_open(tmp_path / "mm" / "model.safetensors", "pt") as f:
