@@ -29,6 +29,7 @@ import anyio
 import numpy as np
 import torch
 from anyio.streams.memory import MemoryObjectSendStream
+from PIL.Image import Image as PILImage
 
 from pyllama4.detokenizer import IncrementalDetokenizer, StopStrings
 from pyllama4.model.load import load_model
@@ -388,16 +389,20 @@ class Engine:
         return [int(t) for t in prompt]
 
     def image_prompt(
-        self, prompt: str | Sequence[int], images: Sequence[ImageInput]
+        self, prompt: str | Sequence[int], images: Sequence[ImageInput | PILImage]
     ) -> ImagePrompt:
-        """A prompt with one `<|image|>` per image, expanded for submit(). ValueError if this
-        engine takes no images or the placeholders and images do not pair up."""
+        """A prompt with one `<|image|>` per image, expanded for submit(); PIL images are tiled
+        here. ValueError if this engine takes no images or placeholders and images differ."""
         if self.images is None:
             raise ValueError(
                 "this engine takes no images: load a multimodal checkpoint with "
                 "enable_multimodal=True (the server's --enable-multimodal)"
             )
-        return self.images.expand(self.tokenize(prompt), images)
+        config = self.images.processor
+        tiled = [
+            i if isinstance(i, ImageInput) else ImageInput.from_image(i, config) for i in images
+        ]
+        return self.images.expand(self.tokenize(prompt), tiled)
 
     def submit(
         self,
@@ -519,11 +524,11 @@ class Engine:
 
     def generate(
         self,
-        prompts: Sequence[str | Sequence[int]],
+        prompts: Sequence[str | Sequence[int] | ImagePrompt],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
         """Runs a batch to completion (no event loop of the caller's needed); final outputs in
-        prompt order."""
+        prompt order. Image + text prompts come from image_prompt()."""
         if params is None or isinstance(params, SamplingParams):
             params = [params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):

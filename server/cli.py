@@ -639,8 +639,8 @@ def _start_and_serve(args: argparse.Namespace) -> None:
     except (ValueError, OSError) as e:  # ConfigError, a KV budget too small, missing files
         log.debug("loading failed", exc_info=True)
         _fail(args, f"cannot load {path}: {e}")
-    model = engine.runner.model
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    modules = [engine.runner.model] + ([engine.images.tower] if engine.images else [])
+    weight_bytes = sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
     memory = engine.runner.memory
     log.info(
         "loaded in %.1f s; memory plan: weights %.2f GiB (%d bytes); %s; max total tokens %d; "

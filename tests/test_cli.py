@@ -24,6 +24,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from tiny_models import TINY_TEXT
 
 import pyllama4
 from server import cli
@@ -161,15 +162,8 @@ def make_tiny_checkpoint(path: Path) -> Path:
 
     torch.manual_seed(0)
     config = Llama4TextConfig(
+        **TINY_TEXT,
         vocab_size=512,
-        hidden_size=64,
-        intermediate_size=32,
-        intermediate_size_mlp=96,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        num_local_experts=4,
         interleave_moe_layer_step=2,
         attention_chunk_size=64,
         max_position_embeddings=4096,
@@ -362,6 +356,32 @@ def test_a_command_with_only_supported_flags_passes(tiny, tmp_path, caplog):
     assert any(n.startswith("--cuda-graph-max-bs 8: no effect on the CPU") for n in notes)
     assert any(n.startswith("--mem-fraction-static 0.8: no effect on the CPU") for n in notes)
     assert any(n.startswith("--trust-remote-code: accepted") for n in notes)
+
+
+def test_enable_multimodal_on_a_text_only_checkpoint_stops_with_one_line(tiny):
+    rc, err = run_to_exit(["--model-path", tiny, "--enable-multimodal", "--port", "0"])
+    assert rc != 0
+    assert len(err) == 1, err
+    assert err[0].startswith(f"pyllama4-serve: --enable-multimodal: {tiny} is a text-only")
+
+
+def test_image_flags_without_enable_multimodal_are_logged_as_ignored(tiny, tmp_path, caplog):
+    args = cli.parse_args(
+        ["--model-path", tiny, "--max-image-tiles", "4", "--allowed-local-media-path"]
+        + [str(tmp_path), "--disable-image-url-fetch"]
+    )
+    with caplog.at_level(logging.INFO, logger="pyllama4.serve"):
+        cli.check_supported(args)
+    notes = [r.getMessage() for r in caplog.records]
+    for flag in ("--max-image-tiles", "--allowed-local-media-path", "--disable-image-url-fetch"):
+        assert f"{flag}: no effect without --enable-multimodal" in notes
+
+
+def test_allowed_local_media_path_must_be_a_directory(tiny, tmp_path):
+    line = ["--model-path", tiny, "--enable-multimodal", "--allowed-local-media-path"]
+    with pytest.raises(SystemExit, match="--allowed-local-media-path .*: not a directory"):
+        cli.check_supported(cli.parse_args([*line, str(tmp_path / "missing")]))
+    cli.check_supported(cli.parse_args([*line, str(tmp_path)]))
 
 
 def test_defaults_follow_sglang_and_the_demo_runs_on_the_cpu_in_float32():

@@ -131,3 +131,13 @@ def test_a_text_only_engine_refuses_images(parts):
     engine = Engine(ModelRunner(model, context_len=512, kv_tokens=1024, page_size=8), tokenizer)
     with pytest.raises(ValueError, match="enable_multimodal"):
         engine.image_prompt([1, IMAGE], [image((1, 1), 8)])
+
+
+def test_pil_images_are_tiled_by_the_engine(parts):
+    from PIL import Image
+
+    engine = make_engine(parts)
+    p = engine.image_prompt([200000, 11, IMAGE, 12], [Image.new("RGB", (112, 56), (9, 99, 199))])
+    assert p.images[0].grid == (1, 2)
+    assert p.token_ids.count(200092) == 3 * 4  # two tiles and the global one
+    assert len(engine.generate([p], GREEDY)[0].outputs[0].token_ids) == 8
