@@ -1,0 +1,24 @@
+"""Chat templates shipped with pyllama4, as Jinja text for `tokenizer.apply_chat_template`.
+
+- `llama4_pythonic`: Llama 4's chat layout with Meta's pythonic tool-call format: tools are
+  listed as JSON in the system turn, the model calls them as
+  `[func_name1(param1=value1, ...), func_name2(...)]`, past calls render the same way and tool
+  results go back as `ipython` turns. Without tools it renders exactly as transformers' built-in
+  Llama 4 template. The header comment of the `.jinja` file documents every choice.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+
+BUILTIN: tuple[str, ...] = ("llama4_pythonic",)
+
+
+def builtin_template(name: str) -> str | None:
+    """The text of the built-in template `<name>.jinja` in this package, or None if absent."""
+    if not name or "/" in name or "\\" in name or name.startswith("."):
+        return None
+    path = resources.files(__name__).joinpath(f"{name}.jinja")
+    if not path.is_file():
+        return None
+    return path.read_text(encoding="utf-8")
