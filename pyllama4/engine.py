@@ -32,6 +32,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 from PIL.Image import Image as PILImage
 
 from pyllama4.detokenizer import IncrementalDetokenizer, StopStrings
+from pyllama4.grammar import Constraint, GrammarCompiler, GrammarSpec
 from pyllama4.model.load import load_model
 from pyllama4.multimodal.features import ImageFeed, PromptFeatures
 from pyllama4.multimodal.inputs import ImageInput, ImagePrompt
@@ -69,6 +70,7 @@ class _Completion:
     emitted: tuple[int, int] = (0, 0)  # (pieces, tokens) in outputs already sent
     in_core: bool = False
     last_token_time: float | None = None
+    constraint: Constraint | None = None  # structured output: advanced on the model thread
 
     @property
     def finished(self) -> bool:
@@ -127,6 +129,7 @@ class Engine:
         self._wake = anyio.Event()
         self._generation_tokens = 0
         self._images_encoded = 0
+        self._grammars: GrammarCompiler | None = None
         self._running = False
         self._model_thread = model_thread or ThreadPoolExecutor(1, "pyllama4-model")
 
@@ -274,6 +277,9 @@ class Engine:
             embeds = feed.gather(self.images.tower, self.runner.device)
         out = self.sampler(self.runner.forward(plan, embeds), requests)
         tokens = out.tokens.to(torch.int32).cpu().numpy()
+        for row, r in enumerate(requests):
+            if r.constraint is not None and not r.constraint.accept(int(tokens[row])):
+                log.error("a sampled token broke its grammar (masking failed)")
         return tokens, self._logprob_rows(out, completions)
 
     def _sample_request(self, c: _Completion) -> SampleRequest:
@@ -283,6 +289,7 @@ class Engine:
             output_ids=c.token_ids,
             stop_ids=c.stop_ids,
             seed_offset=c.index,
+            constraint=c.constraint,
         )
 
     @staticmethod
@@ -320,7 +327,13 @@ class Engine:
             text += c.detokenizer.finish()
         emit, stopped = c.stops.push(text)
         c.pieces.append(emit)
-        if stopped:
+        if done is None and c.constraint is not None and c.constraint.finished:
+            # The grammar ended on a stop token the request does not stop at (ignore_eos).
+            c.pieces.append(c.stops.finish())
+            c.stop_reason = token
+            self._finish(c, "stop")
+            self.scheduler.abort(c.core_id)
+        elif stopped:
             c.stop_reason = c.stops.matched
             self._finish(c, "stop")
             if done is None:
@@ -404,6 +417,20 @@ class Engine:
         ]
         return self.images.expand(self.tokenize(prompt), tiled)
 
+    @property
+    def grammars(self) -> GrammarCompiler:
+        """The structured-output grammar compiler (built on first use; its cache is shared)."""
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(
+                self.tokenizer, self.vocab_size, sorted(self.eos_token_ids)
+            )
+        return self._grammars
+
+    async def compile_grammar(self, spec: GrammarSpec) -> None:
+        """Compiles (and caches) a grammar in a worker thread, so that submit() finds it ready.
+        Raises GrammarError (a ValueError) for an invalid schema, regex or grammar."""
+        await anyio.to_thread.run_sync(self.grammars.compile, spec)
+
     def submit(
         self,
         prompt: str | Sequence[int] | ImagePrompt,
@@ -414,9 +441,11 @@ class Engine:
         Image + text prompts come from image_prompt().
 
         Raises ValueError at once for a request that can never run (empty prompt, unknown token
-        ids, too long for the context, a duplicate request id)."""
+        ids, too long for the context, a duplicate request id, an invalid grammar). A grammar
+        not compiled yet (see compile_grammar) is compiled here, blocking."""
         params = params or SamplingParams()
         params.validate()
+        compiled = self.grammars.compile(params.grammar) if params.grammar else None
         if isinstance(prompt, ImagePrompt):
             if self.images is None:
                 raise ValueError("this engine takes no images (enable_multimodal is off)")
@@ -463,6 +492,7 @@ class Engine:
                 stops=StopStrings(params.stop, params.include_stop_str_in_output),
                 logprobs=[] if params.logprobs is not None else None,
                 stop_ids=stop_ids,
+                constraint=None if compiled is None else self.grammars.constraint(compiled),
             )
             group.completions.append(c)
         self._add_to_core(group.completions[0])  # raises ValueError before anything is kept

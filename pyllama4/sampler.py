@@ -7,7 +7,10 @@ never modified; reported logprobs are the log-softmax of the raw logits.
 
 Processing, on float32 copies, in this order: logit_bias; repetition penalty (HF/CTRL, over the
 prompt and output tokens); frequency and presence penalties (OpenAI, over the output tokens);
-stop ids masked to -inf while fewer than min_tokens tokens were generated. Greedy rows then take
+stop ids masked to -inf while fewer than min_tokens tokens were generated (not in rows with a
+grammar, which alone decides when they may end); tokens a row's grammar constraint does not allow
+next masked to -inf (the constraint advances outside the sampler, by
+the tokens it returns). Greedy rows then take
 the argmax. The other rows are divided by their temperature, restricted by top_k, top_p and min_p
 (tokens tied with the last kept one are kept too), and sampled with the exponential race
 (argmax of probs / Exponential(1) noise, which draws from probs) in one argmax for the batch.
@@ -25,11 +28,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from pyllama4.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from pyllama4.grammar import Constraint
 
 _MASK64 = (1 << 64) - 1
 
@@ -45,6 +52,7 @@ class SampleRequest:
     # len(output_ids) < params.min_tokens.
     stop_ids: frozenset[int] | tuple[int, ...] = ()
     seed_offset: int = 0  # index of the completion for n > 1: n seeded samples differ
+    constraint: Constraint | None = None  # structured output: the grammar's allowed tokens
 
 
 @dataclass
@@ -185,9 +193,10 @@ class Sampler:
         stop_rows = [
             i
             for i, r in enumerate(requests)
-            if r.stop_ids and len(r.output_ids) < r.params.min_tokens
+            if r.stop_ids and len(r.output_ids) < r.params.min_tokens and r.constraint is None
         ]
-        if not (bias_rows or rep_rows.size or fp_rows.size or stop_rows):
+        grammar_rows = [i for i, r in enumerate(requests) if r.constraint is not None]
+        if not (bias_rows or rep_rows.size or fp_rows.size or stop_rows or grammar_rows):
             owned = logits.dtype != torch.float32
             return logits.float(), owned
         x = torch.empty(logits.shape, dtype=torch.float32, device=self.device)
@@ -224,6 +233,10 @@ class Sampler:
         if stop_rows:
             flat, _ = self._flat(stop_rows, [requests[i].stop_ids for i in stop_rows], "stop_ids")
             flat_x[self._tensor(flat)] = -math.inf
+        if grammar_rows:
+            from pyllama4.grammar import mask_logits
+
+            mask_logits(x, grammar_rows, [requests[i].constraint for i in grammar_rows])
         return x, True
 
     def _warped(self, x: torch.Tensor, plan: _Plan, owned: bool) -> torch.Tensor:

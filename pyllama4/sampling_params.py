@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pyllama4.grammar import GrammarSpec
+
 MAX_TOP_LOGPROBS = 20
 MAX_N = 128  # completions per request: more is a denial of service, not a use case
 
@@ -34,6 +36,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     logprobs: int | None = None  # None: none; k >= 0: the sampled token's logprob + k top ones
+    grammar: GrammarSpec | None = None  # structured output: JSON schema, regex or EBNF
 
     def __post_init__(self) -> None:
         self.validate()
