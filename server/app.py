@@ -22,12 +22,23 @@ import anyio
 import msgspec
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from pyllama4.grammar import GrammarError, GrammarSpec
 
 from pyllama4 import Engine, SamplingParams
 from pyllama4.multimodal.inputs import ImageInput, ImagePrompt
 from pyllama4.multimodal.media import MediaError, MediaPolicy, load_image
 from pyllama4.outputs import RequestOutput
 from server import protocol as p
+from server.tool_parser import ToolCall, ToolCallStream, parse_tool_calls
+from server.tools import (
+    RequestError,
+    ToolPlan,
+    grammar_of,
+    native_grammars,
+    one_grammar,
+    plan_tools,
+    template_message,
+)
 
 log = logging.getLogger("pyllama4.server")
 
@@ -102,9 +113,12 @@ class App:
         chat_template: str | None = None,
         media: MediaPolicy | None = None,
         max_images_per_request: int = 10,
+        tool_call_parser: str | None = None,
     ):
-        """media: how image references are fetched and decoded (for an engine with images)."""
+        """media: how image references are fetched and decoded (for an engine with images);
+        tool_call_parser: "pythonic" turns tool-call outputs into tool_calls (None: off)."""
         self.engine = engine
+        self.tool_call_parser = tool_call_parser
         self.media = media or MediaPolicy()
         self.max_images = max_images_per_request
         self.model = served_model_name
@@ -224,42 +238,59 @@ class App:
     async def chat_completions(self, body: bytes, send: Send, receive: Receive) -> None:
         req = decode(body, p.ChatCompletionRequest)
         self.check_model(req.model)
-        prompt_ids, sources = self.render_chat(req)
+        try:
+            tools = plan_tools(req, self.tool_call_parser)
+            grammar = grammar_of(req)
+        except RequestError as e:
+            raise HTTPError(400, str(e), param=e.param) from None
+        if tools.grammar is not None:
+            if grammar is not None:
+                raise HTTPError(
+                    400,
+                    "a required or named tool_choice cannot be combined with response_format, "
+                    "regex, ebnf or json_schema",
+                    param="tool_choice",
+                )
+            grammar = tools.grammar
+        prompt_ids, sources = self.render_chat(req, tools)
         prompt = await self.with_images(prompt_ids, sources, "messages")
+        await self.compile_grammar(grammar, "response_format")
         max_tokens = req.max_completion_tokens or req.max_tokens
         top = req.top_logprobs if req.logprobs else None
         if req.top_logprobs is not None and not req.logprobs:
             raise HTTPError(400, "top_logprobs requires logprobs: true", param="top_logprobs")
         params = self.sampling_params(
-            req, prompt_length(prompt), max_tokens, (top or 0) if req.logprobs else None
+            req, prompt_length(prompt), max_tokens, (top or 0) if req.logprobs else None, grammar
         )
         outputs = self.submit(prompt, params)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         if req.stream:
-            await self.stream(send, receive, outputs, rid, req, chat=True)
+            await self.stream(send, receive, outputs, rid, req, chat=True, tools=tools.names)
             return
         final = await self.collect(outputs, receive)
-        choices = [
-            p.ChatChoice(
-                c.index,
-                p.ChatResponseMessage("assistant", c.text),
-                finish_reason(c),
-                self.chat_logprobs(c.logprobs) if req.logprobs else None,
-                c.stop_reason,
-            )
-            for c in final.outputs
-        ]
+        choices = []
+        for c in final.outputs:
+            message, reason = chat_message(c, tools)
+            lp = self.chat_logprobs(c.logprobs) if req.logprobs else None
+            choices.append(p.ChatChoice(c.index, message, reason, lp, c.stop_reason))
         body = p.ChatCompletion(rid, int(time.time()), self.model, choices, usage(final))
         await respond(send, 200, msgspec.json.encode(body))
 
     async def completions(self, body: bytes, send: Send, receive: Receive) -> None:
         req = decode(body, p.CompletionRequest)
         self.check_model(req.model)
+        try:
+            grammar = grammar_of(req)
+        except RequestError as e:
+            raise HTTPError(400, str(e), param=e.param) from None
+        await self.compile_grammar(grammar, "response_format")
         if isinstance(req.prompt, str):
             prompt_ids = self.engine.tokenize(req.prompt)
         else:
             prompt_ids = list(req.prompt)
-        params = self.sampling_params(req, len(prompt_ids), req.max_tokens or 16, req.logprobs)
+        params = self.sampling_params(
+            req, len(prompt_ids), req.max_tokens or 16, req.logprobs, grammar
+        )
         outputs = self.submit(prompt_ids, params)
         rid = f"cmpl-{uuid.uuid4().hex}"
         if req.stream:
@@ -289,6 +320,11 @@ class App:
         prompt = await self.with_images(list(prompt_ids), sources, "image_data")
         length = prompt_length(prompt)
         sp = req.sampling_params or p.NativeSamplingParams()
+        try:
+            grammar = one_grammar(native_grammars(sp))
+        except RequestError as e:
+            raise HTTPError(400, str(e), param=e.param) from None
+        await self.compile_grammar(grammar, "sampling_params")
         stop = [sp.stop] if isinstance(sp.stop, str) else list(sp.stop or [])
         if sp.max_new_tokens + length > self.context_length:
             raise HTTPError(
@@ -315,6 +351,7 @@ class App:
                 ignore_eos=sp.ignore_eos,
                 skip_special_tokens=sp.skip_special_tokens,
                 seed=sp.seed,
+                grammar=grammar,
             )
         except ValueError as e:
             raise HTTPError(400, str(e), param=str(e).split(":")[0]) from None
@@ -414,7 +451,9 @@ class App:
                 param="model",
             )
 
-    def render_chat(self, req: p.ChatCompletionRequest) -> tuple[list[int], list[str]]:
+    def render_chat(
+        self, req: p.ChatCompletionRequest, tools: ToolPlan
+    ) -> tuple[list[int], list[str]]:
         """The prompt's token ids (one <|image|> per image) and the images' sources, in order."""
         if not req.messages:
             raise HTTPError(400, "messages must not be empty", param="messages")
@@ -444,10 +483,14 @@ class App:
                 # Text-only content stays a string: templates without image support take it.
                 has_image = any(part["type"] == "image" for part in parts)
                 content = parts if has_image else "".join(part["text"] for part in parts)
-            messages.append({"role": m.role, "content": content})
+            try:
+                messages.append(template_message(i, m, content))
+            except RequestError as e:
+                raise HTTPError(400, str(e), param=e.param) from None
         try:
             text = self.engine.tokenizer.apply_chat_template(
                 messages,
+                tools=tools.template_tools,
                 chat_template=self.chat_template,
                 add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
                 continue_final_message=req.continue_final_message,
@@ -497,6 +540,15 @@ class App:
         except ValueError as e:
             raise HTTPError(400, str(e), param=param) from None
 
+    async def compile_grammar(self, grammar: GrammarSpec | None, param: str) -> None:
+        """Compiles a request's grammar off the event loop (cached); a bad one is a 400."""
+        if grammar is None:
+            return
+        try:
+            await self.engine.compile_grammar(grammar)
+        except GrammarError as e:
+            raise HTTPError(400, str(e), param=param) from None
+
     def check_takes_images(self, param: str) -> None:
         if self.engine.images is None:
             raise HTTPError(
@@ -507,7 +559,12 @@ class App:
             )
 
     def sampling_params(
-        self, req: Any, prompt_len: int, max_tokens: int | None, logprobs: int | None
+        self,
+        req: Any,
+        prompt_len: int,
+        max_tokens: int | None,
+        logprobs: int | None,
+        grammar: GrammarSpec | None = None,
     ) -> SamplingParams:
         room = self.context_length - prompt_len
         if room < 1:
@@ -550,6 +607,7 @@ class App:
                 stop_token_ids=list(req.stop_token_ids or []),
                 skip_special_tokens=req.skip_special_tokens,
                 logprobs=logprobs,
+                grammar=grammar,
             )
         except ValueError as e:
             raise HTTPError(400, str(e), param=str(e).split(":")[0]) from None
@@ -593,7 +651,10 @@ class App:
         req: Any,
         *,
         chat: bool,
+        tools: frozenset[str] = frozenset(),
     ) -> None:
+        """SSE chunks; with tools, content until a call list starts, then each call as a
+        tool_calls delta as soon as it is complete."""
         await send(
             {
                 "type": "http.response.start",
@@ -607,6 +668,8 @@ class App:
         created = int(time.time())
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         sent_role: set[int] = set()
+        parsers: dict[int, ToolCallStream] = {}
+        calls_sent: dict[int, int] = {}
 
         async def event(payload: bytes) -> None:
             await send(
@@ -627,12 +690,29 @@ class App:
                         if not (c.delta_text or c.finished or (chat and c.index not in sent_role)):
                             continue
                         if chat:
-                            delta = p.ChatDelta(content=c.delta_text or None)
+                            text, calls = c.delta_text, []
+                            if tools:
+                                parser = parsers.setdefault(c.index, ToolCallStream(tools))
+                                text, calls = parser.push(text)
+                                if c.finished:
+                                    tail, more = parser.finish()
+                                    text, calls = text + tail, calls + more
+                            delta = p.ChatDelta(content=text or None)
+                            if calls:
+                                first = calls_sent.get(c.index, 0)
+                                delta.tool_calls = [
+                                    p.ToolCallDelta(k, *tool_call_delta(call))
+                                    for k, call in enumerate(calls, first)
+                                ]
+                                calls_sent[c.index] = first + len(calls)
                             if c.index not in sent_role:
                                 delta.role = "assistant"
                                 sent_role.add(c.index)
                             lp = self.chat_logprobs(c.delta_logprobs) if req.logprobs else None
-                            choice = p.ChatChunkChoice(c.index, delta, finish_reason(c), lp)
+                            reason = finish_reason(c)
+                            if reason == "stop" and calls_sent.get(c.index):
+                                reason = "tool_calls"
+                            choice = p.ChatChunkChoice(c.index, delta, reason, lp)
                             chunk = p.ChatCompletionChunk(rid, created, self.model, [choice])
                         else:
                             lp = (
@@ -685,27 +765,9 @@ class App:
         return p.CompletionLogprobs(tokens, lps, tops, offsets)
 
 
-def create_app(
-    engine: Engine,
-    *,
-    served_model_name: str,
-    context_length: int,
-    api_key: str | None = None,
-    max_queued_requests: int | None = None,
-    chat_template: str | None = None,
-    media: MediaPolicy | None = None,
-    max_images_per_request: int = 10,
-) -> App:
-    return App(
-        engine,
-        served_model_name=served_model_name,
-        context_length=context_length,
-        api_key=api_key,
-        max_queued_requests=max_queued_requests,
-        chat_template=chat_template,
-        media=media,
-        max_images_per_request=max_images_per_request,
-    )
+def create_app(engine: Engine, **options: Any) -> App:
+    """The ASGI app over an engine; options as App's."""
+    return App(engine, **options)
 
 
 # ---- small helpers -------------------------------------------------------------------------------
@@ -820,6 +882,32 @@ async def respond(
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+def chat_message(c: Any, tools: ToolPlan) -> tuple[p.ChatResponseMessage, str | None]:
+    """A finished completion as the assistant's message, its tool calls parsed out."""
+    reason = finish_reason(c)
+    if not tools.names:
+        return p.ChatResponseMessage("assistant", c.text), reason
+    parsed = parse_tool_calls(c.text, tools.names)
+    if not parsed.calls:
+        return p.ChatResponseMessage("assistant", c.text), reason
+    calls = [p.ToolCallOut(*tool_call_out(call)) for call in parsed.calls]
+    return (
+        p.ChatResponseMessage("assistant", parsed.content, calls),
+        "tool_calls" if reason == "stop" else reason,
+    )
+
+
+def tool_call_out(call: ToolCall) -> tuple[str, p.FunctionCallOut]:
+    """(id, function) of a parsed call, as the API returns it."""
+    return f"call_{uuid.uuid4().hex[:24]}", p.FunctionCallOut(call.name, call.arguments_json())
+
+
+def tool_call_delta(call: ToolCall) -> tuple[str, str, p.FunctionCallOut]:
+    """(id, type, function) of a streamed call: each call is sent whole, in one delta."""
+    call_id, function = tool_call_out(call)
+    return call_id, "function", function
 
 
 def prompt_length(prompt: list[int] | ImagePrompt) -> int:

@@ -131,8 +131,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     )
     model.add_argument(
         "--chat-template",
-        metavar="FILE",
-        help="a Jinja chat template file that replaces the checkpoint's",
+        metavar="FILE|NAME",
+        help="a Jinja chat template file that replaces the checkpoint's, or a built-in one: "
+        "llama4_pythonic (Meta's pythonic tool-call format)",
     )
 
     images = p.add_argument_group("images (with --enable-multimodal)")
@@ -222,6 +223,14 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         "--page-size", type=_int_in(1), metavar="N", help="tokens per KV page (default 16)"
     )
 
+    tools = p.add_argument_group("tool calling and structured outputs")
+    tools.add_argument(
+        "--tool-call-parser",
+        metavar="NAME",
+        help="turn tool-call outputs into OpenAI tool_calls: pythonic (Llama 4's format, also "
+        "parses JSON-style calls; alias llama4_pythonic); off by default",
+    )
+
     sched = p.add_argument_group("scheduling")
     sched.add_argument(
         "--chunked-prefill-size",
@@ -255,7 +264,6 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     )
 
     spec = p.add_argument_group("not built yet (each stops the server at start)")
-    spec.add_argument("--tool-call-parser", metavar="NAME", help="tool calling (e.g. pythonic)")
     spec.add_argument("--speculative-algorithm", metavar="NAME", help="e.g. EAGLE3")
     spec.add_argument("--speculative-draft-model-path", metavar="PATH")
     spec.add_argument("--speculative-num-steps", type=int, metavar="N")
@@ -344,12 +352,31 @@ def _check_model_path(value: str) -> str | None:
     return "no such directory"
 
 
+TOOL_CALL_PARSERS = {"pythonic": "pythonic", "llama4_pythonic": "pythonic"}
+
+
+def _check_tool_call_parser(value: str) -> str | None:
+    if value in TOOL_CALL_PARSERS:
+        return None
+    return f"unknown parser; the choices are {', '.join(TOOL_CALL_PARSERS)}"
+
+
+def chat_template_text(value: str) -> str:
+    """The template --chat-template names: a built-in one, else a file's text (OSError)."""
+    from pyllama4.chat_templates import builtin_template
+
+    builtin = builtin_template(value)
+    if builtin is not None:
+        return builtin
+    return Path(value).expanduser().read_text(encoding="utf-8")
+
+
 def _check_chat_template(value: str) -> str | None:
     try:
-        Path(value).expanduser().read_text(encoding="utf-8")
+        chat_template_text(value)
+        return None
     except (OSError, UnicodeDecodeError) as e:
         return f"cannot read it ({getattr(e, 'strerror', None) or e})"
-    return None
 
 
 _SPECULATIVE = "speculative decoding (EAGLE3) is not built yet"
@@ -369,7 +396,7 @@ _CHECKS: dict[str, Callable[[Any], str | None]] = {
         if v.lower().startswith("fp8")
         else "quantized checkpoints are not supported yet; serve the bfloat16 checkpoint"
     ),
-    "tool_call_parser": lambda v: None if v is None else "tool calling is not built yet",
+    "tool_call_parser": lambda v: None if v is None else _check_tool_call_parser(v),
     "speculative_algorithm": lambda v: None if v is None else _SPECULATIVE,
     "speculative_draft_model_path": lambda v: None if v is None else _SPECULATIVE,
     "speculative_num_steps": lambda v: None if v is None else _SPECULATIVE,
@@ -568,7 +595,7 @@ def _start_and_serve(args: argparse.Namespace) -> None:
     dtype = resolve_dtype(args, device)
     chat_template = None
     if args.chat_template is not None:
-        chat_template = Path(args.chat_template).expanduser().read_text(encoding="utf-8")
+        chat_template = chat_template_text(args.chat_template)
 
     if args.model_path is None:
         from pyllama4.demo import CHECKPOINT_SUBDIR, demo_checkpoint
@@ -678,6 +705,7 @@ def _start_and_serve(args: argparse.Namespace) -> None:
             max_pixels=args.max_image_pixels,
         ),
         max_images_per_request=args.max_images_per_request,
+        tool_call_parser=TOOL_CALL_PARSERS.get(args.tool_call_parser or ""),
     )
     anyio.run(_serve, app, sock, SHUTDOWN_TIMEOUT_S, backend="asyncio")
     log.info("stopped")

@@ -38,10 +38,56 @@ class ContentPart(msgspec.Struct, forbid_unknown_fields=False):
     image_url: ImageURL | None = None
 
 
+class FunctionCall(msgspec.Struct, forbid_unknown_fields=False):
+    name: str
+    arguments: str | dict[str, Any] | None = None  # OpenAI sends a JSON string
+
+
+class ToolCall(msgspec.Struct, forbid_unknown_fields=False):
+    function: FunctionCall
+    id: str | None = None
+    type: str = "function"
+
+
 class ChatMessage(msgspec.Struct, forbid_unknown_fields=False):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant turn's past calls
+    tool_call_id: str | None = None  # a tool result's call
+
+
+class FunctionDefinition(msgspec.Struct, forbid_unknown_fields=False):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema
+    strict: bool | None = None
+
+
+class Tool(msgspec.Struct, forbid_unknown_fields=False):
+    function: FunctionDefinition
+    type: str = "function"
+
+
+class NamedFunction(msgspec.Struct, forbid_unknown_fields=False):
+    name: str
+
+
+class NamedToolChoice(msgspec.Struct, forbid_unknown_fields=False):
+    function: NamedFunction
+    type: str = "function"
+
+
+class JsonSchemaFormat(msgspec.Struct, forbid_unknown_fields=False):
+    name: str = "schema"
+    schema: dict[str, Any] | None = None
+    strict: bool | None = None
+    description: str | None = None
+
+
+class ResponseFormat(msgspec.Struct, forbid_unknown_fields=False):
+    type: str  # "text", "json_object" or "json_schema"
+    json_schema: JsonSchemaFormat | None = None
 
 
 class _SamplingFields(msgspec.Struct, forbid_unknown_fields=False, kw_only=True):
@@ -67,6 +113,11 @@ class _SamplingFields(msgspec.Struct, forbid_unknown_fields=False, kw_only=True)
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    # Structured outputs: OpenAI's response_format, SGLang's regex / ebnf / json_schema (text).
+    response_format: ResponseFormat | None = None
+    regex: str | None = None
+    ebnf: str | None = None
+    json_schema: str | None = None
 
 
 class ChatCompletionRequest(_SamplingFields, kw_only=True):
@@ -77,6 +128,9 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    tools: list[Tool] | None = None
+    tool_choice: str | NamedToolChoice | None = None  # "none", "auto", "required" or a function
+    parallel_tool_calls: bool = True
 
 
 class CompletionRequest(_SamplingFields, kw_only=True):
@@ -109,9 +163,28 @@ class ChoiceLogprobs(msgspec.Struct):
     content: list[TokenLogprobEntry]
 
 
-class ChatResponseMessage(msgspec.Struct):
+class FunctionCallOut(msgspec.Struct, omit_defaults=True):
+    name: str | None = None
+    arguments: str | None = None  # JSON text
+
+
+class ToolCallOut(msgspec.Struct):
+    id: str
+    function: FunctionCallOut
+    type: str = "function"
+
+
+class ChatResponseMessage(msgspec.Struct, omit_defaults=True):
     role: str
     content: str | None
+    tool_calls: list[ToolCallOut] | None = None
+
+
+class ToolCallDelta(msgspec.Struct, omit_defaults=True):
+    index: int
+    id: str | None = None
+    type: str | None = None
+    function: FunctionCallOut | None = None
 
 
 class ChatChoice(msgspec.Struct):
@@ -134,6 +207,7 @@ class ChatCompletion(msgspec.Struct):
 class ChatDelta(msgspec.Struct, omit_defaults=True):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(msgspec.Struct):
@@ -208,6 +282,9 @@ class NativeSamplingParams(msgspec.Struct, forbid_unknown_fields=False, kw_only=
     skip_special_tokens: bool = True
     n: int = 1
     seed: int | None = None
+    json_schema: str | None = None  # structured outputs, as SGLang's sampling_params
+    regex: str | None = None
+    ebnf: str | None = None
 
 
 class GenerateRequest(msgspec.Struct, forbid_unknown_fields=False, kw_only=True):

@@ -101,7 +101,6 @@ SEED_COMMANDS = _seed_commands()
 UNSUPPORTED = (
     "--tp",
     "--quantization",
-    "--tool-call-parser",
     "--speculative-algorithm",
     "--speculative-draft-model-path",
     "--speculative-num-steps",
@@ -306,7 +305,10 @@ def test_unsupported_flags_are_named_in_the_order_typed(tiny):
         (["--quantization", "fp8"], "--quantization fp8: FP8 checkpoints are not supported"),
         (["--quantization", "awq"], "--quantization awq: quantized checkpoints are not"),
         (["--speculative-num-steps", "3"], "--speculative-num-steps 3: speculative decoding"),
-        (["--tool-call-parser", "llama4"], "--tool-call-parser llama4: tool calling is not"),
+        (
+            ["--tool-call-parser", "llama4"],
+            "--tool-call-parser llama4: unknown parser; the choices",
+        ),
         (["--chat-template", "/nonexistent.jinja"], "--chat-template /nonexistent.jinja: cannot"),
     ],
 )
@@ -356,6 +358,18 @@ def test_a_command_with_only_supported_flags_passes(tiny, tmp_path, caplog):
     assert any(n.startswith("--cuda-graph-max-bs 8: no effect on the CPU") for n in notes)
     assert any(n.startswith("--mem-fraction-static 0.8: no effect on the CPU") for n in notes)
     assert any(n.startswith("--trust-remote-code: accepted") for n in notes)
+
+
+def test_tool_call_parsers_and_the_builtin_chat_template_are_accepted(tiny):
+    for name in ("pythonic", "llama4_pythonic"):
+        args = cli.parse_args(["--model-path", tiny, "--tool-call-parser", name])
+        cli.check_supported(args)
+        assert cli.TOOL_CALL_PARSERS[args.tool_call_parser] == "pythonic"
+    cli.check_supported(
+        cli.parse_args(["--model-path", tiny, "--chat-template", "llama4_pythonic"])
+    )
+    assert "<|python_start|>" not in cli.chat_template_text("llama4_pythonic")
+    assert "ipython" in cli.chat_template_text("llama4_pythonic")
 
 
 def test_enable_multimodal_on_a_text_only_checkpoint_stops_with_one_line(tiny):
