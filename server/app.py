@@ -22,9 +22,9 @@ import anyio
 import msgspec
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from pyllama4.grammar import GrammarError, GrammarSpec
 
 from pyllama4 import Engine, SamplingParams
+from pyllama4.grammar import GrammarError, GrammarSpec
 from pyllama4.multimodal.inputs import ImageInput, ImagePrompt
 from pyllama4.multimodal.media import MediaError, MediaPolicy, load_image
 from pyllama4.outputs import RequestOutput

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from pyllama4.grammar import GrammarSpec
-
 from server import protocol as p
 
 

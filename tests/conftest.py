@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 
 import pytest
-from tiny_models import make_tiny_multimodal_checkpoint
 
 import pyllama4
 from pyllama4.demo import demo_checkpoint, gguf_path
+from tiny_models import make_tiny_multimodal_checkpoint
 
 
 @pytest.fixture(scope="session")

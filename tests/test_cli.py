@@ -24,10 +24,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from tiny_models import TINY_TEXT
 
 import pyllama4
 from server import cli
+from tiny_models import TINY_TEXT
 
 SCOUT = "meta-llama/Llama-4-Scout-17B-16E-Instruct"
 MAVERICK = "meta-llama/Llama-4-Maverick-17B-128E-Instruct"

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from tiny_models import TINY_TEXT
 from transformers import Llama4Config, Llama4TextConfig
 
 from pyllama4.config import ConfigError, RopeScaling, TextConfig
+from tiny_models import TINY_TEXT
 
 SCOUT_ROPE_4X = {
     "rope_type": "llama3",

@@ -10,7 +10,6 @@ from __future__ import annotations
 import anyio
 import pytest
 import torch
-from tiny_models import LLAMA3_ROPE, TINY_TEXT
 from transformers import AutoTokenizer, Llama4TextConfig
 from transformers import Llama4ForCausalLM as HFLlama4
 
@@ -18,6 +17,7 @@ from pyllama4 import Engine, SamplingParams
 from pyllama4.config import TextConfig
 from pyllama4.model.llama4 import Llama4ForCausalLM
 from pyllama4.runner import ModelRunner
+from tiny_models import LLAMA3_ROPE, TINY_TEXT
 
 VOCAB = 49152
 CONTEXT = 160

@@ -11,7 +11,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tiny_models import LLAMA3_ROPE, TINY_TEXT
 from transformers import Llama4ForCausalLM as HFLlama4
 from transformers import Llama4TextConfig
 
@@ -21,6 +20,7 @@ from pyllama4.config import TextConfig
 from pyllama4.kv_cache import PagedKVCache, local_layers
 from pyllama4.model.llama4 import Llama4ForCausalLM
 from pyllama4.runner import ModelRunner, greedy_generate
+from tiny_models import LLAMA3_ROPE, TINY_TEXT
 
 FP32_TOL = 1e-4
 VOCAB = 512

@@ -7,13 +7,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from tiny_models import TINY_TEXT
 from transformers import Llama4ForCausalLM as HFLlama4
 from transformers import Llama4TextConfig
 
 from pyllama4.config import TextConfig
 from pyllama4.model.load import load_model
 from pyllama4.runner import ModelRunner, greedy_generate
+from tiny_models import TINY_TEXT
 
 LLAMA3 = {
     "rope_type": "llama3",

@@ -11,9 +11,9 @@ import openai
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from server_checks import assert_idle, metric
 
 from server.app import MAX_BODY_BYTES
+from server_checks import assert_idle, metric
 
 MODEL = "demo"
 

@@ -15,6 +15,7 @@ import httpx
 import openai
 import pytest
 from PIL import Image
+
 from server_checks import assert_idle, metric
 
 MODEL = "demo"  # the name the test servers are started with

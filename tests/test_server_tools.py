@@ -16,6 +16,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
+
 from server_checks import assert_idle
 
 MODEL = "demo"

@@ -14,7 +14,6 @@ import torch
 transformers = pytest.importorskip("transformers")
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
-from tiny_models import TINY_TEXT, TINY_VISION  # noqa: E402
 from transformers import (  # noqa: E402
     Llama4Config,
     Llama4ForCausalLM,
@@ -30,6 +29,7 @@ from pyllama4.weights import (  # noqa: E402
     load_weights,
     text_name,
 )
+from tiny_models import TINY_TEXT, TINY_VISION  # noqa: E402
 
 # LLAMA4.md section 8, with a small vocabulary for the text-only tests.
 TEXT = {
