@@ -5,6 +5,9 @@ j <= p — all of them on full-attention layers, only those with floor(j / C) ==
 chunk-local layers — read through the block tables, after this step's keys and values have been
 written at the plan's slots. Works for any mix of decodes (with speculative slots) and prefill
 chunks. Decodes and prefills are padded separately so short queries never pay for long ones.
+On a GPU with the kernel library (hip/), decode tokens go through the paged attention kernel
+(pyllama4.kernels.attention), which must give the same result; prefill chunks keep torch's SDPA
+over the gathered keys.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from pyllama4.batch import StepBatch
+from pyllama4.kernels import attention as gpu
 from pyllama4.kv_cache import PagedKVCache
 
 
@@ -33,9 +37,14 @@ class _Group:
 
 @dataclass(frozen=True)
 class AttentionMetadata:
-    """Per step, shared by all layers of one pool: the groups to attend over."""
+    """Per step, shared by all layers of one pool: the groups to attend over, and the decode
+    tokens the GPU kernel takes instead (then they are in no group)."""
 
     groups: tuple[_Group, ...]
+    decode: gpu.DecodeTokens | None = None
+    table: torch.Tensor | None = None  # the block table the kernel reads
+    page_size: int = 0
+    chunk: int | None = None
 
 
 def _group(
@@ -91,14 +100,28 @@ def prepare(batch: StepBatch, cache: PagedKVCache, local: bool) -> AttentionMeta
     table = cache.local_table if local else cache.global_table
     chunk = cache.chunk_size if local else None
     num = len(batch.context_lens)
-    bounds = [(0, batch.num_decodes), (batch.num_decodes, num)]
-    return AttentionMetadata(
-        tuple(
-            _group(batch, lo, hi, table, cache.page_size, chunk, cache.local_table_width)
-            for lo, hi in bounds
-            if hi > lo
+    pool = next((k for k, loc in zip(cache.k, cache.local_layers, strict=True) if loc == local))
+    decode = None
+    if batch.num_decodes and gpu.usable(pool):
+        decode = gpu.decode_tokens(
+            batch.rows,
+            batch.query_start,
+            batch.seq_lens,
+            batch.positions,
+            chunk,
+            batch.num_decodes,
+            pool.shape[1],
         )
+    bounds = [
+        (0 if decode is None else batch.num_decodes, batch.num_decodes),
+        (batch.num_decodes, num),
+    ]
+    groups = tuple(
+        _group(batch, lo, hi, table, cache.page_size, chunk, cache.local_table_width)
+        for lo, hi in bounds
+        if hi > lo
     )
+    return AttentionMetadata(groups, decode, table, cache.page_size, chunk)
 
 
 def paged_attention(
@@ -116,6 +139,11 @@ def paged_attention(
     v_cache.index_copy_(0, slots, v)
     out = torch.empty_like(q)
     hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
+    if meta.decode is not None:
+        n = meta.decode.count
+        out[:n] = gpu.paged_attention_gpu(
+            q[:n], k_cache, v_cache, meta.table, meta.decode, meta.page_size, meta.chunk, scale
+        )
     for g in meta.groups:
         r, nq, nk = g.shape
         # index_select: several times faster than advanced indexing for row gathers on CPU.
