@@ -66,13 +66,13 @@ def main() -> None:
     for chunk in (None, 8192):
         for batch, context in SIZES:
             case = decode_case([context] * batch, page_size=args.page_size, chunk=chunk)
-            tokens = gpu.decode_tokens(
+            tokens = gpu.kernel_tokens(
                 case.rows,
                 np.arange(batch + 1, dtype=np.int32),
                 np.full(batch, context, dtype=np.int32),
                 case.positions,
                 chunk,
-                batch,
+                (0, batch),
                 case.k_cache.shape[1],
             )
 

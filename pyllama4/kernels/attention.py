@@ -1,4 +1,4 @@
-"""GPU paged attention (hip/paged_attention.hip) for decode steps, behind the torch reference.
+"""GPU paged attention (hip/paged_attention.hip) behind the torch reference's interface.
 
 Invariant: `paged_attention_gpu` gives, for each query token, what
 pyllama4.layers.attention.paged_attention gives (within bf16 rounding; tests/gpu): attention over
@@ -43,9 +43,10 @@ def usable(k_cache: torch.Tensor) -> bool:
 
 
 @dataclass(frozen=True)
-class DecodeTokens:
-    """The decode tokens of a step (the first `count` tokens) as the kernel reads them."""
+class KernelTokens:
+    """Query tokens [first, first + count) of a step as the kernel reads them."""
 
+    first: int
     count: int
     token_rows: torch.Tensor  # [count] int64 block table row of each token's request
     positions: torch.Tensor  # [count] int64
@@ -53,24 +54,28 @@ class DecodeTokens:
     split_len: int
 
 
-def decode_tokens(
+def kernel_tokens(
     rows: torch.Tensor,
     query_start: np.ndarray,
     seq_lens: np.ndarray,
     positions: torch.Tensor,
     chunk: int | None,
-    num_decodes: int,
+    requests: tuple[int, int],
     num_kv_heads: int,
-) -> DecodeTokens:
-    """Metadata for the first num_decodes requests (each 1 + speculative query tokens)."""
-    qlens = np.diff(query_start[: num_decodes + 1]).astype(np.int64)
-    count = int(query_start[num_decodes])
-    seq = seq_lens[:num_decodes].astype(np.int64)
+) -> KernelTokens:
+    """Metadata for the query tokens of requests [lo, hi) (decodes with their speculative
+    tokens, or prefill / extend chunks: each token attends causally from its own position)."""
+    lo, hi = requests
+    qlens = np.diff(query_start[lo : hi + 1]).astype(np.int64)
+    first, last = int(query_start[lo]), int(query_start[hi])
+    seq = seq_lens[lo:hi].astype(np.int64)
+    # The most keys any token sees: its request's last token, from its first token's chunk.
     keys = seq if chunk is None else seq - (seq - qlens) // chunk * chunk
     device = rows.device
-    token_rows = torch.repeat_interleave(rows[:num_decodes], torch.from_numpy(qlens).to(device))
+    token_rows = torch.repeat_interleave(rows[lo:hi], torch.from_numpy(qlens).to(device))
+    count = last - first
     num_splits, split_len = split_plan(int(keys.max()), count * num_kv_heads, device)
-    return DecodeTokens(count, token_rows, positions[:count], num_splits, split_len)
+    return KernelTokens(first, count, token_rows, positions[first:last], num_splits, split_len)
 
 
 def split_plan(max_keys: int, blocks: int, device: torch.device) -> tuple[int, int]:
@@ -85,7 +90,7 @@ def paged_attention_gpu(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     table: torch.Tensor,
-    tokens: DecodeTokens,
+    tokens: KernelTokens,
     page_size: int,
     chunk: int | None,
     scale: float,

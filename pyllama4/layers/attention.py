@@ -41,7 +41,7 @@ class AttentionMetadata:
     tokens the GPU kernel takes instead (then they are in no group)."""
 
     groups: tuple[_Group, ...]
-    decode: gpu.DecodeTokens | None = None
+    decode: gpu.KernelTokens | None = None
     table: torch.Tensor | None = None  # the block table the kernel reads
     page_size: int = 0
     chunk: int | None = None
@@ -103,13 +103,13 @@ def prepare(batch: StepBatch, cache: PagedKVCache, local: bool) -> AttentionMeta
     pool = next((k for k, loc in zip(cache.k, cache.local_layers, strict=True) if loc == local))
     decode = None
     if batch.num_decodes and gpu.usable(pool):
-        decode = gpu.decode_tokens(
+        decode = gpu.kernel_tokens(
             batch.rows,
             batch.query_start,
             batch.seq_lens,
             batch.positions,
             chunk,
-            batch.num_decodes,
+            (0, batch.num_decodes),
             pool.shape[1],
         )
     bounds = [

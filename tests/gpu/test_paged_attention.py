@@ -26,11 +26,14 @@ SCALE = 128**-0.5
 
 
 def run(case) -> torch.Tensor:
-    b = case.q.shape[0]
-    query_start = np.arange(b + 1, dtype=np.int32)
-    seq_lens = (case.positions + 1).to(torch.int32).cpu().numpy()
-    tokens = gpu.decode_tokens(
-        case.rows, query_start, seq_lens, case.positions, case.chunk, b, case.k_cache.shape[1]
+    tokens = gpu.kernel_tokens(
+        case.rows,
+        case.query_start,
+        case.seq_lens,
+        case.positions,
+        case.chunk,
+        (0, len(case.seq_lens)),
+        case.k_cache.shape[1],
     )
     return gpu.paged_attention_gpu(
         case.q, case.k_cache, case.v_cache, case.table, tokens, case.page_size, case.chunk, SCALE
@@ -63,8 +66,8 @@ def test_other_head_layouts(q_heads, kv_heads, head_dim):
 def test_bad_arguments_are_refused_with_a_message():
     case = decode_case([10], head_dim=128)
     q = case.q[:, :7]  # 7 query heads over 8 kv heads
-    tokens = gpu.decode_tokens(
-        case.rows, np.arange(2, dtype=np.int32), np.array([10]), case.positions, None, 1, 8
+    tokens = gpu.kernel_tokens(
+        case.rows, np.arange(2, dtype=np.int32), np.array([10]), case.positions, None, (0, 1), 8
     )
     with pytest.raises(RuntimeError, match="multiple of num_kv_heads"):
         gpu.paged_attention_gpu(
