@@ -21,6 +21,7 @@
 namespace {
 
 constexpr int kWarps = 4;      // warps per block in kernel 1
+constexpr int kUnroll = 4;     // keys a warp loads before it uses them
 constexpr int kMaxGroup = 8;   // query heads per kv head (Scout and Maverick: 5)
 constexpr int kMaxHeadDim = 256;
 
@@ -77,29 +78,40 @@ __global__ void __launch_bounds__(kWarps * PYLLAMA4_WARP)
     }
   }
 
-  for (int64_t j = begin + warp; j < end; j += kWarps) {
-    const int64_t page_index = j / page_size;
-    const int64_t col = chunk_size > 0 ? page_index % table_width : page_index;
-    const int64_t slot = table[col] * page_size + j % page_size;
-    const int64_t offset = (slot * num_kv_heads + kv_head) * kHeadDim + lane * ELEMS;
-    float k[ELEMS], v[ELEMS];
-    load_row<ELEMS>(k_cache + offset, k);
-    load_row<ELEMS>(v_cache + offset, v);
-    // Unrolled over kMaxGroup with a uniform predicate, so qv, m, l and acc stay in registers.
+  // Each warp takes kUnroll consecutive keys per iteration and issues all their loads before
+  // using any, so several rows per warp are in flight (decode is bound by memory latency).
+  for (int64_t j0 = begin + warp * kUnroll; j0 < end; j0 += kWarps * kUnroll) {
+    float k[kUnroll][ELEMS], v[kUnroll][ELEMS];
 #pragma unroll
-    for (int g = 0; g < kMaxGroup; ++g) {
-      if (g < group) {
-        float dot = 0.f;
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t j = j0 + u;
+      if (j < end) {
+        const int64_t page_index = j / page_size;
+        const int64_t col = chunk_size > 0 ? page_index % table_width : page_index;
+        const int64_t slot = table[col] * page_size + j % page_size;
+        const int64_t offset = (slot * num_kv_heads + kv_head) * kHeadDim + lane * ELEMS;
+        load_row<ELEMS>(k_cache + offset, k[u]);
+        load_row<ELEMS>(v_cache + offset, v[u]);
+      }
+    }
 #pragma unroll
-        for (int e = 0; e < ELEMS; ++e) dot += qv[g][e] * k[e];
-        dot = warp_sum(dot);
-        const float m_new = fmaxf(m[g], dot);
-        const float correction = __expf(m[g] - m_new);  // m = -inf at first: 0
-        const float p = __expf(dot - m_new);
-        l[g] = l[g] * correction + p;
+    for (int u = 0; u < kUnroll; ++u) {
+      // Unrolled with warp-uniform predicates (no break), so qv, m, l, acc stay in registers.
 #pragma unroll
-        for (int e = 0; e < ELEMS; ++e) acc[g][e] = acc[g][e] * correction + p * v[e];
-        m[g] = m_new;
+      for (int g = 0; g < kMaxGroup; ++g) {
+        if (g < group && j0 + u < end) {
+          float dot = 0.f;
+#pragma unroll
+          for (int e = 0; e < ELEMS; ++e) dot += qv[g][e] * k[u][e];
+          dot = warp_sum(dot);
+          const float m_new = fmaxf(m[g], dot);
+          const float correction = __expf(m[g] - m_new);  // m = -inf at first: 0
+          const float p = __expf(dot - m_new);
+          l[g] = l[g] * correction + p;
+#pragma unroll
+          for (int e = 0; e < ELEMS; ++e) acc[g][e] = acc[g][e] * correction + p * v[u][e];
+          m[g] = m_new;
+        }
       }
     }
   }
