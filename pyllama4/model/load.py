@@ -2,7 +2,9 @@
 
 Invariant: the returned model holds exactly the checkpoint's weights in the requested dtype on
 the requested device; nothing is initialised randomly first (parameters are created on the meta
-device and materialised empty before loading).
+device and materialised empty before loading). With quantization="fp8", the modules that
+`pyllama4.quant.fp8.fp8_targets` names hold the FP8 quantization of those weights instead
+(online, after the cast: `quantize_model`); everything else is as without.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ import torch
 from pyllama4.config import TextConfig, VisionConfig
 from pyllama4.model.llama4 import Llama4ForCausalLM
 from pyllama4.model.vision import VisionTower
+from pyllama4.quant.fp8 import check_format, quantize_model
 from pyllama4.weights import load_weights, vision_name
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+QUANTIZATIONS = ("fp8",)
 
 
 def load_model(
@@ -25,7 +29,16 @@ def load_model(
     dtype: torch.dtype | str = torch.bfloat16,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    quantization: str | None = None,
+    fp8_format: str = "e4m3fn",
 ) -> Llama4ForCausalLM:
+    """quantization: None (the checkpoint's weights in `dtype`) or "fp8" (online FP8 in
+    `fp8_format`, e4m3fn or e4m3fnuz; the other modules stay in `dtype`)."""
+    if quantization is not None and quantization not in QUANTIZATIONS:
+        raise ValueError(
+            f"quantization {quantization!r}: expected None or one of {', '.join(QUANTIZATIONS)}"
+        )
+    check_format(fp8_format)
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
@@ -35,6 +48,8 @@ def load_model(
         model = Llama4ForCausalLM(config)
     model = model.to_empty(device=device).to(dtype)
     load_weights(model, checkpoint_dir, progress=progress)
+    if quantization == "fp8":
+        quantize_model(model, fp8_format)
     return model.eval()
 
 
