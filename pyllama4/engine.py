@@ -145,12 +145,16 @@ class Engine:
         progress: bool = True,
         enable_multimodal: bool = False,
         max_image_tiles: int | None = None,
+        quantization: str | None = None,
+        fp8_format: str = "e4m3fn",
         **runner_options: Any,
     ) -> Engine:
         """Loads a checkpoint and its tokenizer; runner_options go to ModelRunner (kv_tokens or
         kv_bytes, page_size, max_running, max_step_tokens, enable_prefix_cache, policy).
         enable_multimodal also loads the vision tower (ValueError for a text-only checkpoint);
-        max_image_tiles overrides the checkpoint's preprocessor setting.
+        max_image_tiles overrides the checkpoint's preprocessor setting. quantization="fp8"
+        quantizes a bf16 checkpoint at load; FP8 checkpoints load as FP8 by themselves;
+        fp8_format is e4m3fn, or e4m3fnuz for MI300.
 
         Without kv_tokens / kv_bytes the KV budget is, on a GPU, mem_fraction_static of its
         memory minus what the weights already took (SGLang's --mem-fraction-static); on the CPU,
@@ -160,7 +164,14 @@ class Engine:
         tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)
 
         def build() -> tuple[ModelRunner, ImageSupport | None]:
-            model = load_model(checkpoint_dir, dtype=dtype, device=device, progress=progress)
+            model = load_model(
+                checkpoint_dir,
+                dtype=dtype,
+                device=device,
+                progress=progress,
+                quantization=quantization,
+                fp8_format=fp8_format,
+            )
             images = None
             if enable_multimodal:
                 images = ImageSupport.load(

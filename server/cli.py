@@ -14,6 +14,7 @@ loaded and the app served with hypercorn until SIGTERM or SIGINT.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -115,7 +116,15 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     model.add_argument(
         "--quantization",
         metavar="METHOD",
-        help="quantized checkpoints (fp8, ...): not supported yet, stops at start",
+        help="fp8: quantize a bf16 checkpoint's weights to FP8 at load (per-channel weight "
+        "scales, dynamic per-token activation scales); FP8 checkpoints (fbgemm_fp8, "
+        "compressed-tensors) are detected from their config.json with or without this flag",
+    )
+    model.add_argument(
+        "--fp8-format",
+        choices=("auto", "e4m3fn", "e4m3fnuz"),
+        default="auto",
+        help="FP8 encoding of the weights: e4m3fnuz on MI300 (gfx942), else e4m3fn (auto)",
     )
     model.add_argument(
         "--context-length",
@@ -329,6 +338,27 @@ def resolve_device(args: argparse.Namespace) -> str:
     return "cuda" if _cuda_available() else "cpu"
 
 
+def resolve_fp8_format(args: argparse.Namespace, device: str) -> str:
+    """--fp8-format, else e4m3fnuz on an MI300 (gfx942: its FP8 hardware format), else e4m3fn."""
+    if args.fp8_format != "auto":
+        return args.fp8_format
+    if device == "cuda":
+        import torch
+
+        if torch.version.hip and "gfx942" in torch.cuda.get_device_properties(0).gcnArchName:
+            return "e4m3fnuz"
+    return "e4m3fn"
+
+
+def checkpoint_is_quantized(path: Path) -> bool:
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    text = config.get("text_config") or {}
+    return bool(config.get("quantization_config") or text.get("quantization_config"))
+
+
 def resolve_dtype(args: argparse.Namespace, device: str) -> str:
     dtype = DTYPE_ALIASES.get(args.dtype, args.dtype)
     if dtype == "auto":
@@ -391,10 +421,9 @@ _CHECKS: dict[str, Callable[[Any], str | None]] = {
     ),
     "quantization": lambda v: (
         None
-        if v is None
-        else "FP8 checkpoints are not supported yet; serve the bfloat16 checkpoint"
-        if v.lower().startswith("fp8")
-        else "quantized checkpoints are not supported yet; serve the bfloat16 checkpoint"
+        if v is None or v.lower() == "fp8"
+        else f"{v!r} is not supported; the supported method is fp8 (FP8 checkpoints are "
+        "detected from their config.json)"
     ),
     "tool_call_parser": lambda v: None if v is None else _check_tool_call_parser(v),
     "speculative_algorithm": lambda v: None if v is None else _SPECULATIVE,
@@ -641,6 +670,12 @@ def _start_and_serve(args: argparse.Namespace) -> None:
     if args.schedule_policy is not None:
         options["policy"] = args.schedule_policy
 
+    quantization = None
+    if args.quantization is not None:
+        if checkpoint_is_quantized(path):
+            log.info("--quantization %s: the checkpoint is already quantized", args.quantization)
+        else:
+            quantization = args.quantization.lower()
     log.info(
         "loading %s as %r: dtype %s on %s, context %d tokens",
         path,
@@ -658,6 +693,8 @@ def _start_and_serve(args: argparse.Namespace) -> None:
             context_len=context,
             enable_multimodal=args.enable_multimodal,
             max_image_tiles=args.max_image_tiles,
+            quantization=quantization,
+            fp8_format=resolve_fp8_format(args, device),
             **options,
         )
     except torch.OutOfMemoryError as e:
