@@ -30,13 +30,23 @@ Accepted checkpoints:
   up in the second half.
 - A checkpoint without `lm_head.weight` whose config.json ties the word embeddings: lm_head gets a
   copy of the embeddings. (A module that ties the two itself needs only one of them.)
+- FP8 checkpoints (config.json `quantization_config`, ../shared/LLAMA4.md §4.1), into a module
+  built for them (`pyllama4.quant.checkpoint`; the caller names the `quant_method`): float8_e4m3fn
+  (`F8_E4M3`) tensors go byte for byte into float8_e4m3fn parameters and nowhere else, and every
+  float8 parameter takes only those. Scales are float tensors cast to the fp32 parameter: a
+  Linear's `weight_scale` [out] from [out] or [out, 1]; fused experts' `gate_up_scale` [E, 2I] and
+  `down_scale` [E, H] from `experts.gate_up_proj_scale` [E, 1, 2I] and `experts.down_proj_scale`
+  [E, H, 1] (fbgemm_fp8), or from per-expert `experts.{e}.{gate,up,down}_proj.weight_scale` [out]
+  or [out, 1], gate and up concatenated like the weights. A float8 tensor for an unquantized
+  parameter, or a float tensor for a float8 one, is an error naming it.
 
 `rename` maps checkpoint names to the module's (None: not this module's tensor, skipped); the
 default, `text_name`, does the above. `vision_name` instead selects the vision tower and the
 projector, for `pyllama4.model.vision.VisionTower` (`vision_model.*`, `multi_modal_projector.*`),
 and skips the text tensors.
 
-Not supported yet: quantized checkpoints (config.json `quantization_config`, float8 tensors).
+Not supported: a quantization_config or float8 tensors when no `quant_method` is given (the module
+has no FP8 parameters), float8 formats other than e4m3fn, integer tensors.
 
 Tensors are read one at a time from memory-mapped files (large ones in row blocks), so the extra
 memory is about one tensor; each is cast to the parameter's dtype and copied in place.
@@ -60,6 +70,7 @@ __all__ = [
     "UnsupportedCheckpointError",
     "checkpoint_files",
     "load_weights",
+    "read_quantization_config",
     "text_name",
     "vision_name",
 ]
@@ -75,11 +86,18 @@ _MAX_LISTED = 10
 _PROGRESS_INTERVAL = 5.0
 
 _VISION_PREFIXES = ("vision_model.", "multi_modal_projector.")
+# safetensors dtype -> bytes per element: the float dtypes cast to any float parameter, and the
+# float8 ones (`_FP8_PARAMS`) that only go unchanged into a parameter of the same dtype.
 _FLOAT_DTYPES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
+_FP8_PARAMS = {"F8_E4M3": torch.float8_e4m3fn}
 _EXPERT_RE = re.compile(
-    r"^(?P<experts>.+\.feed_forward\.experts)\.(?P<e>\d+)\.(?P<part>gate|up|down)_proj\.weight$"
+    r"^(?P<experts>.+\.feed_forward\.experts)\.(?P<e>\d+)\.(?P<part>gate|up|down)_proj"
+    r"\.(?P<what>weight|weight_scale)$"
 )
-_FUSED_RE = re.compile(r"\.feed_forward\.experts\.(gate_up_proj|down_proj)$")
+# Fused routed experts' parameters: weights (`..._proj`, 3-D) and their scales (`..._scale`, 2-D).
+_FUSED_RE = re.compile(r"\.feed_forward\.experts\.(gate_up|down)_(proj|scale)$")
+# fbgemm_fp8's names of the fused experts' scales -> the module's.
+_FUSED_SCALE_NAME = re.compile(r"(\.feed_forward\.experts\.(?:gate_up|down))_proj_scale$")
 
 
 class CheckpointError(ValueError):
@@ -87,7 +105,8 @@ class CheckpointError(ValueError):
 
 
 class UnsupportedCheckpointError(CheckpointError):
-    """The checkpoint is of a kind this loader does not handle yet (quantized, float8)."""
+    """The checkpoint is of a kind this loader does not handle (a quantization scheme or float8
+    format it cannot run, or a quantized checkpoint for a module without FP8 parameters)."""
 
 
 def text_name(name: str) -> str | None:
@@ -120,23 +139,42 @@ def load_weights(
     *,
     progress: bool = True,
     rename: Callable[[str], str | None] = text_name,
+    quant_method: str | None = None,
 ) -> None:
     """Copy a Llama 4 checkpoint's weights into `model`'s parameters, in place.
 
     `rename` gives each checkpoint tensor's name in `model`, or None to skip it: `text_name`
     (the default) loads the text model, `vision_name` the vision tower and projector.
 
-    Every parameter is written exactly once, cast to its own dtype (and kept on its device).
-    Raises `CheckpointError` (a ValueError) if the checkpoint and the module do not match; the
-    checks run before anything is copied.
+    `quant_method`: None for an unquantized checkpoint, else the config.json
+    `quantization_config.quant_method` that `model` was built for (its FP8 modules placed as the
+    checkpoint's scheme says, `pyllama4.quant.checkpoint`, which also vets the scheme); a
+    checkpoint whose config states another method, or none, is refused.
+
+    Every parameter is written exactly once, cast to its own dtype (float8 ones only from the
+    same float8 dtype, unchanged) and kept on its device. Raises `CheckpointError` (a ValueError)
+    if the checkpoint and the module do not match; the checks run before anything is copied.
     """
     directory = Path(checkpoint_dir)
     files, weight_map = _resolve(directory)
     config = _read_config(directory)
-    _check_not_quantized(directory, config)
+    _check_quant_method(directory, config, quant_method)
     targets = _Targets(model)
-    plan = _plan(files, weight_map, targets, rename=rename, tie_embeddings=_ties_embeddings(config))
+    plan = _plan(
+        files,
+        weight_map,
+        targets,
+        rename=rename,
+        tie_embeddings=_ties_embeddings(config),
+        quantized=quant_method is not None,
+    )
     _execute(plan, files, progress)
+
+
+def read_quantization_config(checkpoint_dir: str | Path) -> dict | None:
+    """config.json's `quantization_config` (top level, else in text_config); None if absent."""
+    directory = Path(checkpoint_dir)
+    return _quantization_config(directory, _read_config(directory))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,14 +229,30 @@ def _text_config(config: dict) -> dict:
     return text if isinstance(text, dict) else {}
 
 
-def _check_not_quantized(directory: Path, config: dict) -> None:
+def _quantization_config(directory: Path, config: dict) -> dict | None:
     quant = config.get("quantization_config") or _text_config(config).get("quantization_config")
-    if quant:
-        method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else "unknown"
+    if not quant:
+        return None
+    if not isinstance(quant, dict):
+        raise CheckpointError(f"{directory}/config.json: quantization_config is not an object")
+    return quant
+
+
+def _check_quant_method(directory: Path, config: dict, quant_method: str | None) -> None:
+    quant = _quantization_config(directory, config)
+    method = None if quant is None else quant.get("quant_method", "unknown")
+    if method == quant_method:
+        return
+    if quant_method is None:
         raise UnsupportedCheckpointError(
-            f"{directory}: quantized checkpoints are not supported yet "
-            f"(config.json quantization_config.quant_method = {method!r}); use a bf16 checkpoint"
+            f"{directory}: quantized checkpoints are not supported yet into a module without FP8 "
+            f"parameters (config.json quantization_config.quant_method = {method!r}); "
+            f"pyllama4.model.load.load_model builds the FP8 modules, or use a bf16 checkpoint"
         )
+    raise CheckpointError(
+        f"{directory}: the module was built for quant_method {quant_method!r}, but config.json "
+        f"says {'no quantization_config' if method is None else repr(method)}"
+    )
 
 
 def _ties_embeddings(config: dict) -> bool:
@@ -218,7 +272,12 @@ class _Target:
 
     names: list[str]
     param: torch.nn.Parameter
-    fused: str | None  # "gate_up_proj" / "down_proj" for fused routed experts, else None
+    # "gate_up" / "down" for fused routed experts' weights [E, in, out] or their scales [E, out],
+    # else None.
+    fused: str | None
+    # A per-output-channel scale (`weight_scale` [out], `gate_up_scale`, `down_scale`): the
+    # checkpoint may store it with one more dimension of size 1.
+    scale: bool
 
     @property
     def name(self) -> str:
@@ -227,11 +286,21 @@ class _Target:
     def units(self) -> list:
         """What must be written: the whole tensor (None), or (expert, part) for fused experts."""
         num_experts = self.param.shape[0]
-        if self.fused == "gate_up_proj":
+        if self.fused == "gate_up":
             return [(e, p) for e in range(num_experts) for p in ("gate", "up")]
-        if self.fused == "down_proj":
+        if self.fused == "down":
             return [(e, "down") for e in range(num_experts)]
         return [None]
+
+    def shapes(self) -> list[tuple[int, ...]]:
+        """The accepted shapes of a whole-tensor source: the parameter's, and for a scale the
+        checkpoints' [out, 1] (Linear), [E, 1, 2I] (gate_up) or [E, H, 1] (down)."""
+        shape = tuple(self.param.shape)
+        if not self.scale:
+            return [shape]
+        if self.fused == "gate_up":
+            return [shape, (shape[0], 1, shape[1])]
+        return [shape, (*shape, 1)]
 
 
 class _Targets:
@@ -242,12 +311,15 @@ class _Targets:
             target = by_id.get(id(param))
             if target is None:
                 fused = _FUSED_RE.search(name)
-                fused_kind = fused.group(1) if fused and param.dim() == 3 else None
-                if fused_kind == "gate_up_proj" and param.shape[2] % 2:
+                is_scale = fused.group(2) == "scale" if fused else name.endswith(".weight_scale")
+                if fused and param.dim() != (2 if is_scale else 3):
+                    fused = None
+                fused_kind = fused.group(1) if fused else None
+                if fused_kind == "gate_up" and param.shape[-1] % 2:
                     raise CheckpointError(
                         f"module parameter {name} has an odd last dim: {_shape(param.shape)}"
                     )
-                target = by_id[id(param)] = _Target([name], param, fused_kind)
+                target = by_id[id(param)] = _Target([name], param, fused_kind, is_scale)
             else:
                 target.names.append(name)
             self.by_name[name] = target
@@ -269,6 +341,7 @@ class _Source:
     file: Path
     name: str  # the name in the checkpoint
     shape: tuple[int, ...]
+    dtype: str  # the safetensors dtype, one of _FLOAT_DTYPES or _FP8_PARAMS
     nbytes: int
 
 
@@ -286,18 +359,18 @@ class _Problems:
     duplicate: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     shape: list[str] = field(default_factory=list)
+    dtype: list[str] = field(default_factory=list)
     index: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
 
     def raise_if_any(self) -> None:
         if self.unsupported:
-            raise UnsupportedCheckpointError(
-                f"not supported yet (fp8/quantized checkpoints): {_listing(self.unsupported)}"
-            )
+            raise UnsupportedCheckpointError(f"not supported yet: {_listing(self.unsupported)}")
         sections = [
             ("tensor(s) given more than once", self.duplicate),
             ("unexpected tensor(s) (the module has no place for them)", self.unexpected),
             ("tensor(s) with the wrong shape", self.shape),
+            ("tensor(s) with the wrong dtype", self.dtype),
             ("index entries that do not match the shard contents", self.index),
             ("missing tensor(s)", self.missing),
         ]
@@ -313,6 +386,7 @@ def _plan(
     *,
     rename: Callable[[str], str | None],
     tie_embeddings: bool,
+    quantized: bool,
 ) -> list[_Copy]:
     problems = _Problems()
     copies: list[_Copy] = []
@@ -360,11 +434,12 @@ def _plan(
                 tensor_slice = handle.get_slice(key)
                 shape = tuple(tensor_slice.get_shape())
                 dtype = tensor_slice.get_dtype()
-                if dtype not in _FLOAT_DTYPES:
-                    kind = "float8" if dtype.startswith("F8") else "unsupported"
-                    problems.unsupported.append(f"{key} has {kind} dtype {dtype}")
+                unsupported = _unsupported_dtype(key, dtype, quantized)
+                if unsupported:
+                    problems.unsupported.append(unsupported)
                     continue
-                source = _Source(path, key, shape, _numel(shape) * _FLOAT_DTYPES[dtype])
+                size = _FLOAT_DTYPES.get(dtype, 1)
+                source = _Source(path, key, shape, dtype, _numel(shape) * size)
                 _place(source, name, targets, problems, claim)
         if weight_map is not None:
             present = set(keys)
@@ -379,7 +454,7 @@ def _plan(
         units = target.units()
         gaps = [u for u in units if u not in claimed[target]]
         if len(gaps) == len(units):
-            problems.missing.append(" = ".join(target.names))
+            problems.missing.append(" = ".join(_checkpoint_name(n) for n in target.names))
         else:
             problems.missing.extend(_expert_name(target, u) for u in gaps)
 
@@ -387,36 +462,88 @@ def _plan(
     return copies
 
 
+def _unsupported_dtype(key: str, dtype: str, quantized: bool) -> str | None:
+    """Why a checkpoint tensor's dtype cannot be loaded at all; None if it may be."""
+    if dtype in _FLOAT_DTYPES:
+        return None
+    if dtype in _FP8_PARAMS:
+        if quantized:
+            return None
+        return (
+            f"{key} has float8 dtype {dtype} (the module has no FP8 parameters: load quantized "
+            f"checkpoints with pyllama4.model.load.load_model)"
+        )
+    if dtype.startswith("F8"):
+        supported = ", ".join(f"{k} ({v})" for k, v in _FP8_PARAMS.items())
+        return f"{key} has float8 dtype {dtype} (supported: {supported})"
+    return f"{key} has unsupported dtype {dtype}"
+
+
+def _dtype_problem(source: _Source, target: _Target) -> str | None:
+    """Why `source` cannot go into `target` as its dtype stands; None if it can."""
+    param_dtype = target.param.dtype
+    if source.dtype in _FP8_PARAMS:
+        if _FP8_PARAMS[source.dtype] == param_dtype:
+            return None
+        if _is_fp8(param_dtype):
+            return f"{source.name} is {source.dtype}, but {target.name} holds {param_dtype}"
+        return (
+            f"{source.name} is float8 ({source.dtype}), but {target.name} is not quantized "
+            f"({param_dtype}): the checkpoint's quantization_config leaves it unquantized, or "
+            f"pyllama4 runs it unquantized"
+        )
+    if _is_fp8(param_dtype):
+        return f"{source.name} is {source.dtype}, but {target.name} expects fp8 ({param_dtype})"
+    return None
+
+
 def _place(source: _Source, name: str, targets: _Targets, problems: _Problems, claim) -> None:
-    target = targets.by_name.get(name)
+    target = targets.by_name.get(name) or targets.by_name.get(
+        _FUSED_SCALE_NAME.sub(r"\1_scale", name)
+    )
     if target is not None:
-        expected = tuple(target.param.shape)
-        if source.shape != expected:
-            problems.shape.append(_shape_problem(source, expected))
-        claim(source, target, None, usable=source.shape == expected)
+        usable = _check(source, target, target.shapes(), problems)
+        claim(source, target, None, usable=usable)
         return
     match = _EXPERT_RE.match(name)
     if match:
-        part = match.group("part")
-        fused = match.group("experts") + (".down_proj" if part == "down" else ".gate_up_proj")
+        part, is_scale = match.group("part"), match.group("what") == "weight_scale"
+        fused = match.group("experts") + (".down" if part == "down" else ".gate_up")
+        fused += "_scale" if is_scale else "_proj"
         target = targets.by_name.get(fused)
-        if target is not None and target.fused is not None:
-            num_experts, rows, cols = target.param.shape
-            if target.fused == "gate_up_proj":
-                expected = (cols // 2, rows)  # nn.Linear [I, H] of a [E, H, 2I] parameter
-            else:
-                expected = (cols, rows)  # nn.Linear [H, I] of a [E, I, H] parameter
+        if target is not None and target.fused is not None and target.scale == is_scale:
+            num_experts, *rest = target.param.shape
             expert = int(match.group("e"))
             if expert >= num_experts:
                 problems.unexpected.append(
                     f"{source.name} (expert {expert}, but {fused} has {num_experts} experts)"
                 )
-            else:
-                if source.shape != expected:
-                    problems.shape.append(_shape_problem(source, expected))
-                claim(source, target, (expert, part), usable=source.shape == expected)
+                return
+            if is_scale:  # [out] (or [out, 1]) of a [E, out] parameter; gate_up: half of out
+                out = rest[0] // 2 if target.fused == "gate_up" else rest[0]
+                shapes = [(out,), (out, 1)]
+            else:  # nn.Linear [out, in] of an input-major [E, in, out] parameter
+                rows, cols = rest
+                shapes = [(cols // 2 if target.fused == "gate_up" else cols, rows)]
+            usable = _check(source, target, shapes, problems)
+            claim(source, target, (expert, part), usable=usable)
             return
     problems.unexpected.append(source.name)
+
+
+def _check(
+    source: _Source, target: _Target, shapes: list[tuple[int, ...]], problems: _Problems
+) -> bool:
+    """Whether `source` fits `target` (shape, dtype); records what does not."""
+    usable = True
+    if source.shape not in shapes:
+        problems.shape.append(_shape_problem(source, shapes))
+        usable = False
+    dtype_problem = _dtype_problem(source, target)
+    if dtype_problem:
+        problems.dtype.append(dtype_problem)
+        usable = False
+    return usable
 
 
 def _fill_tied(targets: _Targets, claimed, whole, problems: _Problems, claim) -> None:
@@ -430,7 +557,9 @@ def _fill_tied(targets: _Targets, claimed, whole, problems: _Problems, claim) ->
             source = whole[have]
             expected = tuple(need.param.shape)
             if source.shape != expected:
-                problems.shape.append(_shape_problem(source, expected) + f" (tied to {need.name})")
+                problems.shape.append(
+                    _shape_problem(source, [expected]) + f" (tied to {need.name})"
+                )
             claim(source, need, None, usable=source.shape == expected)
 
 
@@ -469,25 +598,29 @@ def _apply(handle, copy: _Copy) -> None:
         _copy_whole(handle, copy.source, param)
         return
     expert, part = copy.unit
-    tensor = handle.get_tensor(name).t()  # nn.Linear [out, in] -> input-major [in, out]
+    tensor = handle.get_tensor(name)
+    # A scale [out] or [out, 1] -> [out]; a weight: nn.Linear [out, in] -> input-major [in, out].
+    tensor = tensor.reshape(-1) if copy.target.scale else tensor.t()
     if part == "down":
         param[expert].copy_(tensor)
     else:
-        half = param.shape[2] // 2
+        half = param.shape[-1] // 2
         cols = slice(0, half) if part == "gate" else slice(half, 2 * half)
-        param[expert, :, cols].copy_(tensor)
+        param[expert][..., cols].copy_(tensor)
 
 
 def _copy_whole(handle, source: _Source, param: torch.Tensor) -> None:
+    """Copies in blocks of leading-dim rows; a scale's extra size-1 dim is reshaped away."""
     rows = source.shape[0] if source.shape else 1
     if source.nbytes <= _CHUNK_BYTES or rows < 2:
-        param.copy_(handle.get_tensor(source.name))
+        param.copy_(handle.get_tensor(source.name).reshape(param.shape))
         return
     step = max(1, _CHUNK_BYTES // (source.nbytes // rows))
     tensor_slice = handle.get_slice(source.name)
     for start in range(0, rows, step):
         stop = min(rows, start + step)
-        param[start:stop].copy_(tensor_slice[start:stop])
+        block = param[start:stop]
+        block.copy_(tensor_slice[start:stop].reshape(block.shape))
 
 
 class _Progress:
@@ -540,8 +673,21 @@ def _shape(shape: Iterable[int]) -> str:
     return str(list(shape))
 
 
-def _shape_problem(source: _Source, expected: tuple[int, ...]) -> str:
-    return f"{source.name}: expected shape {_shape(expected)}, got {_shape(source.shape)}"
+def _is_fp8(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point and dtype.itemsize == 1
+
+
+def _shape_problem(source: _Source, expected: list[tuple[int, ...]]) -> str:
+    shapes = " or ".join(_shape(s) for s in expected)
+    return f"{source.name}: expected shape {shapes}, got {_shape(source.shape)}"
+
+
+def _checkpoint_name(name: str) -> str:
+    """A module parameter's name as checkpoints spell it (fused experts' scales differ)."""
+    match = _FUSED_RE.search(name)
+    if match and match[2] == "scale":
+        return f"{name[: match.start()]}.feed_forward.experts.{match[1]}_proj_scale"
+    return name
 
 
 def _describe(target: _Target, unit: object) -> str:
@@ -552,7 +698,7 @@ def _expert_name(target: _Target, unit: tuple[int, str]) -> str:
     """The per-expert checkpoint name of one slice of a fused expert parameter."""
     expert, part = unit
     prefix = target.name.rsplit(".", 1)[0]
-    return f"{prefix}.{expert}.{part}_proj.weight"
+    return f"{prefix}.{expert}.{part}_proj.{'weight_scale' if target.scale else 'weight'}"
 
 
 def _listing(items: list[str]) -> str:

@@ -5,6 +5,13 @@ the requested device; nothing is initialised randomly first (parameters are crea
 device and materialised empty before loading). With quantization="fp8", the modules that
 `pyllama4.quant.fp8.fp8_targets` names hold the FP8 quantization of those weights instead
 (online, after the cast: `quantize_model`); everything else is as without.
+
+A pre-quantized FP8 checkpoint (config.json `quantization_config`, `pyllama4.quant.checkpoint`)
+is detected and served as it is: the model is built on the meta device with Fp8Linear /
+Fp8Experts wherever the checkpoint's scheme quantizes, and its float8 weights and fp32 scales are
+loaded unchanged (no dequantize-requantize; the other modules in `dtype`), then converted
+exactly to e4m3fnuz if fp8_format asks for it. Online quantization of such a checkpoint is a
+ValueError: it already is FP8.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import torch
 from pyllama4.config import TextConfig, VisionConfig
 from pyllama4.model.llama4 import Llama4ForCausalLM
 from pyllama4.model.vision import VisionTower
+from pyllama4.quant.checkpoint import convert_to_fnuz, install_fp8_modules, read_fp8_scheme
 from pyllama4.quant.fp8 import check_format, quantize_model
 from pyllama4.weights import load_weights, vision_name
 
@@ -32,8 +40,10 @@ def load_model(
     quantization: str | None = None,
     fp8_format: str = "e4m3fn",
 ) -> Llama4ForCausalLM:
-    """quantization: None (the checkpoint's weights in `dtype`) or "fp8" (online FP8 in
-    `fp8_format`, e4m3fn or e4m3fnuz; the other modules stay in `dtype`)."""
+    """quantization: None (the checkpoint's weights in `dtype`, its FP8 ones in `fp8_format` if it
+    is an FP8 checkpoint) or "fp8" (online FP8 in `fp8_format`, e4m3fn or e4m3fnuz; the other
+    modules stay in `dtype`). Raises CheckpointError (UnsupportedCheckpointError for a
+    quantization scheme pyllama4 cannot run) if the checkpoint does not fit."""
     if quantization is not None and quantization not in QUANTIZATIONS:
         raise ValueError(
             f"quantization {quantization!r}: expected None or one of {', '.join(QUANTIZATIONS)}"
@@ -44,10 +54,25 @@ def load_model(
             raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
         dtype = DTYPES[dtype]
     config = TextConfig.from_checkpoint(checkpoint_dir)
+    scheme = read_fp8_scheme(checkpoint_dir)
+    if scheme is not None and quantization == "fp8":
+        raise ValueError(
+            f"{checkpoint_dir} is already quantized to FP8 ({scheme.method}): load it without "
+            f"quantization='fp8'"
+        )
     with torch.device("meta"):
-        model = Llama4ForCausalLM(config)
-    model = model.to_empty(device=device).to(dtype)
-    load_weights(model, checkpoint_dir, progress=progress)
+        model = Llama4ForCausalLM(config).to(dtype)
+    if scheme is not None:
+        install_fp8_modules(model, scheme)  # after the cast, which would also cast fp8 and scales
+    model = model.to_empty(device=device)
+    load_weights(
+        model,
+        checkpoint_dir,
+        progress=progress,
+        quant_method=None if scheme is None else scheme.method,
+    )
+    if scheme is not None and fp8_format == "e4m3fnuz":
+        convert_to_fnuz(model)
     if quantization == "fp8":
         quantize_model(model, fp8_format)
     return model.eval()
@@ -60,12 +85,21 @@ def load_vision_tower(
     device: torch.device | str = "cpu",
     progress: bool = True,
 ) -> VisionTower | None:
-    """The vision tower and projector of a multimodal checkpoint; None for a text-only one."""
+    """The vision tower and projector of a multimodal checkpoint; None for a text-only one.
+    They are never FP8: in an FP8 checkpoint they must be left unquantized (as the published
+    recipes do), else CheckpointError."""
     config = VisionConfig.from_checkpoint(checkpoint_dir)
     if config is None:
         return None
+    scheme = read_fp8_scheme(checkpoint_dir)
     with torch.device("meta"):
         tower = VisionTower(config)
     tower = tower.to_empty(device=device).to(dtype)
-    load_weights(tower, checkpoint_dir, progress=progress, rename=vision_name)
+    load_weights(
+        tower,
+        checkpoint_dir,
+        progress=progress,
+        rename=vision_name,
+        quant_method=None if scheme is None else scheme.method,
+    )
     return tower.eval()
