@@ -1,14 +1,27 @@
-"""GPU kernel timings: paged decode attention against the device's copy bandwidth, one run.
+"""GPU kernel timings against the device's measured ceilings, one run: paged decode attention and
+the fused MoE.
 
-For each (batch, context): Scout's attention shape per layer (40 query heads, 8 KV heads,
-head_dim 128, bf16), random pages, decode (one query token per request) on a global layer and
-on a chunk-local layer (chunk 8192). Time per call with device events after warm-up (median of
---iters); achieved bandwidth = K and V bytes the step must read / time, as a fraction of the
-copy bandwidth measured in the same run (a 1 GiB device-to-device copy: read + write bytes /
-time). Correctness is tests/gpu's job; this script only times.
+Attention — for each (batch, context): Scout's attention shape per layer (40 query heads, 8 KV
+heads, head_dim 128, bf16), random pages, decode (one query token per request) on a global layer
+and on a chunk-local layer (chunk 8192). Achieved bandwidth = K and V bytes the step must read /
+time, as a fraction of the copy bandwidth.
 
-Run: python bench/kernels.py  (needs a GPU and the built kernel library; prints a markdown table
-for docs/benchmarks.md with the card's name).
+MoE — Scout (H 5120, I 8192, 16 experts) and Maverick (128 experts) MoE layers, top-1, random
+weights, at 1, 8, 64, 512 and 4096 tokens: the layer (MoE.forward: router, shared expert and
+routed experts; the fused kernels up to 64 tokens, the torch path above) beside the torch path
+alone (the kernels switched off). Decode (<= 64 tokens) also times the routed part alone
+(fused_moe_gpu: routing + expert kernels) and its bandwidth on the bytes of the experts it
+touches (the distinct experts routed to), as a fraction of the copy bandwidth; bf16 and fp8
+weights (the device's fp8 format: e4m3fnuz on ROCm, e4m3fn on CUDA). 512 and 4096 tokens give
+the layer's TFLOP/s (router, shared and routed experts' matmul FLOPs / time) against a measured
+bf16 torch matmul rate (8192^3).
+
+Times: per call with device events after warm-up (median of --iters). The copy bandwidth is
+measured in the same run (a 1 GiB device-to-device copy: read + write bytes / time).
+Correctness is tests/gpu's job; this script only times.
+
+Run: python bench/kernels.py [--section attention|moe]  (needs a GPU and the built kernel
+library; prints markdown tables for docs/benchmarks.md with the card's name).
 """
 
 from __future__ import annotations
@@ -26,6 +39,9 @@ from gpu.paged_cases import decode_case  # noqa: E402
 
 from pyllama4 import kernels  # noqa: E402
 from pyllama4.kernels import attention as gpu  # noqa: E402
+from pyllama4.kernels import moe as moe_gpu  # noqa: E402
+from pyllama4.layers.ffn import MoE  # noqa: E402
+from pyllama4.quant import fp8_bits as fp8  # noqa: E402
 
 SIZES = [(1, 1024), (1, 32768), (1, 131072), (8, 8192), (32, 32768), (64, 4096), (64, 16384)]
 
@@ -51,16 +67,8 @@ def copy_gbps(iters: int) -> float:
     return 2 * src.numel() / us / 1e3
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--iters", type=int, default=50)
-    parser.add_argument("--page-size", type=int, default=16)
-    args = parser.parse_args()
-    if not torch.cuda.is_available() or kernels.library() is None:
-        sys.exit(f"needs a GPU and the kernel library: {kernels.reason() or 'no GPU'}")
-    name = torch.cuda.get_device_name()
-    copy = copy_gbps(args.iters)
-    print(f"device: {name}; copy bandwidth {copy:.0f} GB/s; page size {args.page_size}\n")
+def attention_section(args: argparse.Namespace, copy: float) -> None:
+    print(f"### Paged decode attention (page size {args.page_size})\n")
     print("| layer | batch | context | µs | GB/s | % of copy |")
     print("|---|---:|---:|---:|---:|---:|")
     for chunk in (None, 8192):
@@ -97,6 +105,137 @@ def main() -> None:
             )
             del case, tokens
             torch.cuda.empty_cache()
+    print()
+
+
+MOE_MODELS = {"Scout": (5120, 8192, 16), "Maverick": (5120, 8192, 128)}
+MOE_TOKENS = [1, 8, 64, 512, 4096]
+
+
+def matmul_tflops(iters: int) -> float:
+    """The bf16 torch matmul rate on 8192 x 8192 x 8192."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn_like(a)
+    us = median_us(lambda: a @ b, iters)
+    return 2 * 8192**3 / us / 1e6
+
+
+def bf16_moe(hidden: int, inter: int, num_experts: int) -> MoE:
+    """A top-1 bf16 MoE layer on the GPU with random weights (built on the meta device)."""
+    with torch.device("meta"):
+        moe = MoE(hidden, inter, num_experts, 1)
+    moe = moe.to(torch.bfloat16).to_empty(device="cuda")
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0, p.shape[-2] ** -0.5 if p.dim() == 3 else p.shape[-1] ** -0.5)
+    return moe.eval()
+
+
+def fp8_experts(hidden: int, inter: int, num_experts: int, fmt: int) -> moe_gpu.Fp8ExpertWeights:
+    def bits(*size: int) -> torch.Tensor:
+        b = torch.randint(0, 256, size, dtype=torch.uint8, device="cuda")
+        b[fp8.is_nan(b, fmt)] = 0
+        return b
+
+    return moe_gpu.Fp8ExpertWeights(
+        bits(num_experts, hidden, 2 * inter),
+        torch.full((num_experts, 2 * inter), 1e-4, device="cuda"),
+        bits(num_experts, inter, hidden),
+        torch.full((num_experts, hidden), 1e-4, device="cuda"),
+        fmt,
+    )
+
+
+class TorchPath:
+    """Within: MoE.forward takes the torch path whatever the batch (the kernels switched off)."""
+
+    def __enter__(self) -> None:
+        self.saved = moe_gpu.dispatches
+        moe_gpu.dispatches = lambda *args: False
+
+    def __exit__(self, *exc: object) -> None:
+        moe_gpu.dispatches = self.saved
+
+
+def moe_rows(
+    name: str,
+    moe: MoE,
+    fp8_weights: moe_gpu.Fp8ExpertWeights | None,
+    copy: float,
+    peak: float,
+    iters: int,
+) -> None:
+    hidden, inter, num_experts = MOE_MODELS[name]
+    expert_params = 3 * hidden * inter
+    for tokens in MOE_TOKENS:
+        x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            layer_us = median_us(lambda x=x: moe(x), iters)
+            with TorchPath():
+                torch_us = median_us(lambda x=x: moe(x), iters)
+            logits, shared = moe.router(x), moe.shared_expert(x)
+        path = "kernels" if tokens <= moe_gpu.MAX_TOKENS else "torch"
+        cells = [name, str(tokens), path, f"{layer_us:.1f}", f"{torch_us:.1f}"]
+        if tokens <= moe_gpu.MAX_TOKENS:
+            touched = logits.topk(1, dim=-1).indices.unique().numel()
+            rows = [("bf16", moe.experts, 2)]
+            if fp8_weights is not None:
+                rows.append((fp8.NAMES[fp8_weights.format], fp8_weights, 1))
+            for weights, experts, nbytes in rows:
+
+                def routed(x=x, logits=logits, shared=shared, experts=experts):
+                    moe_gpu.fused_moe_gpu(x, logits, experts, 1, shared)
+
+                us = median_us(routed, iters)
+                gbps = touched * expert_params * nbytes / us / 1e3
+                print(
+                    "| "
+                    + " | ".join(cells)
+                    + f" | {weights} | {touched} | {us:.1f} | {gbps:.0f} | "
+                    + f"{100 * gbps / copy:.0f}% | | |"
+                )
+                cells = [name, str(tokens), path, "", ""]
+        else:
+            flops = 2 * tokens * (2 * expert_params + hidden * num_experts)  # routed + shared
+            tflops = flops / layer_us / 1e6
+            share = 100 * tflops / peak
+            print("| " + " | ".join(cells) + f" | | | | | | {tflops:.0f} | {share:.0f}% |")
+        del x, logits, shared
+
+
+def moe_section(args: argparse.Namespace, copy: float) -> None:
+    peak = matmul_tflops(args.iters)
+    fmt = fp8.E4M3FNUZ if torch.version.hip else fp8.E4M3FN
+    print(f"### Fused MoE (top-1; bf16 matmul {peak:.0f} TFLOP/s)\n")
+    print(
+        "| model | tokens | path | layer µs | torch path µs | routed weights | experts "
+        "touched | routed µs | GB/s | % of copy | TFLOP/s | % of matmul |"
+    )
+    print("|---|---:|---|---:|---:|---|---:|---:|---:|---:|---:|---:|")
+    for name, (hidden, inter, num_experts) in MOE_MODELS.items():
+        moe = bf16_moe(hidden, inter, num_experts)
+        weights = fp8_experts(hidden, inter, num_experts, fmt)
+        moe_rows(name, moe, weights, copy, peak, args.iters)
+        del moe, weights
+        torch.cuda.empty_cache()
+    print()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--page-size", type=int, default=16)
+    parser.add_argument("--section", choices=["all", "attention", "moe"], default="all")
+    args = parser.parse_args()
+    if not torch.cuda.is_available() or kernels.library() is None:
+        sys.exit(f"needs a GPU and the kernel library: {kernels.reason() or 'no GPU'}")
+    name = torch.cuda.get_device_name()
+    copy = copy_gbps(args.iters)
+    print(f"device: {name}; copy bandwidth {copy:.0f} GB/s\n")
+    if args.section in ("all", "attention"):
+        attention_section(args, copy)
+    if args.section in ("all", "moe"):
+        moe_section(args, copy)
 
 
 if __name__ == "__main__":

@@ -37,4 +37,58 @@ int pyllama4_paged_attention(void* out, const void* q, const void* k_cache, cons
                              int32_t head_dim, int32_t page_size, int32_t chunk_size, float scale,
                              float* workspace, int32_t num_splits, int32_t split_len,
                              void* stream);
+
+// ---- Fused MoE (fused_moe.hip): Llama 4 routing and the routed experts of small batches ----
+// The reference is pyllama4.layers.ffn.MoE: top-k router logits per token, score = sigmoid of
+// the selected logit in fp32 (cast to bf16 where it scales), the score multiplies the expert's
+// INPUT (x_scaled = bf16(x * score)), expert = (silu(x_scaled @ G) * (x_scaled @ U)) @ D, out =
+// shared expert output + the sum of the token's routed experts. The shared expert is NOT computed
+// here: the caller computes it (torch, dense) and passes its output in.
+// A pair p = (token p / top_k, rank p % top_k) is one token's i-th choice (i < top_k).
+// Both launchers share one workspace (pyllama4_moe_workspace_bytes, 16-byte aligned): route
+// writes the per-expert work list there, experts reads it and keeps its fp32 accumulators there.
+// Limits: 1 <= num_experts <= 1024, 1 <= top_k <= min(8, num_experts), num_tokens * top_k <=
+// 4096.
+
+// Workspace bytes for these sizes (hidden = intermediate = 0: what pyllama4_moe_route alone
+// needs); 0 for sizes that are not positive.
+int64_t pyllama4_moe_workspace_bytes(int32_t num_tokens, int32_t top_k, int32_t num_experts,
+                                     int32_t hidden, int32_t intermediate);
+
+// Routing of num_tokens tokens, one launch: router_logits [T, E] bf16 (row-major) ->
+//   topk_ids [T * k] int32: pair p's expert, per token in descending logit order (ties: the
+//     lower expert index first; NaN logits rank as -inf);
+//   topk_scores [T * k] fp32: sigmoid of pair p's logit, 1 / (1 + exp(-logit)) in fp32;
+//   expert_counts [E] int32: pairs per expert; expert_offsets [E + 1] int32: their exclusive
+//     prefix sum (offsets[E] = T * k);
+//   sorted_pairs [T * k] int32: the pairs ordered by expert, stably (pair order within an
+//     expert), i.e. torch.argsort(topk_ids, stable=True);
+//   and the experts' work list in workspace (workspace_bytes >= the route-only size).
+int pyllama4_moe_route(const void* router_logits, int32_t num_tokens, int32_t num_experts,
+                       int32_t top_k, int32_t* topk_ids, float* topk_scores,
+                       int32_t* expert_counts, int32_t* expert_offsets, int32_t* sorted_pairs,
+                       void* workspace, int64_t workspace_bytes, void* stream);
+
+// The routed experts of the pairs that pyllama4_moe_route (same stream, same workspace, same
+// num_tokens, num_experts, top_k) wrote, plus shared_out:
+//   out [T, H] bf16 = bf16(shared_out + sum over pairs p of token t of
+//                          (silu(xs_p @ G_e) * (xs_p @ U_e)) @ D_e),
+//   xs_p = bf16(x[t] * bf16(topk_scores[p])), e = the pair's expert, computed in fp32.
+// x, shared_out, out: [T, H] bf16 row-major (out may be shared_out). Weights stay in the
+// checkpoint's input-major layout (no re-layout): gate_up [E, H, 2I] (columns: gate, then up),
+// down [E, I, H], either bf16 (weight_format 0) or fp8 raw bytes (1: e4m3fn, 2: e4m3fnuz) with
+// per-output-column fp32 scales gate_up_scale [E, 2I] and down_scale [E, H] (W = fp8 * scale;
+// null for bf16). H and I: multiples of 8, at most 2^20; weights 16-byte (bf16) or 8-byte (fp8)
+// aligned. gate_up_splits / down_splits cut the H / I input rows of each GEMV into that many
+// slices run by separate blocks (1 <= splits <= rows; more splits: more blocks, more fp32
+// atomics); the caller sizes them to fill the device. Meant for small batches (decode): each
+// expert's weights are read once for up to 8 of its tokens; prefill is better served by
+// grouped GEMMs. Four launches; fp32 atomics make the summation order vary between runs.
+int pyllama4_moe_experts(void* out, const void* x, const void* shared_out,
+                         const float* topk_scores, const int32_t* sorted_pairs,
+                         const void* gate_up, const float* gate_up_scale, const void* down,
+                         const float* down_scale, int32_t weight_format, int32_t num_tokens,
+                         int32_t num_experts, int32_t top_k, int32_t hidden,
+                         int32_t intermediate, int32_t gate_up_splits, int32_t down_splits,
+                         void* workspace, int64_t workspace_bytes, void* stream);
 }

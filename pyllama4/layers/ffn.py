@@ -4,6 +4,8 @@ Invariants (as in transformers): the router score is sigmoid(top-k logit), compu
 cast to the activation dtype, and multiplies the expert INPUT; the shared expert sees the
 unscaled input; expert weights are input-major (`gate_up_proj` [E, H, 2I]: gate then up;
 `down_proj` [E, I, H]). Dispatch is sparse: each expert computes only the tokens routed to it.
+Small bf16 batches on a GPU use the fused MoE kernels instead (pyllama4.kernels.moe), which
+compute the same in fp32 with one bf16 rounding at the end.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pyllama4.kernels import moe as moe_gpu
 
 
 class SwiGLU(nn.Module):
@@ -55,7 +59,12 @@ class MoE(nn.Module):
         self.shared_expert = SwiGLU(hidden_size, intermediate_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [N, H] -> [N, H]."""
+        """x [N, H] -> [N, H]. On a GPU, bf16 batches of up to moe_gpu.MAX_TOKENS rows (decode)
+        take the fused MoE kernels (pyllama4.kernels.moe; the shared expert stays torch's);
+        everything else, the CPU always, takes the torch path below."""
+        if moe_gpu.dispatches(x, self.experts, self.top_k):
+            shared = self.shared_expert(x)
+            return moe_gpu.fused_moe_gpu(x, self.router(x), self.experts, self.top_k, shared)
         logits = self.router(x)
         top_logits, top_experts = torch.topk(logits, self.top_k, dim=-1)
         scores = torch.sigmoid(top_logits.float()).to(x.dtype)  # [N, k]
