@@ -47,8 +47,7 @@ from pyllama4.quant.fp8 import (
     quantize_weight,
     weight_bytes,
 )
-from pyllama4.runner import ModelRunner
-from tiny_models import LLAMA3_ROPE, TINY_TEXT
+from tiny_models import LLAMA3_ROPE, TINY_TEXT, last_token_logits
 
 FORMATS = list(FP8_FORMATS)
 FP32_ROUNDING = 2.0**-22
@@ -343,20 +342,6 @@ class DefinitionExperts(nn.Module):
         h = definition(x, self.gu_q[e], self.gu_scale[e], UB).to(x.dtype)
         gate, up = h.chunk(2, dim=-1)
         return definition(up * F.silu(gate), self.down_q[e], self.down_scale[e], UB).to(x.dtype)
-
-
-def last_token_logits(model: Llama4ForCausalLM, prompts: list[list[int]]) -> torch.Tensor:
-    """Last-token logits of every prompt, all prompts in one step."""
-    runner = ModelRunner(
-        model, kv_tokens=4096, context_len=64, page_size=4, max_step_tokens=4096, max_running=64
-    )
-    for rid, prompt in enumerate(prompts):
-        runner.scheduler.add_request(rid, np.asarray(prompt, dtype=np.int32), max_new_tokens=1)
-    plan = runner.scheduler.schedule()
-    logits = runner.forward(plan)
-    rids = plan.request_ids[plan.sample_requests]
-    assert sorted(rids.tolist()) == list(range(len(prompts)))
-    return logits[torch.from_numpy(np.argsort(rids))]
 
 
 def random_prompts(seed: int, count: int = 64) -> list[list[int]]:

@@ -23,7 +23,6 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -43,9 +42,8 @@ from pyllama4.quant.fp8 import (
     fp8_targets,
     quantize_weight,
 )
-from pyllama4.runner import ModelRunner
 from pyllama4.weights import CheckpointError, UnsupportedCheckpointError, load_weights
-from tiny_models import LLAMA3_ROPE, TINY_TEXT, TINY_VISION
+from tiny_models import LLAMA3_ROPE, TINY_TEXT, TINY_VISION, last_token_logits
 
 VOCAB = 256
 UB = 1000.0  # not fbgemm's default 1200: the config's value must be the one used
@@ -224,19 +222,6 @@ def assert_same_state(model: nn.Module, expected: nn.Module) -> None:
     for name, tensor in want.items():
         assert got[name].dtype == tensor.dtype, name
         assert torch.equal(bits(got[name]), bits(tensor)), name
-
-
-def last_token_logits(model: Llama4ForCausalLM, prompts: list[list[int]]) -> torch.Tensor:
-    runner = ModelRunner(
-        model, kv_tokens=2048, context_len=64, page_size=4, max_step_tokens=2048, max_running=64
-    )
-    for rid, prompt in enumerate(prompts):
-        runner.scheduler.add_request(rid, np.asarray(prompt, dtype=np.int32), max_new_tokens=1)
-    plan = runner.scheduler.schedule()
-    logits = runner.forward(plan)
-    rids = plan.request_ids[plan.sample_requests]
-    assert sorted(rids.tolist()) == list(range(len(prompts)))
-    return logits[torch.from_numpy(np.argsort(rids))]
 
 
 def random_prompts(seed: int = 7, count: int = 32) -> list[list[int]]:

@@ -7,6 +7,7 @@
   after pixel shuffle) projecting to the text width.
 - `LLAMA4_SPECIAL_TOKENS`, `TINY_TILE` and `make_tiny_multimodal_checkpoint`: the tiny random
   multimodal checkpoint behind conftest.py's `tiny_mm_dir` fixture.
+- `last_token_logits`: our model's last-token logits for a batch of prompts, in one step.
 
 Test modules import it as `tiny_models` (pyproject.toml puts tests/ on pytest's pythonpath).
 """
@@ -15,6 +16,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+
+import numpy as np
+import torch
+
+from pyllama4.model.llama4 import Llama4ForCausalLM
+from pyllama4.runner import ModelRunner
 
 TINY_TEXT: dict = dict(
     hidden_size=64,
@@ -145,3 +152,17 @@ def make_tiny_multimodal_checkpoint(path: Path, demo_dir: Path) -> Path:
     }
     (path / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
     return path
+
+
+def last_token_logits(model: Llama4ForCausalLM, prompts: list[list[int]]) -> torch.Tensor:
+    """Last-token logits of every prompt (rows in prompt order), all prompts in one step."""
+    runner = ModelRunner(
+        model, kv_tokens=4096, context_len=64, page_size=4, max_step_tokens=4096, max_running=64
+    )
+    for rid, prompt in enumerate(prompts):
+        runner.scheduler.add_request(rid, np.asarray(prompt, dtype=np.int32), max_new_tokens=1)
+    plan = runner.scheduler.schedule()
+    logits = runner.forward(plan)
+    rids = plan.request_ids[plan.sample_requests]
+    assert sorted(rids.tolist()) == list(range(len(prompts)))
+    return logits[torch.from_numpy(np.argsort(rids))]
