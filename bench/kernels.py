@@ -1,5 +1,5 @@
 """GPU kernel timings against the device's measured ceilings, one run: paged decode attention and
-the fused MoE.
+the fused MoE, and the fp8 linear.
 
 Attention — for each (batch, context): Scout's attention shape per layer (40 query heads, 8 KV
 heads, head_dim 128, bf16), random pages, decode (one query token per request) on a global layer
@@ -16,11 +16,16 @@ weights (the device's fp8 format: e4m3fnuz on ROCm, e4m3fn on CUDA). 512 and 409
 the layer's TFLOP/s (router, shared and routed experts' matmul FLOPs / time) against a measured
 bf16 torch matmul rate (8192^3).
 
+FP8 linear — Scout's dense linears (in -> out: 5120 -> 5120, 1024, 16384; 16384 -> 5120), fp8
+weights in the device's format, per-token activation quantization (ub 1200), at 1, 2, 4, 8 and
+16 tokens: fp8_linear_gpu (quantization + GEMV) and its bandwidth on the weight bytes (out * in)
+as a fraction of the copy bandwidth, beside torch's bf16 matmul on the same shape.
+
 Times: per call with device events after warm-up (median of --iters). The copy bandwidth is
 measured in the same run (a 1 GiB device-to-device copy: read + write bytes / time).
 Correctness is tests/gpu's job; this script only times.
 
-Run: python bench/kernels.py [--section attention|moe]  (needs a GPU and the built kernel
+Run: python bench/kernels.py [--section attention|moe|fp8]  (needs a GPU and the built kernel
 library; prints markdown tables for docs/benchmarks.md with the card's name).
 """
 
@@ -39,6 +44,7 @@ from gpu.paged_cases import decode_case  # noqa: E402
 
 from pyllama4 import kernels  # noqa: E402
 from pyllama4.kernels import attention as gpu  # noqa: E402
+from pyllama4.kernels import fp8 as fp8_gpu  # noqa: E402
 from pyllama4.kernels import moe as moe_gpu  # noqa: E402
 from pyllama4.layers.ffn import MoE  # noqa: E402
 from pyllama4.quant import fp8_bits as fp8  # noqa: E402
@@ -221,11 +227,45 @@ def moe_section(args: argparse.Namespace, copy: float) -> None:
     print()
 
 
+FP8_SHAPES = [(5120, 5120), (5120, 1024), (5120, 16384), (16384, 5120)]  # (in, out)
+FP8_TOKENS = [1, 2, 4, 8, 16]
+
+
+def fp8_rows(features: int, out: int, fmt: int, copy: float, iters: int) -> None:
+    bits = torch.randint(0, 256, (out, features), dtype=torch.uint8, device="cuda")
+    bits[fp8.is_nan(bits, fmt)] = 0
+    weight = bits.view(fp8.torch_dtype(fmt))
+    scale = torch.full((out,), 1e-4, device="cuda")
+    dense = torch.randn(out, features, device="cuda", dtype=torch.bfloat16)
+    for tokens in FP8_TOKENS:
+        x = torch.randn(tokens, features, device="cuda", dtype=torch.bfloat16)
+        us = median_us(
+            lambda x=x: fp8_gpu.fp8_linear_gpu(x, weight, scale, fmt, 1200.0, True), iters
+        )
+        bf16_us = median_us(lambda x=x: x @ dense.T, iters)
+        gbps = out * features / us / 1e3
+        print(
+            f"| {features} | {out} | {tokens} | {us:.1f} | {gbps:.0f} | "
+            f"{100 * gbps / copy:.0f}% | {bf16_us:.1f} |"
+        )
+
+
+def fp8_section(args: argparse.Namespace, copy: float) -> None:
+    fmt = fp8.E4M3FNUZ if torch.version.hip else fp8.E4M3FN
+    print(f"### FP8 linear ({fp8.NAMES[fmt]} weights, per-token activations, ub 1200)\n")
+    print("| in | out | tokens | µs | GB/s | % of copy | bf16 matmul µs |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for features, out in FP8_SHAPES:
+        fp8_rows(features, out, fmt, copy, args.iters)
+        torch.cuda.empty_cache()
+    print()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--page-size", type=int, default=16)
-    parser.add_argument("--section", choices=["all", "attention", "moe"], default="all")
+    parser.add_argument("--section", choices=["all", "attention", "moe", "fp8"], default="all")
     args = parser.parse_args()
     if not torch.cuda.is_available() or kernels.library() is None:
         sys.exit(f"needs a GPU and the kernel library: {kernels.reason() or 'no GPU'}")
@@ -236,6 +276,11 @@ def main() -> None:
         attention_section(args, copy)
     if args.section in ("all", "moe"):
         moe_section(args, copy)
+    if args.section in ("all", "fp8"):
+        if fp8_gpu._functions() is None:
+            print("fp8: the kernel library predates the fp8 kernels (rebuild it)")
+        else:
+            fp8_section(args, copy)
 
 
 if __name__ == "__main__":

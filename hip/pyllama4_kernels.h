@@ -91,4 +91,33 @@ int pyllama4_moe_experts(void* out, const void* x, const void* shared_out,
                          int32_t num_experts, int32_t top_k, int32_t hidden,
                          int32_t intermediate, int32_t gate_up_splits, int32_t down_splits,
                          void* workspace, int64_t workspace_bytes, void* stream);
+
+// ---- FP8 linear (fp8_gemm.hip): Fp8Linear for decode (a few tokens) ------------------------
+// The reference is pyllama4.quant.fp8 (Fp8Linear, _scaled_mm, quantize_activation):
+//   y [T, out] bf16 = bf16(fp32(x_q . W_q^T) * x_scale[t] * w_scale[o]),
+// x [T, in] bf16 row-major, weight [out, in] fp8 raw bytes (nn.Linear layout; weight_format 1:
+// e4m3fn, 2: e4m3fnuz), weight_scale [out] fp32. quantize_input != 0: x is quantized per token
+// into the weight's format, x_scale[t] = clamp(max |x[t]|, 1e-12, ub) / fmax (fmax 448 or 240;
+// activation_scale_ub <= 0: no upper clamp), x_q = fp8(clamp(x / x_scale, -fmax, fmax)) rounded
+// to nearest even (bytes and scales written to workspace); quantize_input == 0 (weight-only):
+// x_q = x, x_scale = 1. Sums in fp32 (order differs from the reference's exact sum).
+// Limits: 1 <= num_tokens <= 16, in_features a positive multiple of 16; x and weight 16-byte
+// aligned, workspace 16-byte aligned (only read with quantize_input). Two launches at most.
+
+// Workspace bytes of pyllama4_fp8_linear (scales at 0, bytes [T, in] at 256); 0 for sizes that
+// are not positive.
+int64_t pyllama4_fp8_linear_workspace_bytes(int32_t num_tokens, int32_t in_features);
+
+// The per-token activation quantization alone (what pyllama4_fp8_linear runs first):
+// x [T, in] bf16 -> x_q [T, in] fp8 bytes, x_scale [T] fp32, as described above. num_tokens >= 1
+// (no upper limit), in_features a positive multiple of 16; x 16-byte aligned, x_q 8-byte.
+int pyllama4_fp8_quantize_per_token(void* x_q, float* x_scale, const void* x,
+                                    int32_t weight_format, int32_t num_tokens,
+                                    int32_t in_features, float activation_scale_ub,
+                                    void* stream);
+
+int pyllama4_fp8_linear(void* y, const void* x, const void* weight, const float* weight_scale,
+                        int32_t weight_format, int32_t num_tokens, int32_t in_features,
+                        int32_t out_features, float activation_scale_ub, int32_t quantize_input,
+                        void* workspace, int64_t workspace_bytes, void* stream);
 }

@@ -112,7 +112,18 @@ def _scaled_mm(
     ub: float | None,
     quantize_input: bool,
 ) -> torch.Tensor:
-    """x [N, K] times input-major fp8 w_q [K, M] with per-column w_scale [M] -> fp32 [N, M]."""
+    """x [N, K] times input-major fp8 w_q [K, M] with per-column w_scale [M] -> fp32 [N, M].
+
+    On the GPU, Fp8Linear's case (w_q the transpose of a contiguous [M, K] weight, bf16 x, N <=
+    16: decode) runs hip/fp8_gemm.hip (pyllama4.kernels.fp8), which returns the bf16-rounded
+    result (fp32 sums); everything else is the reference below (prefill: see that module)."""
+    if x.is_cuda:
+        from pyllama4.kernels import fp8 as fp8_gpu
+
+        weight = w_q.T
+        if fp8_gpu.dispatches(x, weight):
+            y = fp8_gpu.fp8_linear_gpu(x, weight, w_scale, None, ub, quantize_input)
+            return y.float()
     if not quantize_input:
         return (x.double() @ w_q.double()).float() * w_scale
     a, a_scale = quantize_activation(x, format_of(w_q), ub)
