@@ -18,7 +18,8 @@ using gpuError_t = hipError_t;
 #define gpuGetLastError hipGetLastError
 #define gpuGetErrorString hipGetErrorString
 #if defined(__GFX9__) || !defined(__HIP_DEVICE_COMPILE__)
-// CDNA (gfx90a, gfx94x) runs 64-lane wavefronts. (Host code compiles the same constant.)
+// CDNA (gfx90a, gfx94x) runs 64-lane wavefronts, and host code compiles the same constant: the
+// kernels target CDNA (gfx9) only; RDNA's 32-lane waves would disagree with the host's 64.
 #define PYLLAMA4_WARP 64
 #else
 #define PYLLAMA4_WARP 32

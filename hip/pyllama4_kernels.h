@@ -29,7 +29,8 @@ const char* pyllama4_platform(void);
 // Split-K: keys are cut into num_splits ranges of split_len positions from start_t; partial
 // results go to workspace (num_tokens * num_q_heads * num_splits * (head_dim + 2) floats) and a
 // second kernel combines them into out. head_dim must be a multiple of the warp width (32 or 64
-// lanes) and at most 256; num_q_heads / num_kv_heads at most 8.
+// lanes) and at most 256; num_q_heads / num_kv_heads at most 8; num_tokens at most 65535 (a
+// grid dimension).
 int pyllama4_paged_attention(void* out, const void* q, const void* k_cache, const void* v_cache,
                              const int64_t* block_table, int32_t table_width,
                              const int64_t* token_rows, const int64_t* positions,

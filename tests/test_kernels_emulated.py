@@ -1,0 +1,655 @@
+"""The GPU kernels of hip/ run on the CPU: the REAL sources, emulated by hip/emu/, against torch.
+
+CI has no GPU, so tests/gpu/ never runs there. This module compiles hip/abi.hip,
+hip/paged_attention.hip and hip/fused_moe.hip (each launch `k<<<grid, block, 0, stream>>>(...)`
+rewritten to `::pyllama4_emu::launch(k, grid, block, 0, stream)(...)` in a temporary copy) with
+g++ and -I hip/emu before -I hip, where <cuda_runtime.h> and <hip/hip_runtime.h> are CPU shims:
+the real hip/portable.h then takes its CUDA branch (warp 32: the "cuda" library) or, with
+-D__HIP_PLATFORM_AMD__, its HIP branch (warp 64, as on CDNA: the "hip" library). Each block's
+threads run as fibers with __syncthreads and the lane shuffles as barriers (hip/emu/
+emu_runtime.h says what is and is not modeled: no concurrency, so no races are found; a
+deadlocking barrier or a shuffle with an exited lane is reported as a launch error). The
+launchers get host pointers (torch CPU tensors) and a null stream; launches are synchronous.
+
+Checked, on both libraries (small shapes, so the module takes well under a minute on 2 cores):
+  - the libraries: ABI version, platform and warp width; the emulator's own self-test kernels
+    (hip/emu/emu_selftest.hip: sums by shuffles, shared memory and atomics are right, and a
+    shuffle with an exited lane, a divergent barrier, a 2048-thread block are reported).
+  - paged attention: mixed batches of decode and extend tokens, global and chunk-local (ring
+    table) layouts, page sizes 16 and 64, GQA 8 q heads over 2 kv heads, head_dim 64, 1 and 4
+    splits (contexts span several splits; short ones leave splits empty); other head layouts
+    (groups 1, 5 and 8; head_dim 32 to 256, every template instance the warp width allows);
+    against tests/gpu/paged_cases.py's fp32 `reference`, tolerance 2e-2 absolute as the GPU
+    test (bf16 output rounding, |out| <= ~3). Guard regions after `out` and the workspace must
+    stay untouched, and the workspace starts as NaN (every part the combine reads is written).
+    Bad arguments return nonzero with pyllama4_last_error() naming the problem.
+  - fused MoE routing, exactly: torch.topk's experts, the fp32 sigmoid (as the GPU test:
+    rtol 1e-6 and equal after bf16 rounding), counts, offsets, torch.argsort(stable=True), and
+    the work list in the workspace (its layout, documented in fused_moe.hip); ties and NaN.
+  - fused MoE experts in bf16, e4m3fn and e4m3fnuz against pyllama4.kernels.moe.moe_reference
+    (fp32 from the same or dequantized weights), tolerance as the GPU test: per element
+    2^-8 * |ref| + 1e-3 * max |ref|. Shapes: H 264, I 136 (column tiles cut short, 2 row chunks)
+    and H 1040, I 520 (2 column tiles, 5 row chunks); 1, 2, 3 and 9 tokens, top-1, 2 and 4
+    (the 1-, 2-, 4- and 8-token kernels), one expert with 9 tokens (two work items), row splits
+    that divide, that do not, and of 3 rows; a workspace of garbage (must be zeroed); a second
+    call gives the same bits; NaN fp8 weights give NaN where the reference has them; bad
+    arguments are refused.
+
+Skipped, with the reason, off Linux or when g++ is missing or cannot compile C++17. A kernel
+source that does not compile in the emulation fails the tests (with the compiler's output).
+$PYLLAMA4_EMU_CXXFLAGS adds compile and link flags, e.g. to look for out-of-bounds accesses:
+  PYLLAMA4_EMU_CXXFLAGS="-fsanitize=address -g" LD_PRELOAD=$(g++ -print-file-name=libasan.so) \
+  ASAN_OPTIONS=detect_leaks=0:detect_stack_use_after_return=0 pytest tests/test_kernels_emulated.py
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from gpu.paged_cases import DecodeCase, decode_case, reference
+
+from pyllama4 import kernels
+from pyllama4.kernels import attention, declare
+from pyllama4.kernels import moe as moe_gpu
+from pyllama4.layers.ffn import Experts
+from pyllama4.quant import fp8_bits as fp8
+
+HIP_DIR = Path(__file__).resolve().parents[1] / "hip"
+EMU_DIR = HIP_DIR / "emu"
+# The kernel sources under test (the GPU build compiles every hip/*.hip into one library).
+SOURCES = [HIP_DIR / name for name in ("abi.hip", "paged_attention.hip", "fused_moe.hip")]
+SELFTEST = EMU_DIR / "emu_selftest.hip"
+# name -> (extra g++ flags, the warp width portable.h must pick with them)
+FLAVORS = {"cuda": ([], 32), "hip": (["-D__HIP_PLATFORM_AMD__"], 64)}
+CXXFLAGS = ["-std=c++17", "-O2", "-fPIC", "-pthread", "-fno-gnu-unique", "-Wall"]
+CXXFLAGS += ["-Wno-unknown-pragmas"]  # #pragma unroll
+# `name<targs><<<config>>>(` (whitespace and newlines allowed before <<< and before the `(`).
+LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;{}()]*>)?)\s*<<<(.*?)>>>\s*\(", re.S)
+
+ATTENTION_TOL = 2e-2  # absolute, as tests/gpu/test_paged_attention.py
+GUARD = 64  # elements after each output / workspace that must stay untouched
+
+
+# ---- Building the emulated libraries ----------------------------------------------------------
+
+
+def rewrite_launches(text: str) -> tuple[str, int]:
+    """`kernel<<<config>>>(args)` -> `::pyllama4_emu::launch(kernel, config)(args)`; the
+    rewritten text and the number of launches."""
+    out, count = LAUNCH.subn(lambda m: f"::pyllama4_emu::launch({m[1]}, {m[2]})(", text)
+    if "<<<" in out or ">>>" in out:
+        raise AssertionError("a launch the rewrite does not understand is left")
+    return out, count
+
+
+def compiler_or_skip() -> str:
+    """g++, or skip the module naming what is missing."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip(f"the kernel emulation (hip/emu) needs Linux, not {sys.platform}")
+    cxx = shutil.which("g++")
+    if cxx is None:
+        pytest.skip("g++ not found: the CPU emulation of the GPU kernels is compiled with g++")
+    probe = "#include <tuple>\ninline int v = std::apply([](int a) { return a; }, std::tuple(1));"
+    result = subprocess.run(
+        [cxx, "-std=c++17", "-fsyntax-only", "-x", "c++", "-"],
+        input=probe,
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode != 0:
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+        pytest.skip(f"{cxx} ({version.splitlines()[0]}) cannot compile C++17: {result.stderr}")
+    return cxx
+
+
+@dataclass
+class Library:
+    """One emulated build, its launchers declared with pyllama4.kernels' own argtypes."""
+
+    flavor: str
+    path: Path
+    cdll: ctypes.CDLL
+    attention: Any
+    workspace_bytes: Any
+    route: Any
+    experts: Any
+    selftest: Any
+
+    @property
+    def warp(self) -> int:
+        return self.cdll.pyllama4_emu_warp_width()
+
+    def last_error(self) -> str:
+        return self.cdll.pyllama4_last_error().decode()
+
+
+def build(cxx: str, out_dir: Path) -> dict[str, Path]:
+    """Both flavors' libraries from the rewritten sources (compiles run in parallel)."""
+    sources = []
+    for src in [*SOURCES, SELFTEST]:
+        text, launches = rewrite_launches(src.read_text())
+        if src.name != "abi.hip" and launches == 0:
+            raise AssertionError(f"no launch found in {src}")
+        copy = out_dir / f"{src.stem}.cpp"
+        copy.write_text(f'#line 1 "{src}"\n{text}')
+        sources.append(copy)
+    sources.append(EMU_DIR / "emu_runtime.cpp")
+    includes = ["-I", str(EMU_DIR), "-I", str(HIP_DIR)]  # the shims first
+    extra = shlex.split(os.environ.get("PYLLAMA4_EMU_CXXFLAGS", ""))
+    jobs = []
+    sources.sort(key=lambda src: src.stat().st_size, reverse=True)  # the longest compiles first
+    for src in sources:
+        for flavor, (flags, _) in FLAVORS.items():
+            obj = out_dir / f"{flavor}.{src.stem}.o"
+            cmd = [cxx, *CXXFLAGS, *extra, *flags, *includes, "-c", str(src), "-o", str(obj)]
+            jobs.append((obj, cmd))
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        results = list(pool.map(lambda job: subprocess.run(job[1], capture_output=True), jobs))
+    for (_, cmd), result in zip(jobs, results, strict=True):
+        if result.returncode != 0:
+            pytest.fail(f"{' '.join(cmd)} failed:\n{result.stderr.decode()}", pytrace=False)
+    paths = {}
+    for flavor in FLAVORS:
+        objs = [str(obj) for obj, _ in jobs if obj.name.startswith(f"{flavor}.")]
+        paths[flavor] = out_dir / f"libpyllama4_kernels_emu_{flavor}.so"
+        link = [cxx, "-shared", "-pthread", *extra, *objs, "-o", str(paths[flavor])]
+        result = subprocess.run(link, capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.fail(f"{' '.join(link)} failed:\n{result.stderr}", pytrace=False)
+    return paths
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The references run on small tensors, where torch's intra-op threads only cost (and,
+    when another process holds a core, spin for seconds): one thread for this module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> dict[str, Path]:
+    return build(compiler_or_skip(), tmp_path_factory.mktemp("kernels-emu"))
+
+
+@pytest.fixture(scope="module", params=list(FLAVORS), ids=lambda f: f"{f}-warp{FLAVORS[f][1]}")
+def lib(request, built) -> Library:
+    path = built[request.param]
+    cdll = ctypes.CDLL(str(path))
+    declare(cdll, "pyllama4_last_error", [], ctypes.c_char_p)
+    declare(cdll, "pyllama4_abi_version", [], ctypes.c_int32)
+    declare(cdll, "pyllama4_platform", [], ctypes.c_char_p)
+    declare(cdll, "pyllama4_emu_warp_width", [], ctypes.c_int)
+    c = ctypes
+    return Library(
+        flavor=request.param,
+        path=path,
+        cdll=cdll,
+        attention=declare(cdll, "pyllama4_paged_attention", attention._ARGTYPES),
+        workspace_bytes=declare(
+            cdll, "pyllama4_moe_workspace_bytes", moe_gpu._WORKSPACE, c.c_int64
+        ),
+        route=declare(cdll, "pyllama4_moe_route", moe_gpu._ROUTE),
+        experts=declare(cdll, "pyllama4_moe_experts", moe_gpu._EXPERTS),
+        selftest=declare(cdll, "pyllama4_emu_selftest", [c.c_int, c.c_void_p, c.c_int, c.c_int]),
+    )
+
+
+def guarded(numel: int, dtype: torch.dtype, fill: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(buffer, view): a buffer of numel + GUARD elements filled with `fill`, and its first numel
+    elements (what the kernel may write)."""
+    buffer = torch.full((numel + GUARD,), fill, dtype=dtype)
+    return buffer, buffer[:numel]
+
+
+def assert_guard_intact(buffer: torch.Tensor, numel: int, fill: float, what: str) -> None:
+    tail = buffer[numel:]
+    assert torch.equal(tail, torch.full_like(tail, fill)), f"{what}: written past its end"
+
+
+# ---- The libraries and the emulator ---------------------------------------------------------
+
+
+def test_the_libraries_are_the_emulated_builds(lib):
+    """ABI version as pyllama4.kernels expects, the platform of the branch of portable.h that
+    was compiled, and its warp width (CUDA 32, HIP host pass 64)."""
+    assert lib.cdll.pyllama4_abi_version() == kernels.ABI_VERSION
+    assert lib.cdll.pyllama4_platform().decode() == lib.flavor
+    assert lib.warp == FLAVORS[lib.flavor][1]
+
+
+def test_the_emulator_runs_blocks_and_reports_hangs(lib):
+    """Shuffle, shared-memory and atomic sums are exact (3 blocks of 4 warps); a shuffle that
+    reads a lane which returned, a divergent __syncthreads and a 2048-thread block make the
+    launcher fail with the emulator's message."""
+    w = lib.warp
+    out = torch.zeros(4096, dtype=torch.int32)
+    assert lib.selftest(0, out.data_ptr(), 3, 4 * w) == 0, lib.last_error()
+    n = 4 * w
+    expected = [sum(range(b * n, (b + 1) * n)) for b in range(3)]
+    assert out[:4].tolist() == [*expected, sum(expected)]
+    assert lib.selftest(1, out.data_ptr(), 1, 2 * w) != 0
+    assert "reads lane 0 of its warp, which returned before this shuffle" in lib.last_error()
+    assert lib.selftest(2, out.data_ptr(), 1, 2 * w) != 0
+    assert f"1 threads wait at __syncthreads and {w - 1} at a warp shuffle" in lib.last_error()
+    assert lib.selftest(0, out.data_ptr(), 1, 2048) != 0
+    assert "invalid configuration argument" in lib.last_error()
+    assert lib.selftest(0, out.data_ptr(), 1, w) == 0  # the error was reported once, and reset
+
+
+# ---- Paged attention ------------------------------------------------------------------------
+
+
+def kernel_tokens(case: DecodeCase, num_splits: int, monkeypatch) -> attention.KernelTokens:
+    """pyllama4.kernels.attention.kernel_tokens for all of the case's requests, with
+    num_splits splits (its split_plan asks the GPU for its size)."""
+    monkeypatch.setattr(
+        attention, "split_plan", lambda keys, blocks, device: (num_splits, -(-keys // num_splits))
+    )
+    return attention.kernel_tokens(
+        case.rows,
+        case.query_start,
+        case.seq_lens,
+        case.positions,
+        case.chunk,
+        (0, len(case.seq_lens)),
+        case.k_cache.shape[1],
+    )
+
+
+def attend(lib: Library, case: DecodeCase, tokens: attention.KernelTokens) -> torch.Tensor:
+    """The kernel's output for the case's query tokens (arguments as paged_attention_gpu's);
+    also checks that nothing is written past out or the workspace."""
+    count, heads, dim = case.q.shape
+    out_buffer, out = guarded(count * heads * dim, torch.bfloat16, 4096.0)
+    need = count * heads * tokens.num_splits * (dim + 2)
+    ws_buffer, _ = guarded(need, torch.float32, float("nan"))
+    ws_buffer[need:] = 12345.0
+    code = lib.attention(
+        out.data_ptr(),
+        case.q.data_ptr(),
+        case.k_cache.data_ptr(),
+        case.v_cache.data_ptr(),
+        case.table.data_ptr(),
+        case.table.shape[1],
+        tokens.token_rows.data_ptr(),
+        tokens.positions.data_ptr(),
+        count,
+        heads,
+        case.k_cache.shape[1],
+        dim,
+        case.page_size,
+        case.chunk or 0,
+        dim**-0.5,
+        ws_buffer.data_ptr(),
+        tokens.num_splits,
+        tokens.split_len,
+        None,
+    )
+    assert code == 0, lib.last_error()
+    assert_guard_intact(out_buffer, out.numel(), 4096.0, "out")
+    assert_guard_intact(ws_buffer, need, 12345.0, "workspace")
+    return out.view(count, heads, dim)
+
+
+def assert_attention_close(lib: Library, case: DecodeCase, splits: int, monkeypatch) -> None:
+    out = attend(lib, case, kernel_tokens(case, splits, monkeypatch))
+    err = (out.float() - reference(case, case.q.shape[2] ** -0.5)).abs().max().item()
+    assert err <= ATTENTION_TOL, f"{splits} splits: max error {err:.3g}"
+
+
+@pytest.mark.parametrize("chunk", [None, 128], ids=["global", "chunk-local"])
+@pytest.mark.parametrize("page_size", [16, 64])
+def test_paged_attention_matches_the_reference(lib, page_size, chunk, monkeypatch):
+    """A mixed batch: three decodes (contexts 1, 17, 129) and two extends (positions 222..229
+    and 254..269), GQA 8 over 2, head_dim 64; 1 and 4 splits (the 1-key request leaves 3
+    empty). Chunk-local with chunks of 128: position 128 sees only itself, the second extend
+    crosses into a new chunk at 256."""
+    case = decode_case(
+        [1, 17, 129, 230, 270],
+        queries=[1, 1, 1, 8, 16],
+        q_heads=8,
+        kv_heads=2,
+        head_dim=64,
+        page_size=page_size,
+        chunk=chunk,
+        seed=page_size,
+        device="cpu",
+    )
+    for splits in (1, 4):
+        assert_attention_close(lib, case, splits, monkeypatch)
+
+
+@pytest.mark.parametrize(
+    ("q_heads", "kv_heads", "head_dim"),
+    [(4, 4, 32), (10, 2, 128), (8, 1, 256)],
+    ids=["group1-d32", "group5-d128", "group8-d256"],
+)
+def test_paged_attention_other_head_layouts(lib, q_heads, kv_heads, head_dim, monkeypatch):
+    """Groups of 1, 5 (Scout, Maverick) and 8 (the most) query heads per kv head, head_dim 32 to
+    256 (head_dim / warp: every instance of the split kernel), chunk-local (chunks of 64: a
+    decode at position 64), 2 splits. head_dim 32 at warp 64 is refused (not a multiple of the
+    warp width)."""
+    case = decode_case(
+        [5, 65, 200],
+        queries=[1, 1, 4],
+        q_heads=q_heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        chunk=64,
+        seed=head_dim,
+        device="cpu",
+    )
+    if head_dim % lib.warp:
+        tokens = kernel_tokens(case, 2, monkeypatch)
+        with pytest.raises(AssertionError, match="head_dim must be a multiple of the warp width"):
+            attend(lib, case, tokens)
+        return
+    assert_attention_close(lib, case, 2, monkeypatch)
+
+
+def test_paged_attention_refuses_bad_arguments(lib):
+    """Each bad argument: nonzero, and pyllama4_last_error() names it. Pointers are never
+    dereferenced (the checks come before any launch)."""
+    p = 16
+    good = [p] * 5 + [4, p, p, 3, 8, 2, 64, 16, 0, 0.125, p, 2, 100, None]
+    bad = {
+        "a pointer argument is null": {1: None},
+        "num_q_heads must be a multiple of num_kv_heads": {9: 7},
+        "more than 8 query heads per kv head": {9: 18},
+        "head_dim must be a multiple of the warp width": {11: lib.warp + 16},
+        "page_size, table_width, num_splits and split_len must be positive": {16: 0},
+    }
+    for message, changes in bad.items():
+        args = list(good)
+        for index, value in changes.items():
+            args[index] = value
+        assert lib.attention(*args) != 0, message
+        assert message in lib.last_error()
+    assert lib.attention(*good[:11], 512, *good[12:]) != 0  # head_dim over 256
+    assert "<= 256" in lib.last_error()
+
+
+# ---- Fused MoE: routing -----------------------------------------------------------------------
+
+
+def moe_inputs(
+    tokens: int, hidden: int, num_experts: int, seed: int, hot_expert: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """As tests/gpu/test_fused_moe.py's inputs, on the CPU: x [T, H], router logits [T, E]
+    distinct per row ((permutation - E/2) / 16, exact in bf16 up to 256 experts; above, the
+    consecutive bf16 values from 1.0 up), shared_out [T, H]; bf16."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, hidden, generator=g).bfloat16()
+    perm = torch.rand(tokens, num_experts, generator=g).argsort(dim=1)
+    if num_experts > 256:
+        logits = (0x3F80 + perm).to(torch.int16).view(torch.bfloat16)
+    else:
+        logits = ((perm.float() - num_experts // 2) / 16).bfloat16()
+    if hot_expert is not None:
+        logits[:, hot_expert] = num_experts / 16
+    shared = torch.randn(tokens, hidden, generator=g).bfloat16()
+    return x, logits, shared
+
+
+def route(lib: Library, logits: torch.Tensor, top_k: int, workspace: torch.Tensor):
+    """pyllama4_moe_route: (code, ids [T, k], scores [T, k], counts, offsets, order)."""
+    tokens, num_experts = logits.shape
+    pairs = tokens * top_k
+    ids = torch.empty(pairs, dtype=torch.int32)
+    scores = torch.empty(pairs, dtype=torch.float32)
+    order = torch.empty(pairs, dtype=torch.int32)
+    counts = torch.empty(num_experts, dtype=torch.int32)
+    offsets = torch.empty(num_experts + 1, dtype=torch.int32)
+    code = lib.route(
+        logits.data_ptr(),
+        tokens,
+        num_experts,
+        top_k,
+        ids.data_ptr(),
+        scores.data_ptr(),
+        counts.data_ptr(),
+        offsets.data_ptr(),
+        order.data_ptr(),
+        workspace.data_ptr(),
+        workspace.numel(),
+        None,
+    )
+    return code, ids.view(tokens, top_k), scores.view(tokens, top_k), counts, offsets, order
+
+
+@pytest.mark.parametrize(
+    ("tokens", "num_experts", "top_k"),
+    [(1, 16, 1), (3, 5, 2), (9, 16, 2), (64, 128, 8), (512, 128, 8), (4096, 16, 1), (3, 1024, 8)],
+)
+def test_routing_is_exact(lib, tokens, num_experts, top_k):
+    """Experts = torch.topk's; scores = torch.sigmoid in fp32 (rtol 1e-6, and equal in bf16, as
+    the GPU test); counts, offsets = bincount and its cumsum; order =
+    torch.argsort(stable=True); the work list = (expert, first sorted pair, count <= 8) for each
+    group of 8 pairs of each expert, in expert order (workspace: int32 count at byte 0, items
+    from byte 16, as fused_moe.hip lays it out)."""
+    _, logits, _ = moe_inputs(tokens, 8, num_experts, seed=tokens + top_k)
+    nbytes = lib.workspace_bytes(tokens, top_k, num_experts, 0, 0)
+    workspace = torch.full((nbytes,), 0xAB, dtype=torch.uint8)
+    code, ids, scores, counts, offsets, order = route(lib, logits, top_k, workspace)
+    assert code == 0, lib.last_error()
+    top_logits, top_ids = torch.topk(logits.float(), top_k, dim=-1)
+    assert torch.equal(ids.long(), top_ids)
+    expected = torch.sigmoid(top_logits)
+    torch.testing.assert_close(scores, expected, rtol=1e-6, atol=0)
+    assert torch.equal(scores.bfloat16(), expected.bfloat16())
+    flat = top_ids.reshape(-1)
+    expected_counts = torch.bincount(flat, minlength=num_experts)
+    assert torch.equal(counts.long(), expected_counts)
+    assert offsets[0].item() == 0
+    assert torch.equal(offsets[1:].long(), expected_counts.cumsum(0))
+    assert torch.equal(order.long(), torch.argsort(flat, stable=True))
+    num_work = workspace[:4].view(torch.int32).item()
+    work = workspace[16 : 16 + 16 * num_work].view(torch.int32).view(num_work, 4)[:, :3].tolist()
+    expected_work = [
+        [e, int(offsets[e]) + g, min(8, int(expected_counts[e]) - g)]
+        for e in range(num_experts)
+        for g in range(0, int(expected_counts[e]), 8)
+    ]
+    assert work == expected_work
+
+
+def test_routing_ties_and_nan(lib):
+    """Ties go to the lower expert index; a NaN logit ranks as -inf and keeps its NaN score."""
+    logits = torch.tensor(
+        [[1.0, 3.0, 3.0, -1.0], [float("nan"), -2.0, 0.5, 0.5], [0.0, 0.0, 0.0, 0.0]]
+    ).bfloat16()
+    workspace = torch.zeros(4096, dtype=torch.uint8)
+    code, ids, *_ = route(lib, logits, 2, workspace)
+    assert code == 0 and ids.tolist() == [[1, 2], [2, 3], [0, 1]]
+    code, ids, scores, *_ = route(lib, logits, 4, workspace)
+    assert code == 0 and ids[1].tolist() == [2, 3, 1, 0]
+    assert torch.isnan(scores[1, 3]).item()
+
+
+# ---- Fused MoE: the experts -----------------------------------------------------------------
+
+# name -> (hidden, intermediate, experts)
+MOE_SHAPES = {"h264-i136-e5": (264, 136, 5), "h1040-i520-e4": (1040, 520, 4)}
+# (tokens, top_k, (gate_up_splits, down_splits), hot expert)
+MOE_RUNS = [
+    (1, 1, (1, 1), None),  # the 1-token kernels
+    (2, 2, (3, 2), None),  # 2-token kernels; splits that do not divide the rows
+    (3, 2, (5, 3), None),  # 4-token kernels
+    (3, 4, (1, 2), None),  # top-4: most experts get every token
+    (9, 1, (2, 1), 1),  # every token on expert 1: work items of 8 and 1 pairs
+    (9, 2, (100, 50), None),  # 8-token kernels; slices of a few rows (fewer than asked)
+]
+
+
+def bf16_experts(num_experts: int, hidden: int, inter: int, seed: int) -> Experts:
+    """pyllama4's Experts module in bf16, normal weights scaled so outputs are O(1)."""
+    g = torch.Generator().manual_seed(seed)
+    experts = Experts(num_experts, hidden, inter)
+    with torch.no_grad():
+        experts.gate_up_proj.copy_(torch.randn(num_experts, hidden, 2 * inter, generator=g))
+        experts.gate_up_proj.mul_(hidden**-0.5)
+        experts.down_proj.copy_(torch.randn(num_experts, inter, hidden, generator=g) * inter**-0.5)
+    return experts.to(torch.bfloat16)
+
+
+def fp8_experts(
+    num_experts: int, hidden: int, inter: int, fmt: int, seed: int
+) -> moe_gpu.Fp8ExpertWeights:
+    """As tests/gpu/test_fused_moe.py's random_fp8_experts: every finite fp8 byte, random
+    per-column scales."""
+    g = torch.Generator().manual_seed(seed)
+
+    def bits(*size: int) -> torch.Tensor:
+        b = torch.randint(0, 256, size, dtype=torch.uint8, generator=g)
+        b[fp8.is_nan(b, fmt)] = 0x3C
+        return b
+
+    def scales(rows: int, *size: int) -> torch.Tensor:
+        return (torch.rand(size, generator=g) + 0.5) / (100 * rows**0.5)
+
+    return moe_gpu.Fp8ExpertWeights(
+        bits(num_experts, hidden, 2 * inter),
+        scales(hidden, num_experts, 2 * inter),
+        bits(num_experts, inter, hidden),
+        scales(inter, num_experts, hidden),
+        fmt,
+    )
+
+
+def reference_experts(experts: Experts | moe_gpu.Fp8ExpertWeights) -> Experts:
+    """What moe_reference computes with: fp8 experts dequantized by pyllama4.quant.fp8_bits (as
+    it does per expert and call; here once, into a float32 Experts), bf16 ones as they are."""
+    if not isinstance(experts, moe_gpu.Fp8ExpertWeights):
+        return experts
+    num_experts, hidden, two_inter = experts.gate_up.shape
+    out = Experts(num_experts, hidden, two_inter // 2)
+    with torch.no_grad():
+        out.gate_up_proj.copy_(
+            fp8.dequantize(experts.gate_up, experts.gate_up_scale[:, None], experts.format)
+        )
+        out.down_proj.copy_(
+            fp8.dequantize(experts.down, experts.down_scale[:, None], experts.format)
+        )
+    return out
+
+
+def fused_moe(lib: Library, x, logits, experts, top_k: int, shared, splits) -> torch.Tensor:
+    """Routing then the experts, as fused_moe_gpu does (workspace first filled with garbage,
+    which the experts' launcher must zero); checks nothing is written past out."""
+    gate_up, gate_up_scale, down, down_scale, fmt = moe_gpu._weights(experts)
+    tokens, hidden = x.shape
+    num_experts, _, two_inter = gate_up.shape
+    inter = two_inter // 2
+    nbytes = lib.workspace_bytes(tokens, top_k, num_experts, hidden, inter)
+    workspace = torch.full((nbytes,), 0xAB, dtype=torch.uint8)
+    code, _, scores, _, _, order = route(lib, logits, top_k, workspace)
+    assert code == 0, lib.last_error()
+    out_buffer, out = guarded(tokens * hidden, torch.bfloat16, 4096.0)
+    code = lib.experts(
+        out.data_ptr(),
+        x.data_ptr(),
+        shared.data_ptr(),
+        scores.data_ptr(),
+        order.data_ptr(),
+        gate_up.data_ptr(),
+        0 if gate_up_scale is None else gate_up_scale.data_ptr(),
+        down.data_ptr(),
+        0 if down_scale is None else down_scale.data_ptr(),
+        fmt,
+        tokens,
+        num_experts,
+        top_k,
+        hidden,
+        inter,
+        splits[0],
+        splits[1],
+        workspace.data_ptr(),
+        workspace.numel(),
+        None,
+    )
+    assert code == 0, lib.last_error()
+    assert_guard_intact(out_buffer, out.numel(), 4096.0, "out")
+    return out.view(tokens, hidden)
+
+
+def assert_kernel_close(out: torch.Tensor, ref: torch.Tensor, what: str) -> None:
+    """tests/gpu/test_fused_moe.py's tolerance: 2^-8 * |ref| + 1e-3 * max |ref| per element."""
+    assert out.dtype == torch.bfloat16 and out.shape == ref.shape
+    err = (out.float() - ref).abs()
+    bound = 2**-8 * ref.abs() + 1e-3 * ref.abs().max()
+    assert (err - bound).max().item() <= 0, (
+        f"{what}: max error {err.max().item():.3g} (max |ref| {ref.abs().max().item():.3g})"
+    )
+
+
+@pytest.mark.parametrize("fmt", [fp8.BF16, fp8.E4M3FN, fp8.E4M3FNUZ], ids=fp8.NAMES.get)
+@pytest.mark.parametrize("shape", list(MOE_SHAPES))
+def test_experts_match_the_reference(lib, shape, fmt):
+    """Every run of MOE_RUNS against moe_reference (fp32 on the same bf16 / dequantized fp8
+    weights, see reference_experts); the first run twice, bit-identical (the workspace is
+    re-zeroed each call)."""
+    hidden, inter, num_experts = MOE_SHAPES[shape]
+    if fmt == fp8.BF16:
+        experts = bf16_experts(num_experts, hidden, inter, seed=hidden)
+    else:
+        experts = fp8_experts(num_experts, hidden, inter, fmt, seed=fmt)
+    weights = reference_experts(experts)
+    for tokens, top_k, splits, hot in MOE_RUNS:
+        x, logits, shared = moe_inputs(tokens, hidden, num_experts, seed=tokens, hot_expert=hot)
+        out = fused_moe(lib, x, logits, experts, top_k, shared, splits)
+        ref = moe_gpu.moe_reference(x, logits, weights, top_k, shared)
+        assert_kernel_close(out, ref, f"{tokens} tokens, top-{top_k}, splits {splits}")
+        if tokens == 1:
+            assert torch.equal(out, fused_moe(lib, x, logits, experts, top_k, shared, splits))
+
+
+@pytest.mark.parametrize("fmt", [fp8.E4M3FN, fp8.E4M3FNUZ], ids=fp8.NAMES.get)
+def test_fp8_nan_weights_give_nan_outputs(lib, fmt):
+    """As the GPU test: a NaN byte in an expert's gate column makes its tokens' whole output NaN,
+    one in a down column that column; other outputs stay finite and close."""
+    hidden, inter, num_experts = MOE_SHAPES["h264-i136-e5"]
+    experts = fp8_experts(num_experts, hidden, inter, fmt, seed=3)
+    nan_byte = 0x7F if fmt == fp8.E4M3FN else 0x80
+    experts.gate_up[2, 17, 5] = nan_byte
+    experts.down[4, 3, 100] = nan_byte
+    x, logits, shared = moe_inputs(20, hidden, num_experts, seed=5)
+    out = fused_moe(lib, x, logits, experts, 1, shared, (2, 2))
+    ref = moe_gpu.moe_reference(x, logits, experts, 1, shared)
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+    routed = logits.float().argmax(dim=1)
+    assert (routed == 2).any() and torch.isnan(out[routed == 2]).all()
+    assert (routed == 4).any() and torch.isnan(out[routed == 4][:, 100]).all()
+    finite = ~torch.isnan(ref)
+    assert_kernel_close(out.where(finite, 0), ref.where(finite, 0), "finite outputs")
+
+
+def test_moe_refuses_bad_arguments(lib):
+    """As the GPU test: top_k over 8, sizes that are not multiples of 8, an unknown weight
+    format, and (here too) a workspace too small; each names the problem."""
+    p = 16  # never dereferenced: the checks come before any launch
+    assert lib.route(p, 4, 16, 9, p, p, p, p, p, p, 1 << 20, None) != 0
+    assert lib.last_error().startswith("moe_route: top_k")
+    args = [p] * 9 + [0, 4, 16, 1, 5120, 8196, 1, 1, p, 1 << 30, None]
+    assert lib.experts(*args) != 0
+    assert "multiples of 8" in lib.last_error()
+    args[9] = 3
+    assert lib.experts(*args) != 0
+    assert "weight_format" in lib.last_error()
+    args[9], args[14], args[18] = 0, 8192, 1024
+    assert lib.experts(*args) != 0
+    assert "workspace of 1024 bytes, needs" in lib.last_error()
