@@ -195,3 +195,34 @@ def greedy_generate(
             outputs[rid].append(token)
         sched.commit(tokens)
     return [outputs[base + i] for i in range(len(prompts))]
+
+
+def prefill_capture(
+    runner: ModelRunner, sequences: list[list[int]], capture: tuple[int, ...]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Prefills each sequence (in batches the scheduler forms, chunked as it decides) and
+    returns, per sequence, (aux [L, len(capture) * H], final-normed hidden [L, H]) for all of
+    its L tokens: the residual stream entering the `capture` layers (see
+    Llama4ForCausalLM.forward_with_aux). Used to train EAGLE3 drafts; leaves the runner idle."""
+    sched = runner.scheduler
+    base = 1 << 41
+    parts: dict[int, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+    for i, seq in enumerate(sequences):
+        sched.add_request(base + i, np.asarray(seq, dtype=np.int32), max_new_tokens=1)
+        parts[base + i] = []
+    while sched.has_work():
+        plan = sched.schedule()
+        runner.cache.apply_writes(plan)
+        batch = StepBatch.from_plan(plan, runner.device)
+        hidden, aux = runner.model.forward_with_aux(batch, runner.cache, capture)
+        assert aux is not None
+        starts = plan.query_start.tolist()
+        for r, rid in enumerate(plan.request_ids.tolist()):
+            lo, hi = starts[r], starts[r + 1]
+            parts[rid].append((int(plan.context_lens[r]), aux[lo:hi], hidden[lo:hi]))
+        sched.commit(np.zeros(plan.num_samples, dtype=np.int32))
+    out = []
+    for i in range(len(sequences)):
+        chunks = sorted(parts[base + i], key=lambda p: p[0])
+        out.append((torch.cat([c[1] for c in chunks]), torch.cat([c[2] for c in chunks])))
+    return out

@@ -125,13 +125,29 @@ class Llama4ForCausalLM(nn.Module):
     @torch.inference_mode()
     def forward(self, batch: StepBatch, cache: PagedKVCache) -> torch.Tensor:
         """Runs one step: writes the KV of its tokens, returns final-normed hidden states [T, H]."""
+        return self.forward_with_aux(batch, cache, ())[0]
+
+    @torch.inference_mode()
+    def forward_with_aux(
+        self, batch: StepBatch, cache: PagedKVCache, capture: tuple[int, ...]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """As forward, plus the residual stream ENTERING each layer in `capture` (what an EAGLE3
+        draft fuses; SGLang's capture point), concatenated in that order: [T, len * H], or None
+        when capture is empty."""
         if self.inv_freq.device != batch.positions.device:
             self.inv_freq = self.inv_freq.to(batch.positions.device)
         ctx = StepContext(self.config, self.inv_freq, batch, cache)
         x = self.embed(batch)
-        for layer in self.model.layers:
+        captured: dict[int, torch.Tensor] = {}
+        for i, layer in enumerate(self.model.layers):
+            if i in capture:
+                captured[i] = x
             x = layer(x, ctx)
-        return self.model.norm(x)
+        missing = [i for i in capture if i not in captured]
+        if missing:
+            raise ValueError(f"capture layers {missing} outside 0..{len(self.model.layers) - 1}")
+        aux = [captured[i] for i in capture]
+        return self.model.norm(x), torch.cat(aux, dim=-1) if aux else None
 
     def embed(self, batch: StepBatch) -> torch.Tensor:
         """Token embeddings, with image features in place at the batch's image positions."""
