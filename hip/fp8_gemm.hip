@@ -31,6 +31,7 @@
 #include <cmath>
 
 #include "errors.h"
+#include "fp8_encode.h"
 #include "portable.h"
 #include "pyllama4_kernels.h"
 
@@ -42,7 +43,10 @@
 
 namespace {
 
-enum : int { kE4m3fn = 1, kE4m3fnuz = 2 };
+using pyllama4_fp8::encode_fp8;
+using pyllama4_fp8::Fp8Format;
+using pyllama4_fp8::kE4m3fn;
+using pyllama4_fp8::kE4m3fnuz;
 
 constexpr int kMaxTokens = 16;
 constexpr int kWarps = 4;
@@ -50,14 +54,7 @@ constexpr int kThreads = kWarps * PYLLAMA4_WARP;
 constexpr int kRows = 2;  // output rows per warp
 constexpr int kQuantThreads = 256;
 constexpr int64_t kAlign = 256;
-constexpr float kEps = 1e-12f;  // pyllama4.quant.fp8.ACTIVATION_EPS
-
-template <int FORMAT>
-struct Fp8Format {
-  static constexpr int kBias = FORMAT == kE4m3fn ? 7 : 8;
-  static constexpr float kMax = FORMAT == kE4m3fn ? 448.f : 240.f;
-  static constexpr float kUnscale = FORMAT == kE4m3fn ? 256.f : 128.f;  // 2^(15 - bias)
-};
+constexpr float kEps = pyllama4_fp8::kActivationEps;
 
 int64_t round_up(int64_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
 
@@ -66,33 +63,6 @@ int64_t workspace_bytes(int num_tokens, int in_features) {
 }
 
 // ---- fp8 encode / decode --------------------------------------------------------------------
-
-// fp32 -> fp8 byte, round to nearest even; |v| must be <= the format's max (the caller clamps).
-// e4m3fn: -0 and negative values rounding to 0 keep the sign (0x80), NaN -> 0x7f | sign;
-// e4m3fnuz: zeros are 0x00 (0x80 is its NaN), NaN -> 0x80. As torch's float8 casts.
-template <int FORMAT>
-__device__ __forceinline__ uint32_t encode_fp8(float v) {
-  using F = Fp8Format<FORMAT>;
-  const uint32_t bits = __float_as_uint(v);
-  const uint32_t sign = (bits >> 24) & 0x80u;
-  if (v != v) return FORMAT == kE4m3fn ? (sign | 0x7fu) : 0x80u;
-  const float a = fabsf(v);
-  uint32_t mag;
-  constexpr float kMinNormal = FORMAT == kE4m3fn ? 0x1p-6f : 0x1p-7f;
-  constexpr float kInvStep = FORMAT == kE4m3fn ? 0x1p9f : 0x1p10f;  // 1 / subnormal spacing
-  if (a < kMinNormal) {
-    // Subnormal range: a multiple of the spacing, rint rounds half to even (exact scaling); 8
-    // steps is the smallest normal, encoded 0x08 (e = 1, m = 0) as well.
-    mag = static_cast<uint32_t>(rintf(a * kInvStep));
-  } else {
-    // Round the fp32 mantissa to 3 bits, half to even; a carry moves into the exponent.
-    const uint32_t abits = bits & 0x7fffffffu;
-    const uint32_t rounded = abits + 0x7ffffu + ((abits >> 20) & 1u);
-    mag = (rounded >> 20) - ((127u - F::kBias) << 3);
-  }
-  if (FORMAT == kE4m3fnuz && mag == 0) return 0u;
-  return sign | mag;
-}
 
 __device__ __forceinline__ float half_bits_to_float(uint32_t bits) {
   return __half2float(__ushort_as_half(static_cast<unsigned short>(bits & 0xffffu)));

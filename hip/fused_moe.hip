@@ -15,7 +15,7 @@
 // torch.argsort(expert of each pair, stable=True)). It also writes the work list the expert
 // kernels run over: one item per (expert, group of up to kGroup = 8 of its pairs).
 //
-// Experts (pyllama4_moe_experts), four launches on the stream:
+// Experts (pyllama4_moe_experts), four launches on the stream (six with W8A8, below):
 //   1. zero the fp32 accumulators of the workspace;
 //   2. gate_up GEMV: per work item, gu[q] += x_scaled[q] @ [G_e | U_e] over a slice of the
 //      input rows (split-K: fp32 atomics into gu [pairs, 2I], q = the pair's sorted position);
@@ -38,9 +38,20 @@
 // fp8 weights: raw bytes decoded in registers (decode_fp8x4, from the formats' definitions) and
 // multiplied by per-output-column fp32 scales after the sum over rows (exact: the scale is
 // constant along a column). Format 1 is e4m3fn (NVIDIA, MI355), 2 is e4m3fnuz (MI300).
+//
+// W8A8 (quantize_input, pyllama4.quant.fp8.Fp8Experts' default): each GEMV's input row is
+// quantized per pair into the weights' format, as the reference does per expert row:
+//   gate_up input: xs = bf16(x * score); down input: a = bf16(bf16(up) * bf16(silu(bf16(gate))))
+//   (the reference rounds the gate_up output to bf16 and computes the SwiGLU in bf16);
+//   scale = clamp(max |row|, 1e-12, ub) / fmax, row_q = fp8(clamp(row / scale)) (fp8_encode.h);
+// and the GEMV multiplies row_q * scale (exact in fp32: 4 significant bits times a float) by the
+// weights. One extra launch per GEMV (input_scale_kernel, a block per pair) computes the scales
+// into the workspace; the staging quantizes. Sums stay fp32 (order differs from the reference's
+// exact sum), so a value next to an fp8 rounding boundary may round the other way.
 #include <cmath>
 
 #include "errors.h"
+#include "fp8_encode.h"
 #include "portable.h"
 #include "pyllama4_kernels.h"
 
@@ -72,10 +83,11 @@ struct WorkItem {
 };
 
 // The workspace: [num_work int32, padding to 16 bytes][max_work WorkItem] | gu fp32 [pairs, 2I]
-// | acc fp32 [T, H], each part starting at a multiple of kAlign bytes.
+// | acc fp32 [T, H] | input scales fp32 [2, pairs] (W8A8: gate_up's, then down's, per sorted
+// pair), each part starting at a multiple of kAlign bytes.
 struct Layout {
   int32_t max_work;
-  int64_t gate_up, acc, route_end, total;
+  int64_t gate_up, acc, scales, route_end, total;
 };
 
 int64_t round_up(int64_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
@@ -88,7 +100,8 @@ Layout layout(int num_tokens, int top_k, int num_experts, int hidden, int interm
   l.route_end = round_up(16 + static_cast<int64_t>(l.max_work) * sizeof(WorkItem));
   l.gate_up = l.route_end;
   l.acc = l.gate_up + round_up(pairs * 2 * intermediate * sizeof(float));
-  l.total = l.acc + round_up(static_cast<int64_t>(num_tokens) * hidden * sizeof(float));
+  l.scales = l.acc + round_up(static_cast<int64_t>(num_tokens) * hidden * sizeof(float));
+  l.total = l.scales + round_up(2 * pairs * static_cast<int64_t>(sizeof(float)));
   return l;
 }
 
@@ -295,12 +308,27 @@ struct GemvArgs {
   float* out_acc;            // [T, H]: kDown adds into it
   const uint8_t* weights;    // [E, K, N] (kGateUp: [E, H, 2I]; kDown: [E, I, H])
   const float* scale;        // [E, N] fp32 (fp8), or null (bf16)
+  const float* in_scale;     // [pairs] fp32 per sorted pair (W8A8), or null (weight-only)
   int top_k, hidden, intermediate, split_rows;
 };
 
+// Stage inputs before any quantization, as the W8A8 reference computes them in bf16.
+__device__ __forceinline__ float gate_up_input(const GemvArgs& a, int token, float score, int r) {
+  const float xv = bf16_to_float(a.x[static_cast<int64_t>(token) * a.hidden + r]);
+  return round_bf16(xv * score);  // the score scales the expert's input, in bf16
+}
+
+__device__ __forceinline__ float down_input_bf16(const GemvArgs& a, int sorted, int r) {
+  const float* gu = a.gate_up_acc + static_cast<int64_t>(sorted) * 2 * a.intermediate + r;
+  const float gate = round_bf16(gu[0]);
+  const float up = round_bf16(gu[a.intermediate]);
+  return round_bf16(up * round_bf16(gate / (1.f + expf(-gate))));
+}
+
 // The block's inputs for rows [row0, row0 + rows) into s_in[r * TP + j] (token j of the item; 0
 // for j >= count). Consecutive threads take consecutive rows of one token (coalesced reads).
-template <int STAGE, int TP>
+// W8A8: each value replaced by the fp8 value times the pair's scale it quantizes to.
+template <int STAGE, int FORMAT, int TP>
 __device__ __forceinline__ void stage_inputs(const GemvArgs& a, int row0, int rows, int count,
                                              const int* s_token, const int* s_sorted,
                                              const float* s_score, float* s_in) {
@@ -309,9 +337,12 @@ __device__ __forceinline__ void stage_inputs(const GemvArgs& a, int row0, int ro
     const int r = i - j * rows;
     float v = 0.f;
     if (j < count) {
-      if (STAGE == kGateUp) {
-        const float xv = bf16_to_float(a.x[static_cast<int64_t>(s_token[j]) * a.hidden + row0 + r]);
-        v = round_bf16(xv * s_score[j]);  // the score scales the expert's input, in bf16
+      if (FORMAT != kBf16 && a.in_scale) {
+        v = STAGE == kGateUp ? gate_up_input(a, s_token[j], s_score[j], row0 + r)
+                             : down_input_bf16(a, s_sorted[j], row0 + r);
+        v = pyllama4_fp8::quantize_fp8<FORMAT>(v, a.in_scale[s_sorted[j]]);
+      } else if (STAGE == kGateUp) {
+        v = gate_up_input(a, s_token[j], s_score[j], row0 + r);
       } else {
         const float* gu =
             a.gate_up_acc + static_cast<int64_t>(s_sorted[j]) * 2 * a.intermediate + row0 + r;
@@ -350,7 +381,7 @@ __device__ __forceinline__ void expert_slice(const GemvArgs& a, const WorkItem& 
   for (int row0 = r_begin; row0 < r_end; row0 += kChunkRows) {
     const int rows = r_end - row0 < kChunkRows ? r_end - row0 : kChunkRows;
     __syncthreads();  // the previous chunk's inputs are used up (and the prologue is written)
-    stage_inputs<STAGE, TP>(a, row0, rows, item.count, s_token, s_sorted, s_score, s_in);
+    stage_inputs<STAGE, FORMAT, TP>(a, row0, rows, item.count, s_token, s_sorted, s_score, s_in);
     __syncthreads();
     if (active) {
       const uint8_t* chunk = base + static_cast<int64_t>(row0) * row_bytes;
@@ -456,6 +487,42 @@ __global__ void __launch_bounds__(kThreads, 2) expert_gemv_kernel(const GemvArgs
   expert_slice<STAGE, FORMAT, 1>(a, item, tile, r_begin, r_end, s_token, s_sorted, s_score, s_in);
 }
 
+// W8A8: one block per sorted pair q: in_scale[q] = clamp(max |input row|, 1e-12, ub) / fmax
+// (ub <= 0: no upper clamp), the row as stage_inputs computes it before quantizing.
+template <int STAGE, int FORMAT>
+__global__ void __launch_bounds__(kThreads) input_scale_kernel(const GemvArgs a, int pairs,
+                                                               float ub, float* in_scale) {
+  __shared__ float s_max[kThreads];
+  const int q = blockIdx.x;
+  if (q >= pairs) return;
+  const int pair = a.sorted_pairs[q];
+  const float score = round_bf16(a.scores[pair]);
+  const int K = STAGE == kGateUp ? a.hidden : a.intermediate;
+  float amax = 0.f;
+  for (int r = threadIdx.x; r < K; r += kThreads) {
+    const float v = STAGE == kGateUp ? gate_up_input(a, pair / a.top_k, score, r)
+                                     : down_input_bf16(a, q, r);
+    amax = fmaxf(amax, fabsf(v));
+  }
+  s_max[threadIdx.x] = amax;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int t = 1; t < kThreads; ++t) amax = fmaxf(amax, s_max[t]);
+    amax = fmaxf(amax, pyllama4_fp8::kActivationEps);
+    if (ub > 0.f) amax = fminf(amax, ub);
+    in_scale[q] = amax / pyllama4_fp8::Fp8Format<FORMAT>::kMax;  // IEEE division, as torch
+  }
+}
+
+template <int STAGE>
+void launch_input_scales(int format, int pairs, float ub, float* in_scale, gpuStream_t stream,
+                         const GemvArgs& a) {
+  if (format == kE4m3fn)
+    input_scale_kernel<STAGE, kE4m3fn><<<pairs, kThreads, 0, stream>>>(a, pairs, ub, in_scale);
+  else
+    input_scale_kernel<STAGE, kE4m3fnuz><<<pairs, kThreads, 0, stream>>>(a, pairs, ub, in_scale);
+}
+
 __global__ void zero_kernel(float4* __restrict__ data, int64_t count) {
   const float4 zero = make_float4(0.f, 0.f, 0.f, 0.f);
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < count;
@@ -559,7 +626,8 @@ extern "C" int pyllama4_moe_experts(void* out, const void* x, const void* shared
                                     const float* topk_scores, const int32_t* sorted_pairs,
                                     const void* gate_up, const float* gate_up_scale,
                                     const void* down, const float* down_scale,
-                                    int32_t weight_format, int32_t num_tokens,
+                                    int32_t weight_format, int32_t quantize_input,
+                                    float activation_scale_ub, int32_t num_tokens,
                                     int32_t num_experts, int32_t top_k, int32_t hidden,
                                     int32_t intermediate, int32_t gate_up_splits,
                                     int32_t down_splits, void* workspace,
@@ -573,6 +641,8 @@ extern "C" int pyllama4_moe_experts(void* out, const void* x, const void* shared
                           "(e4m3fnuz), got %d", weight_format);
   if (weight_format != kBf16 && (!gate_up_scale || !down_scale))
     return pyllama4_fail("moe_experts: fp8 weights need gate_up_scale and down_scale");
+  if (quantize_input != 0 && weight_format == kBf16)
+    return pyllama4_fail("moe_experts: quantize_input needs fp8 weights");
   if (hidden < kCols || intermediate < kCols || hidden % kCols != 0 ||
       intermediate % kCols != 0 || hidden > kMaxDim || intermediate > kMaxDim)
     return pyllama4_failf("moe_experts: hidden and intermediate must be positive multiples of "
@@ -614,8 +684,15 @@ extern "C" int pyllama4_moe_experts(void* out, const void* x, const void* shared
   a.hidden = hidden;
   a.intermediate = intermediate;
 
+  const int pairs = num_tokens * top_k;
+  float* in_scales = reinterpret_cast<float*>(bytes + l.scales);
+
   a.weights = static_cast<const uint8_t*>(gate_up);
   a.scale = gate_up_scale;
+  if (quantize_input != 0) {
+    a.in_scale = in_scales;
+    launch_input_scales<kGateUp>(weight_format, pairs, activation_scale_ub, in_scales, s, a);
+  }
   a.split_rows = (hidden + gate_up_splits - 1) / gate_up_splits;
   const int gate_up_tiles = (2 * intermediate + kTileCols - 1) / kTileCols;
   const int gate_up_slices = (hidden + a.split_rows - 1) / a.split_rows;
@@ -624,6 +701,11 @@ extern "C" int pyllama4_moe_experts(void* out, const void* x, const void* shared
 
   a.weights = static_cast<const uint8_t*>(down);
   a.scale = down_scale;
+  if (quantize_input != 0) {
+    a.in_scale = in_scales + pairs;
+    launch_input_scales<kDown>(weight_format, pairs, activation_scale_ub, in_scales + pairs, s,
+                               a);
+  }
   a.split_rows = (intermediate + down_splits - 1) / down_splits;
   const int down_tiles = (hidden + kTileCols - 1) / kTileCols;
   const int down_slices = (intermediate + a.split_rows - 1) / a.split_rows;

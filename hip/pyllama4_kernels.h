@@ -85,10 +85,16 @@ int pyllama4_moe_route(const void* router_logits, int32_t num_tokens, int32_t nu
 // atomics); the caller sizes them to fill the device. Meant for small batches (decode): each
 // expert's weights are read once for up to 8 of its tokens; prefill is better served by
 // grouped GEMMs. Four launches; fp32 atomics make the summation order vary between runs.
+// quantize_input != 0 (fp8 weights only; W8A8, pyllama4.quant.fp8.Fp8Experts): each GEMV's
+// input row (xs_p; then a_p = bf16(bf16(up) * bf16(silu(bf16(gate)))), the reference's bf16
+// SwiGLU) is quantized per pair into the weights' format, scale = clamp(max |row|, 1e-12, ub) /
+// fmax (activation_scale_ub <= 0: no upper clamp), and the GEMV takes fp8(row / scale) * scale;
+// two more launches.
 int pyllama4_moe_experts(void* out, const void* x, const void* shared_out,
                          const float* topk_scores, const int32_t* sorted_pairs,
                          const void* gate_up, const float* gate_up_scale, const void* down,
-                         const float* down_scale, int32_t weight_format, int32_t num_tokens,
+                         const float* down_scale, int32_t weight_format,
+                         int32_t quantize_input, float activation_scale_ub, int32_t num_tokens,
                          int32_t num_experts, int32_t top_k, int32_t hidden,
                          int32_t intermediate, int32_t gate_up_splits, int32_t down_splits,
                          void* workspace, int64_t workspace_bytes, void* stream);

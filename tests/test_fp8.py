@@ -39,12 +39,14 @@ from pyllama4.quant.fp8 import (
     FP8_MAX,
     Fp8Experts,
     Fp8Linear,
+    _scaled_mm,
     dequantize,
     fn_to_fnuz,
     fp8_targets,
     quantize_activation,
     quantize_model,
     quantize_weight,
+    scaled_mm_device,
     weight_bytes,
 )
 from tiny_models import LLAMA3_ROPE, TINY_TEXT, last_token_logits
@@ -253,6 +255,25 @@ def test_fp8_linear_weight_only(fmt):
     w_dq = layer.weight.double() * layer.weight_scale.double()[:, None]
     ref = x.double() @ w_dq.T
     assert ((y.double() - ref).abs() <= FP32_ROUNDING * (x.double().abs() @ w_dq.abs().T)).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("fmt", ["e4m3fn", "e4m3fnuz"])
+def test_the_device_path_equals_the_reference(fmt, dtype):
+    """scaled_mm_device (FP8 prefill on a GPU) run here on the CPU: torch._scaled_mm with
+    row-wise scales for Fp8Linear's column-major weight, the fp32 matmul for the experts'
+    input-major one and for weight-only; each equals the exact reference up to fp32 sums (1e-5
+    relative) and, in bf16, one rounding (a bf16 step: 2^-7 relative at most)."""
+    torch.manual_seed(1)
+    w = torch.randn(80, 96)
+    q, scale = quantize_weight(w, fmt)
+    x = (torch.randn(40, 96) * 3).to(dtype)
+    tol = {"rtol": 2**-7, "atol": 1e-5} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-5}
+    for quant in (True, False):
+        ref = _scaled_mm(x, q.T, scale, 1.0, quant).to(dtype)  # ub 1.0: saturation included
+        for weight in (q.T, q.T.contiguous()):  # column-major (Fp8Linear), row-major (experts)
+            got = scaled_mm_device(x, weight, scale, 1.0, quant)
+            torch.testing.assert_close(got.to(dtype), ref, **tol)
 
 
 def test_fp8_linear_refuses_a_bias():

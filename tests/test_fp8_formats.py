@@ -6,6 +6,8 @@ modelled here in numpy on packed 32-bit words), and the fp8 experts' torch refer
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -13,6 +15,7 @@ import torch
 from pyllama4.kernels.moe import Fp8ExpertWeights, moe_reference
 from pyllama4.layers.ffn import MoE
 from pyllama4.quant import fp8_bits as fp8
+from pyllama4.quant.fp8 import Fp8Experts
 
 FORMATS = [fp8.E4M3FN, fp8.E4M3FNUZ]
 ALL_BITS = torch.arange(256, dtype=torch.int32).to(torch.uint8)
@@ -146,3 +149,33 @@ def test_fp8_expert_weights_from_float8_tensors(fmt):
         Fp8ExpertWeights.from_float8(
             w.gate_up.view(torch.int8), w.gate_up_scale, w.down.view(torch.int8), w.down_scale
         )
+
+
+@pytest.mark.parametrize("ub", [None, 0.3])
+@pytest.mark.parametrize("fmt", FORMATS, ids=fp8.NAMES.get)
+def test_the_w8a8_reference_is_the_fp8_experts_module(fmt, ub):
+    """moe_reference on W8A8 experts (Fp8Experts.kernel_weights(): what the fused MoE kernels
+    get) equals MoE.forward with the Fp8Experts module (torch path: per-row activation
+    quantization, exact sums), in float32 where the only differences are fp32 sums: 1e-5."""
+    torch.manual_seed(0)
+    h, i, e, k = 32, 16, 4, 2
+    moe = MoE(h, i, e, k)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    name = "e4m3fn" if fmt == fp8.E4M3FN else "e4m3fnuz"
+    moe.experts = Fp8Experts.from_experts(moe.experts, name, activation_scale_ub=ub)
+    weights = moe.experts.kernel_weights()
+    assert weights.quantize_input and weights.activation_scale_ub == ub
+    x = torch.randn(9, h)
+    with torch.no_grad():
+        expected = moe(x)
+        got = moe_reference(x, moe.router(x), weights, k, moe.shared_expert(x))
+        weight_only = moe_reference(
+            x,
+            moe.router(x),
+            dataclasses.replace(weights, quantize_input=False),
+            k,
+            moe.shared_expert(x),
+        )
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert (weight_only - expected).abs().max() > 1e-3  # activation quantization is modelled

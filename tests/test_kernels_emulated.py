@@ -1,7 +1,7 @@
 """The GPU kernels of hip/ run on the CPU: the REAL sources, emulated by hip/emu/, against torch.
 
 CI has no GPU, so tests/gpu/ never runs there. This module compiles hip/abi.hip,
-hip/paged_attention.hip and hip/fused_moe.hip (each launch `k<<<grid, block, 0, stream>>>(...)`
+hip/paged_attention.hip, hip/fused_moe.hip and hip/fp8_gemm.hip (each launch `k<<<grid, block, 0, stream>>>(...)`
 rewritten to `::pyllama4_emu::launch(k, grid, block, 0, stream)(...)` in a temporary copy) with
 g++ and -I hip/emu before -I hip, where <cuda_runtime.h> and <hip/hip_runtime.h> are CPU shims:
 the real hip/portable.h then takes its CUDA branch (warp 32: the "cuda" library) or, with
@@ -33,7 +33,11 @@ Checked, on both libraries (small shapes, so the module takes well under a minut
     (the 1-, 2-, 4- and 8-token kernels), one expert with 9 tokens (two work items), row splits
     that divide, that do not, and of 3 rows; a workspace of garbage (must be zeroed); a second
     call gives the same bits; NaN fp8 weights give NaN where the reference has them; bad
-    arguments are refused.
+    arguments are refused. W8A8 (per-row activation quantization in the kernels, with and
+    without the upper clamp) against moe_reference's W8A8 computation, spread W8A8_SPREAD.
+  - FP8 linear: both formats, W8A8 with and without ub and weight-only, 1, 3 and 16 tokens, two
+    shapes, against pyllama4.quant.fp8._scaled_mm (the GPU test's tolerance); the activation
+    quantization byte for byte against torch's float8 cast (ties aside); bad arguments.
 
 Skipped, with the reason, off Linux or when g++ is missing or cannot compile C++17. A kernel
 source that does not compile in the emulation fails the tests (with the compiler's output).
@@ -45,6 +49,7 @@ $PYLLAMA4_EMU_CXXFLAGS adds compile and link flags, e.g. to look for out-of-boun
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 import re
 import shlex
@@ -62,14 +67,18 @@ from gpu.paged_cases import DecodeCase, decode_case, reference
 
 from pyllama4 import kernels
 from pyllama4.kernels import attention, declare
+from pyllama4.kernels import fp8 as fp8_gpu
 from pyllama4.kernels import moe as moe_gpu
 from pyllama4.layers.ffn import Experts
+from pyllama4.quant import fp8 as fp8_ref
 from pyllama4.quant import fp8_bits as fp8
 
 HIP_DIR = Path(__file__).resolve().parents[1] / "hip"
 EMU_DIR = HIP_DIR / "emu"
 # The kernel sources under test (the GPU build compiles every hip/*.hip into one library).
-SOURCES = [HIP_DIR / name for name in ("abi.hip", "paged_attention.hip", "fused_moe.hip")]
+SOURCES = [
+    HIP_DIR / name for name in ("abi.hip", "paged_attention.hip", "fused_moe.hip", "fp8_gemm.hip")
+]
 SELFTEST = EMU_DIR / "emu_selftest.hip"
 # name -> (extra g++ flags, the warp width portable.h must pick with them)
 FLAVORS = {"cuda": ([], 32), "hip": (["-D__HIP_PLATFORM_AMD__"], 64)}
@@ -79,6 +88,9 @@ CXXFLAGS += ["-Wno-unknown-pragmas"]  # #pragma unroll
 LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;{}()]*>)?)\s*<<<(.*?)>>>\s*\(", re.S)
 
 ATTENTION_TOL = 2e-2  # absolute, as tests/gpu/test_paged_attention.py
+# Fused MoE W8A8: x max |ref| allowed per element beyond 2^-8 * |ref|. Most runs stay within
+# 1e-3; a flipped fp8 rounding of one down input moves a whole output row by up to ~4.4e-3.
+W8A8_SPREAD = 6e-3
 GUARD = 64  # elements after each output / workspace that must stay untouched
 
 
@@ -125,6 +137,9 @@ class Library:
     workspace_bytes: Any
     route: Any
     experts: Any
+    fp8_workspace_bytes: Any
+    fp8_quantize: Any
+    fp8_linear: Any
     selftest: Any
 
     @property
@@ -205,6 +220,11 @@ def lib(request, built) -> Library:
         ),
         route=declare(cdll, "pyllama4_moe_route", moe_gpu._ROUTE),
         experts=declare(cdll, "pyllama4_moe_experts", moe_gpu._EXPERTS),
+        fp8_workspace_bytes=declare(
+            cdll, "pyllama4_fp8_linear_workspace_bytes", [c.c_int32] * 2, c.c_int64
+        ),
+        fp8_quantize=declare(cdll, "pyllama4_fp8_quantize_per_token", fp8_gpu._QUANTIZE),
+        fp8_linear=declare(cdll, "pyllama4_fp8_linear", fp8_gpu._LINEAR),
         selftest=declare(cdll, "pyllama4_emu_selftest", [c.c_int, c.c_void_p, c.c_int, c.c_int]),
     )
 
@@ -551,47 +571,28 @@ def reference_experts(experts: Experts | moe_gpu.Fp8ExpertWeights) -> Experts:
 def fused_moe(lib: Library, x, logits, experts, top_k: int, shared, splits) -> torch.Tensor:
     """Routing then the experts, as fused_moe_gpu does (workspace first filled with garbage,
     which the experts' launcher must zero); checks nothing is written past out."""
-    gate_up, gate_up_scale, down, down_scale, fmt = moe_gpu._weights(experts)
+    gate_up = moe_gpu._weights(experts)[0]
     tokens, hidden = x.shape
     num_experts, _, two_inter = gate_up.shape
-    inter = two_inter // 2
-    nbytes = lib.workspace_bytes(tokens, top_k, num_experts, hidden, inter)
+    nbytes = lib.workspace_bytes(tokens, top_k, num_experts, hidden, two_inter // 2)
     workspace = torch.full((nbytes,), 0xAB, dtype=torch.uint8)
     code, _, scores, _, _, order = route(lib, logits, top_k, workspace)
     assert code == 0, lib.last_error()
+    routing = moe_gpu.Routing(None, scores.reshape(-1), None, None, order)
     out_buffer, out = guarded(tokens * hidden, torch.bfloat16, 4096.0)
-    code = lib.experts(
-        out.data_ptr(),
-        x.data_ptr(),
-        shared.data_ptr(),
-        scores.data_ptr(),
-        order.data_ptr(),
-        gate_up.data_ptr(),
-        0 if gate_up_scale is None else gate_up_scale.data_ptr(),
-        down.data_ptr(),
-        0 if down_scale is None else down_scale.data_ptr(),
-        fmt,
-        tokens,
-        num_experts,
-        top_k,
-        hidden,
-        inter,
-        splits[0],
-        splits[1],
-        workspace.data_ptr(),
-        workspace.numel(),
-        None,
-    )
+    args = moe_gpu.experts_arguments(out, x, shared, routing, experts, top_k, splits, workspace)
+    code = lib.experts(*args, None)
     assert code == 0, lib.last_error()
     assert_guard_intact(out_buffer, out.numel(), 4096.0, "out")
     return out.view(tokens, hidden)
 
 
-def assert_kernel_close(out: torch.Tensor, ref: torch.Tensor, what: str) -> None:
-    """tests/gpu/test_fused_moe.py's tolerance: 2^-8 * |ref| + 1e-3 * max |ref| per element."""
+def assert_kernel_close(out: torch.Tensor, ref: torch.Tensor, what: str, spread=1e-3) -> None:
+    """tests/gpu/test_fused_moe.py's tolerance: 2^-8 * |ref| + spread * max |ref| per element
+    (spread 1e-3; W8A8 takes W8A8_SPREAD, room for a flipped rounding of an intermediate)."""
     assert out.dtype == torch.bfloat16 and out.shape == ref.shape
     err = (out.float() - ref).abs()
-    bound = 2**-8 * ref.abs() + 1e-3 * ref.abs().max()
+    bound = 2**-8 * ref.abs() + spread * ref.abs().max()
     assert (err - bound).max().item() <= 0, (
         f"{what}: max error {err.max().item():.3g} (max |ref| {ref.abs().max().item():.3g})"
     )
@@ -616,6 +617,33 @@ def test_experts_match_the_reference(lib, shape, fmt):
         assert_kernel_close(out, ref, f"{tokens} tokens, top-{top_k}, splits {splits}")
         if tokens == 1:
             assert torch.equal(out, fused_moe(lib, x, logits, experts, top_k, shared, splits))
+
+
+@pytest.mark.parametrize("ub", [None, 0.5], ids=["no-ub", "ub0.5"])
+@pytest.mark.parametrize("fmt", [fp8.E4M3FN, fp8.E4M3FNUZ], ids=fp8.NAMES.get)
+def test_w8a8_experts_match_the_reference(lib, fmt, ub):
+    """W8A8 (Fp8Experts' default: each expert input row quantized per row) against
+    moe_reference's W8A8 computation, every run of MOE_RUNS on the larger shape; ub 0.5 clamps
+    most rows' amax (|x| reaches ~3), so saturation is exercised. shared_out is zero, so the
+    tolerance (as above) is relative to the routed experts alone. The fp32 sums differ in order
+    only, so an fp8 or bf16 rounding of an intermediate value flips rarely and moves one term of
+    a long sum by one step."""
+    hidden, inter, num_experts = MOE_SHAPES["h1040-i520-e4"]
+    experts = dataclasses.replace(
+        fp8_experts(num_experts, hidden, inter, fmt, seed=fmt),
+        quantize_input=True,
+        activation_scale_ub=ub,
+    )
+    for tokens, top_k, splits, hot in MOE_RUNS:
+        x, logits, shared = moe_inputs(tokens, hidden, num_experts, seed=tokens, hot_expert=hot)
+        shared = torch.zeros_like(shared)
+        out = fused_moe(lib, x, logits, experts, top_k, shared, splits)
+        ref = moe_gpu.moe_reference(x, logits, experts, top_k, shared)
+        weight_only = moe_gpu.moe_reference(x, logits, reference_experts(experts), top_k, shared)
+        what = f"W8A8, {tokens} tokens, top-{top_k}, splits {splits}"
+        assert_kernel_close(out, ref, what, spread=W8A8_SPREAD)
+        # The activation quantization shows, far beyond the tolerance.
+        assert (ref - weight_only).abs().max() > 0.02 * ref.abs().max()
 
 
 @pytest.mark.parametrize("fmt", [fp8.E4M3FN, fp8.E4M3FNUZ], ids=fp8.NAMES.get)
@@ -644,12 +672,104 @@ def test_moe_refuses_bad_arguments(lib):
     p = 16  # never dereferenced: the checks come before any launch
     assert lib.route(p, 4, 16, 9, p, p, p, p, p, p, 1 << 20, None) != 0
     assert lib.last_error().startswith("moe_route: top_k")
-    args = [p] * 9 + [0, 4, 16, 1, 5120, 8196, 1, 1, p, 1 << 30, None]
+    args = [p] * 9 + [0, 0, 0.0, 4, 16, 1, 5120, 8196, 1, 1, p, 1 << 30, None]
     assert lib.experts(*args) != 0
     assert "multiples of 8" in lib.last_error()
     args[9] = 3
     assert lib.experts(*args) != 0
     assert "weight_format" in lib.last_error()
-    args[9], args[14], args[18] = 0, 8192, 1024
+    args[9], args[10], args[16] = 0, 1, 8192
+    assert lib.experts(*args) != 0
+    assert "quantize_input needs fp8 weights" in lib.last_error()
+    args[10], args[20] = 0, 1024
     assert lib.experts(*args) != 0
     assert "workspace of 1024 bytes, needs" in lib.last_error()
+
+
+# ---- FP8 linear (hip/fp8_gemm.hip) --------------------------------------------------------------
+
+FP8_LINEAR_SHAPES = [(512, 96), (1040, 40)]  # (in, out): rows per warp cut short in the second
+FP8_MODES = [(True, 1200.0), (True, None), (False, None)]  # (quantize_input, activation_scale_ub)
+
+
+def fp8_weight(features: int, out: int, fmt: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """As tests/gpu/test_fp8_gemm.py: every finite fp8 byte, per-row scales; [out, in] float8."""
+    g = torch.Generator().manual_seed(seed)
+    bits = torch.randint(0, 256, (out, features), dtype=torch.uint8, generator=g)
+    bits[fp8.is_nan(bits, fmt)] = 0x3C
+    scale = (torch.rand(out, generator=g) + 0.5) / (100 * features**0.5)
+    return bits.view(fp8.torch_dtype(fmt)), scale
+
+
+def fp8_x(tokens: int, features: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, features, generator=g)
+    x[0, 7] = 3000.0  # beyond ub = 1200: saturates when the clamp applies
+    return x.to(torch.bfloat16)
+
+
+def fp8_linear(lib: Library, x, weight, scale, fmt: int, ub, quantize_input: bool):
+    """pyllama4_fp8_linear with a garbage workspace; checks nothing is written past y."""
+    tokens, features = x.shape
+    out = weight.shape[0]
+    workspace = torch.full((lib.fp8_workspace_bytes(tokens, features),), 0xAB, dtype=torch.uint8)
+    y_buffer, y = guarded(tokens * out, torch.bfloat16, 4096.0)
+    args = fp8_gpu.linear_arguments(y, x, weight, scale, fmt, ub, quantize_input, workspace)
+    assert lib.fp8_linear(*args, None) == 0, lib.last_error()
+    assert_guard_intact(y_buffer, y.numel(), 4096.0, "y")
+    return y.view(tokens, out)
+
+
+@pytest.mark.parametrize(("quantize_input", "ub"), FP8_MODES, ids=["quant-ub", "noub", "w8a16"])
+@pytest.mark.parametrize("fmt", [fp8.E4M3FN, fp8.E4M3FNUZ], ids=fp8.NAMES.get)
+def test_fp8_linear_matches_the_reference(lib, fmt, quantize_input, ub):
+    """As the GPU test: pyllama4.quant.fp8._scaled_mm on the same tensors, tolerance 2^-8 * |ref|
+    + 1e-3 * max |ref| of the token's row; 1, 3 and 16 tokens (the 1-, 4- and 16-token kernels)."""
+    for features, out in FP8_LINEAR_SHAPES:
+        weight, scale = fp8_weight(features, out, fmt, seed=features + fmt)
+        for tokens in (1, 3, 16):
+            x = fp8_x(tokens, features, seed=tokens)
+            y = fp8_linear(lib, x, weight, scale, fmt, ub, quantize_input)
+            ref = fp8_ref._scaled_mm(x, weight.T, scale, ub, quantize_input)
+            err = (y.float() - ref).abs()
+            tol = 2**-8 * ref.abs() + 1e-3 * ref.abs().amax(dim=-1, keepdim=True)
+            assert (err <= tol).all(), f"{features}x{out}, {tokens} tokens: {err.max():.3g}"
+
+
+def _ties(v: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Which fp32 values v lie exactly halfway between two fp8 values (q: v cast to fp8)."""
+    r = q.float()
+    other = 2 * v - r
+    return (v != r) & (other.to(q.dtype).float() == other)
+
+
+@pytest.mark.parametrize("ub", [1200.0, None], ids=["ub", "noub"])
+@pytest.mark.parametrize("fmt", [fp8.E4M3FN, fp8.E4M3FNUZ], ids=fp8.NAMES.get)
+def test_fp8_quantize_per_token_is_torchs_cast(lib, fmt, ub):
+    """The activation bytes equal torch's float8 cast of the clamped, scaled values (except on
+    exact rounding ties, where the division's last bit decides), the scales bit for bit; a zero
+    row takes the 1e-12 floor; tiny values exercise the subnormals."""
+    x = fp8_x(5, 1024, seed=100)
+    x[-1, :] = 0
+    x[0, 100:356] = (torch.arange(256) - 128).to(torch.bfloat16) * 2**-12
+    q = torch.empty(x.shape, dtype=torch.uint8)
+    scale = torch.empty(x.shape[0], dtype=torch.float32)
+    assert lib.fp8_quantize(*fp8_gpu.quantize_arguments(q, scale, x, fmt, ub), None) == 0
+    name = fp8.NAMES[fmt]
+    ref_q, ref_scale = fp8_ref.quantize_activation(x, name, ub)
+    assert torch.equal(scale, ref_scale)
+    fmax = fp8_ref.FP8_MAX[name]
+    v = (x.float() / ref_scale.unsqueeze(-1)).clamp(-fmax, fmax)
+    cast = v.to(fp8.torch_dtype(fmt))
+    assert torch.equal(cast.view(torch.uint8), ref_q.view(torch.uint8))
+    differs = (q != cast.view(torch.uint8)) & ~_ties(v, cast)
+    assert not differs.any(), f"{int(differs.sum())} bytes differ from torch's cast"
+
+
+def test_fp8_linear_refuses_bad_arguments(lib):
+    """17 tokens and an in_features that is not a multiple of 16 are refused, named."""
+    p = 16
+    assert lib.fp8_linear(p, p, p, p, 1, 17, 32, 16, 0.0, 1, p, 1 << 20, None) != 0
+    assert "num_tokens" in lib.last_error()
+    assert lib.fp8_linear(p, p, p, p, 1, 2, 24, 16, 0.0, 1, p, 1 << 20, None) != 0
+    assert "in_features" in lib.last_error()

@@ -7,10 +7,8 @@ itself with quantize_input=False), with fp32 sums in place of the reference's ex
 (tests/gpu/test_fp8_gemm.py). It enqueues on the current stream and never synchronises.
 
 Scope: decode, 1 <= T <= MAX_TOKENS = 16 (the GEMV reads the weights once for all T tokens).
-Larger T (prefill) stays on the torch reference path of `_scaled_mm`: torch._scaled_mm with
-row-wise scales would be the fast route there, but whether it is available (torch version, sm89+
-for e4m3fn, gfx942 for e4m3fnuz) and equal to the reference within tolerance could not be
-checked without a GPU, so it is not used yet.
+Larger T (prefill) takes pyllama4.quant.fp8.scaled_mm_device: torch._scaled_mm, the vendor's
+fp8 GEMM with row-wise scales, where the device takes it.
 """
 
 from __future__ import annotations
@@ -107,12 +105,44 @@ def quantize_per_token_gpu(
     x_q = torch.empty(tokens, features, dtype=torch.uint8, device=x.device)
     scale = torch.empty(tokens, dtype=torch.float32, device=x.device)
     stream = torch.cuda.current_stream(x.device).cuda_stream
-    check(
-        fns[1](
-            x_q.data_ptr(), scale.data_ptr(), x.data_ptr(), fmt, tokens, features, _ub(ub), stream
-        )
-    )
+    check(fns[1](*quantize_arguments(x_q, scale, x, fmt, ub), stream))
     return x_q, scale
+
+
+def quantize_arguments(
+    x_q: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, fmt: int, ub: float | None
+) -> tuple[Any, ...]:
+    """pyllama4_fp8_quantize_per_token's arguments but the stream."""
+    tokens, features = x.shape
+    return (x_q.data_ptr(), scale.data_ptr(), x.data_ptr(), fmt, tokens, features, _ub(ub))
+
+
+def linear_arguments(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    fmt: int,
+    ub: float | None,
+    quantize_input: bool,
+    workspace: torch.Tensor,
+) -> tuple[Any, ...]:
+    """pyllama4_fp8_linear's arguments but the stream (x, weight, weight_scale contiguous)."""
+    tokens, features = x.shape
+    return (
+        y.data_ptr(),
+        x.data_ptr(),
+        weight.data_ptr(),
+        weight_scale.data_ptr(),
+        fmt,
+        tokens,
+        features,
+        weight.shape[0],
+        _ub(ub),
+        int(quantize_input),
+        workspace.data_ptr(),
+        workspace.numel(),
+    )
 
 
 def fp8_linear_gpu(
@@ -143,21 +173,6 @@ def fp8_linear_gpu(
     workspace = _workspace_for(x.device, nbytes)
     y = torch.empty(tokens, out_features, dtype=torch.bfloat16, device=x.device)
     stream = torch.cuda.current_stream(x.device).cuda_stream
-    check(
-        fns[2](
-            y.data_ptr(),
-            x.data_ptr(),
-            weight.data_ptr(),
-            scale.data_ptr(),
-            fmt,
-            tokens,
-            features,
-            out_features,
-            _ub(ub),
-            int(quantize_input),
-            workspace.data_ptr(),
-            workspace.numel(),
-            stream,
-        )
-    )
+    args = linear_arguments(y, x, weight, scale, fmt, ub, quantize_input, workspace)
+    check(fns[2](*args, stream))
     return y

@@ -45,7 +45,8 @@ MIN_SPLIT_ROWS = 64  # ... with no split shorter than this many input rows
 _c = ctypes
 _ROUTE = [_c.c_void_p, _c.c_int32, _c.c_int32, _c.c_int32] + [_c.c_void_p] * 6
 _ROUTE += [_c.c_int64, _c.c_void_p]
-_EXPERTS = [_c.c_void_p] * 9 + [_c.c_int32] * 8 + [_c.c_void_p, _c.c_int64, _c.c_void_p]
+_EXPERTS = [_c.c_void_p] * 9 + [_c.c_int32] * 2 + [_c.c_float] + [_c.c_int32] * 7
+_EXPERTS += [_c.c_void_p, _c.c_int64, _c.c_void_p]
 _WORKSPACE = [_c.c_int32] * 5
 _workspace: dict[torch.device, torch.Tensor] = {}
 
@@ -57,8 +58,10 @@ class Fp8ExpertWeights:
     Input-major like `Experts`: gate_up [E, H, 2I] uint8 (gate columns, then up), down
     [E, I, H] uint8, gate_up_scale [E, 2I] and down_scale [E, H] float32; `format` is
     fp8.E4M3FN or fp8.E4M3FNUZ. A checkpoint stored per expert in nn.Linear layout ([out, in])
-    is transposed into this layout once, at load. The kernels compute weight-only (W8A16):
-    the bf16 activations multiply the dequantized weights; no activation quantization.
+    is transposed into this layout once, at load. quantize_input=False: weight-only (W8A16), the
+    bf16 activations multiply the dequantized weights. True (W8A8, Fp8Experts' default): each
+    expert's input rows are quantized per row into the weights' format first, amax clamped to
+    activation_scale_ub (None: no upper clamp), as pyllama4.quant.fp8.quantize_activation.
     """
 
     gate_up: torch.Tensor
@@ -66,6 +69,8 @@ class Fp8ExpertWeights:
     down: torch.Tensor
     down_scale: torch.Tensor
     format: int
+    quantize_input: bool = False
+    activation_scale_ub: float | None = None
 
     def __post_init__(self) -> None:
         if self.format not in (fp8.E4M3FN, fp8.E4M3FNUZ):
@@ -98,6 +103,9 @@ class Fp8ExpertWeights:
         gate_up_scale: torch.Tensor,
         down: torch.Tensor,
         down_scale: torch.Tensor,
+        *,
+        quantize_input: bool = False,
+        activation_scale_ub: float | None = None,
     ) -> Fp8ExpertWeights:
         """From torch float8 tensors (float8_e4m3fn or float8_e4m3fnuz, both the same) in this
         layout, e.g. pyllama4.quant.fp8.Fp8Experts' parameters; the bytes are viewed, not
@@ -106,7 +114,13 @@ class Fp8ExpertWeights:
             raise TypeError(f"gate_up is {gate_up.dtype} but down is {down.dtype}")
         fmt = fp8.format_of_dtype(gate_up.dtype)
         return cls(
-            gate_up.view(torch.uint8), gate_up_scale, down.view(torch.uint8), down_scale, fmt
+            gate_up.view(torch.uint8),
+            gate_up_scale,
+            down.view(torch.uint8),
+            down_scale,
+            fmt,
+            quantize_input,
+            activation_scale_ub,
         )
 
     @property
@@ -274,7 +288,7 @@ def fused_moe_gpu(
     x) -> [T, H] bf16: shared_out plus the routed experts."""
     fns = _functions()
     assert fns is not None, "fused_moe_gpu called without the kernel library"
-    gate_up, gate_up_scale, down, down_scale, fmt = _weights(experts)
+    gate_up = _weights(experts)[0]
     tokens, hidden = x.shape
     num_experts, _, two_inter = gate_up.shape
     inter = two_inter // 2
@@ -289,33 +303,56 @@ def fused_moe_gpu(
     workspace = _workspace_for(x.device, nbytes)
     routing = _route(router_logits, top_k, workspace, fns)
     slots = min(num_experts, tokens * top_k)  # the most experts a step can touch
+    splits = (
+        split_plan(hidden, 2 * inter, slots, x.device),
+        split_plan(inter, hidden, slots, x.device),
+    )
     out = torch.empty_like(x)
     stream = torch.cuda.current_stream(x.device).cuda_stream
-    check(
-        fns[2](
-            out.data_ptr(),
-            x.data_ptr(),
-            shared_out.data_ptr(),
-            routing.scores.data_ptr(),
-            routing.order.data_ptr(),
-            gate_up.data_ptr(),
-            0 if gate_up_scale is None else gate_up_scale.data_ptr(),
-            down.data_ptr(),
-            0 if down_scale is None else down_scale.data_ptr(),
-            fmt,
-            tokens,
-            num_experts,
-            top_k,
-            hidden,
-            inter,
-            split_plan(hidden, 2 * inter, slots, x.device),
-            split_plan(inter, hidden, slots, x.device),
-            workspace.data_ptr(),
-            workspace.numel(),
-            stream,
-        )
-    )
+    args = experts_arguments(out, x, shared_out, routing, experts, top_k, splits, workspace)
+    check(fns[2](*args, stream))
     return out
+
+
+def experts_arguments(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    shared_out: torch.Tensor,
+    routing: Routing,
+    experts: Experts | Fp8ExpertWeights,
+    top_k: int,
+    splits: tuple[int, int],
+    workspace: torch.Tensor,
+) -> tuple[Any, ...]:
+    """pyllama4_moe_experts' arguments but the stream, for these tensors (contiguous, on the
+    kernels' device) and (gate_up, down) row splits."""
+    gate_up, gate_up_scale, down, down_scale, fmt = _weights(experts)
+    quantize = isinstance(experts, Fp8ExpertWeights) and experts.quantize_input
+    ub = experts.activation_scale_ub if quantize else None
+    tokens, hidden = x.shape
+    return (
+        out.data_ptr(),
+        x.data_ptr(),
+        shared_out.data_ptr(),
+        routing.scores.data_ptr(),
+        routing.order.data_ptr(),
+        gate_up.data_ptr(),
+        0 if gate_up_scale is None else gate_up_scale.data_ptr(),
+        down.data_ptr(),
+        0 if down_scale is None else down_scale.data_ptr(),
+        fmt,
+        int(quantize),
+        0.0 if ub is None else float(ub),
+        tokens,
+        gate_up.shape[0],
+        top_k,
+        hidden,
+        gate_up.shape[2] // 2,
+        splits[0],
+        splits[1],
+        workspace.data_ptr(),
+        workspace.numel(),
+    )
 
 
 def expert_weights_fp32(
@@ -337,6 +374,8 @@ def moe_reference(
     """What fused_moe_gpu computes, in torch and float32 (the tests' reference): MoE.forward's
     routing (torch.topk, sigmoid in fp32 cast to x's dtype, x * score in x's dtype), then each
     touched expert in fp32 on its weights (fp8 dequantized), summed onto shared_out in fp32.
+    W8A8 experts (quantize_input) follow Fp8Experts.expert instead: input rows quantized, the
+    gate_up output rounded to x's dtype and the SwiGLU computed in it, then quantized again.
     Returns [T, H] float32."""
     top_logits, top_ids = torch.topk(router_logits, top_k, dim=-1)
     scores = torch.sigmoid(top_logits.float()).to(x.dtype).reshape(-1, 1)
@@ -346,8 +385,22 @@ def moe_reference(
     for e in flat.unique().tolist():
         pairs = (flat == e).nonzero().squeeze(1)
         rows = tokens[pairs]
-        scaled = (x[rows] * scores[pairs]).float()
+        scaled = x[rows] * scores[pairs]
         gate_up, down = expert_weights_fp32(experts, e)
-        gate, up = (scaled @ gate_up).chunk(2, dim=-1)
-        out.index_add_(0, rows, (F.silu(gate) * up) @ down)
+        if isinstance(experts, Fp8ExpertWeights) and experts.quantize_input:
+            ub, fmt = experts.activation_scale_ub, experts.format
+            gate, up = (_fake_quantized(scaled, fmt, ub) @ gate_up).to(x.dtype).chunk(2, dim=-1)
+            out.index_add_(0, rows, _fake_quantized(up * F.silu(gate), fmt, ub) @ down)
+        else:
+            gate, up = (scaled.float() @ gate_up).chunk(2, dim=-1)
+            out.index_add_(0, rows, (F.silu(gate) * up) @ down)
     return out
+
+
+def _fake_quantized(rows: torch.Tensor, fmt: int, ub: float | None) -> torch.Tensor:
+    """rows quantized per row into fp8 format `fmt` (quantize_activation), as float32 q * scale."""
+    from pyllama4.quant.fp8 import quantize_activation
+
+    name = "e4m3fn" if fmt == fp8.E4M3FN else "e4m3fnuz"
+    q, scale = quantize_activation(rows, name, ub)
+    return q.float() * scale.unsqueeze(-1)

@@ -44,6 +44,10 @@ class Experts(nn.Module):
         gate, up = (x @ self.gate_up_proj[e]).chunk(2, dim=-1)
         return (up * F.silu(gate)) @ self.down_proj[e]
 
+    def kernel_weights(self) -> Experts:
+        """What the fused MoE kernels read (pyllama4.kernels.moe): these bf16 weights."""
+        return self
+
 
 class Router(nn.Linear):
     def __init__(self, hidden_size: int, num_experts: int):
@@ -60,11 +64,14 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, H] -> [N, H]. On a GPU, bf16 batches of up to moe_gpu.MAX_TOKENS rows (decode)
-        take the fused MoE kernels (pyllama4.kernels.moe; the shared expert stays torch's);
+        take the fused MoE kernels (pyllama4.kernels.moe; bf16 or FP8 experts, W8A16 or W8A8 as
+        the experts module computes; the shared expert stays torch's);
         everything else, the CPU always, takes the torch path below."""
-        if moe_gpu.dispatches(x, self.experts, self.top_k):
+        if x.is_cuda and moe_gpu.dispatches(
+            x, weights := self.experts.kernel_weights(), self.top_k
+        ):
             shared = self.shared_expert(x)
-            return moe_gpu.fused_moe_gpu(x, self.router(x), self.experts, self.top_k, shared)
+            return moe_gpu.fused_moe_gpu(x, self.router(x), weights, self.top_k, shared)
         logits = self.router(x)
         top_logits, top_experts = torch.topk(logits, self.top_k, dim=-1)
         scores = torch.sigmoid(top_logits.float()).to(x.dtype)  # [N, k]

@@ -25,12 +25,17 @@ also cast fp8 tensors, which torch counts as floating point.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pyllama4.kernels.moe import Fp8ExpertWeights
 from pyllama4.layers.ffn import Experts, MoE
 from pyllama4.model.llama4 import Llama4ForCausalLM
+
+log = logging.getLogger("pyllama4.fp8")
 
 FP8_FORMATS: dict[str, torch.dtype] = {
     "e4m3fn": torch.float8_e4m3fn,
@@ -112,22 +117,57 @@ def _scaled_mm(
     ub: float | None,
     quantize_input: bool,
 ) -> torch.Tensor:
-    """x [N, K] times input-major fp8 w_q [K, M] with per-column w_scale [M] -> fp32 [N, M].
+    """x [N, K] times input-major fp8 w_q [K, M] with per-column w_scale [M] -> [N, M] (fp32, or
+    x's dtype rounded once from it).
 
-    On the GPU, Fp8Linear's case (w_q the transpose of a contiguous [M, K] weight, bf16 x, N <=
-    16: decode) runs hip/fp8_gemm.hip (pyllama4.kernels.fp8), which returns the bf16-rounded
-    result (fp32 sums); everything else is the reference below (prefill: see that module)."""
+    On the GPU, Fp8Linear's decode case (w_q the transpose of a contiguous [M, K] weight, bf16 x,
+    N <= 16) runs hip/fp8_gemm.hip (pyllama4.kernels.fp8); everything else on the GPU runs
+    scaled_mm_device (vendor GEMMs); the CPU runs the exact reference below."""
     if x.is_cuda:
         from pyllama4.kernels import fp8 as fp8_gpu
 
         weight = w_q.T
         if fp8_gpu.dispatches(x, weight):
-            y = fp8_gpu.fp8_linear_gpu(x, weight, w_scale, None, ub, quantize_input)
-            return y.float()
+            return fp8_gpu.fp8_linear_gpu(x, weight, w_scale, None, ub, quantize_input)
+        return scaled_mm_device(x, w_q, w_scale, ub, quantize_input)
     if not quantize_input:
         return (x.double() @ w_q.double()).float() * w_scale
     a, a_scale = quantize_activation(x, format_of(w_q), ub)
     return (a.double() @ w_q.double()).float() * a_scale.unsqueeze(-1) * w_scale
+
+
+_NO_SCALED_MM: set[torch.device] = set()  # devices where torch._scaled_mm refused row-wise fp8
+
+
+def scaled_mm_device(
+    x: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    ub: float | None,
+    quantize_input: bool,
+) -> torch.Tensor:
+    """_scaled_mm with the device's GEMMs (prefill on a GPU; runs on any device): activations
+    quantized as the reference, then torch._scaled_mm (the vendor's fp8 GEMM, row-wise scales,
+    output x's dtype when bf16) where w_q is column-major (Fp8Linear's transposed weight) and the
+    device takes it, else a float32 matmul of the dequantized operands (the experts' input-major
+    weights, weight-only, or a device without row-wise fp8). Equal to the reference up to the
+    fp32 summation order and one rounding to x's dtype."""
+    a, a_scale = quantize_activation(x, format_of(w_q), ub) if quantize_input else (x, None)
+    if a_scale is not None and w_q.stride(0) == 1 and x.device not in _NO_SCALED_MM:
+        out_dtype = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
+        try:
+            return torch._scaled_mm(
+                a,
+                w_q,
+                scale_a=a_scale.unsqueeze(-1),
+                scale_b=w_scale.unsqueeze(0).contiguous(),
+                out_dtype=out_dtype,
+            )
+        except RuntimeError as e:  # no row-wise fp8 GEMM for this device, format or shape
+            log.warning("torch._scaled_mm failed on %s (%s): FP8 prefill uses fp32", x.device, e)
+            _NO_SCALED_MM.add(x.device)
+    lhs = a.float() if a_scale is None else a.float() * a_scale.unsqueeze(-1)
+    return (lhs @ w_q.float()) * w_scale
 
 
 def _frozen(t: torch.Tensor) -> nn.Parameter:
@@ -258,6 +298,19 @@ class Fp8Experts(nn.Module):
             setattr(module, f"{name}_proj", _frozen(q))
             setattr(module, f"{name}_scale", _frozen(scale))
         return module
+
+    def kernel_weights(self) -> Fp8ExpertWeights:
+        """What the fused MoE kernels read: views of these weights, with this module's
+        activation quantization (W8A8, or weight-only), so the kernels compute what expert()
+        does."""
+        return Fp8ExpertWeights.from_float8(
+            self.gate_up_proj,
+            self.gate_up_scale,
+            self.down_proj,
+            self.down_scale,
+            quantize_input=self.quantize_input,
+            activation_scale_ub=self.activation_scale_ub,
+        )
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e on the rows routed to it (already scaled by their router scores)."""
