@@ -1,0 +1,1 @@
+"""EAGLE speculative decoding: draft trees (tree.py) and their verification (verify.py)."""
