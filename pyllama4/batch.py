@@ -31,6 +31,12 @@ class StepBatch:
     # replaced by `embeds` [K, hidden]; their token ids are radix-key ids, never embedded.
     embed_index: torch.Tensor | None = None
     embeds: torch.Tensor | None = None
+    # Speculative verification with draft trees (pyllama4.speculative): the decode requests'
+    # query tokens are tree nodes. tree_ancestors [D, Q, Q] bool (node j is node i or an
+    # ancestor of i; padded past each request's query length) replaces the causal rule among
+    # them, and positions hold each node's real position (context_len + depth), while slots stay
+    # in node order. None: decodes are chains (causal).
+    tree_ancestors: np.ndarray | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -33,6 +33,7 @@ from PIL.Image import Image as PILImage
 
 from pyllama4.detokenizer import IncrementalDetokenizer, StopStrings
 from pyllama4.grammar import Constraint, GrammarCompiler, GrammarSpec
+from pyllama4.model.eagle3 import load_eagle3
 from pyllama4.model.load import load_model
 from pyllama4.multimodal.features import ImageFeed, PromptFeatures
 from pyllama4.multimodal.inputs import ImageInput, ImagePrompt
@@ -47,6 +48,12 @@ from pyllama4.outputs import (
 from pyllama4.runner import ModelRunner
 from pyllama4.sampler import SampleOutput, Sampler, SampleRequest
 from pyllama4.sampling_params import SamplingParams
+from pyllama4.speculative.eagle import (
+    EagleWorker,
+    SpecConfig,
+    draft_kv_bytes_per_token,
+    eligible,
+)
 
 log = logging.getLogger("pyllama4.engine")
 
@@ -71,6 +78,7 @@ class _Completion:
     in_core: bool = False
     last_token_time: float | None = None
     constraint: Constraint | None = None  # structured output: advanced on the model thread
+    verify_steps: int = 0  # speculative steps that verified drafts for this completion
 
     @property
     def finished(self) -> bool:
@@ -107,13 +115,16 @@ class Engine:
         eos_token_ids: Sequence[int] = (),
         model_thread: ThreadPoolExecutor | None = None,
         images: ImageSupport | None = None,
+        speculative: EagleWorker | None = None,
     ):
         """model_thread: the one thread that runs all of the model's torch work (built by
         from_checkpoint, which also loads the model there). On the CPU, torch's OpenMP threads
         are per calling thread: switching threads costs ~1.5x per step on 2 cores, measured.
-        images: the vision tower and tiling settings; None for a text-only engine."""
+        images: the vision tower and tiling settings; None for a text-only engine.
+        speculative: EAGLE3 drafting (pyllama4.speculative.eagle), built on this runner."""
         self.runner = runner
         self.images = images
+        self.speculative = speculative
         self.scheduler = runner.scheduler
         self.tokenizer = tokenizer
         self.vocab_size = runner.model.config.vocab_size
@@ -147,6 +158,8 @@ class Engine:
         max_image_tiles: int | None = None,
         quantization: str | None = None,
         fp8_format: str = "e4m3fn",
+        speculative_draft: str | Path | None = None,
+        speculative: SpecConfig | None = None,
         **runner_options: Any,
     ) -> Engine:
         """Loads a checkpoint and its tokenizer; runner_options go to ModelRunner (kv_tokens or
@@ -154,7 +167,9 @@ class Engine:
         enable_multimodal also loads the vision tower (ValueError for a text-only checkpoint);
         max_image_tiles overrides the checkpoint's preprocessor setting. quantization="fp8"
         quantizes a bf16 checkpoint at load; FP8 checkpoints load as FP8 by themselves;
-        fp8_format is e4m3fn, or e4m3fnuz for MI300.
+        fp8_format is e4m3fn, or e4m3fnuz for MI300. speculative_draft: an EAGLE3 draft
+        checkpoint (SGLang's layout) to speculate with, by `speculative` (SpecConfig()'s
+        defaults without); its KV is added to the global pool's cost per token.
 
         Without kv_tokens / kv_bytes the KV budget is, on a GPU, mem_fraction_static of its
         memory minus what the weights already took (SGLang's --mem-fraction-static); on the CPU,
@@ -163,7 +178,7 @@ class Engine:
 
         tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)
 
-        def build() -> tuple[ModelRunner, ImageSupport | None]:
+        def build() -> tuple[ModelRunner, ImageSupport | None, EagleWorker | None]:
             model = load_model(
                 checkpoint_dir,
                 dtype=dtype,
@@ -186,12 +201,30 @@ class Engine:
             if "kv_tokens" not in options and "kv_bytes" not in options:
                 options["kv_bytes"] = default_kv_bytes(model, mem_fraction_static)
             context = context_len or model.config.max_position_embeddings
-            return ModelRunner(model, context_len=context, **options), images
+            draft = None
+            if speculative_draft is not None:
+                c = model.config
+                model_dtype = next(model.parameters()).dtype
+                draft = load_eagle3(
+                    speculative_draft,
+                    c.hidden_size,
+                    c.vocab_size,
+                    c.num_hidden_layers,
+                    dtype=model_dtype,
+                    device=device,
+                ).eval()
+                extra = draft_kv_bytes_per_token(draft, model_dtype)
+                options["extra_global_bytes_per_token"] = extra
+            runner = ModelRunner(model, context_len=context, **options)
+            worker = None
+            if draft is not None:
+                worker = EagleWorker(runner, draft, speculative or SpecConfig())
+            return runner, images, worker
 
         model_thread = ThreadPoolExecutor(1, "pyllama4-model")
-        runner, images = model_thread.submit(build).result()
+        runner, images, worker = model_thread.submit(build).result()
         log.debug(runner.memory.describe())
-        return cls(runner, tokenizer, model_thread=model_thread, images=images)
+        return cls(runner, tokenizer, model_thread=model_thread, images=images, speculative=worker)
 
     # ---- the loop ---------------------------------------------------------------------------
 
@@ -232,12 +265,15 @@ class Engine:
             if c.index == 0 and not c.token_ids:
                 c.group.cached_tokens = self.scheduler.request_info(c.core_id).cached_tokens
         feed = self._image_feed(plan)
+        next_prompt = self._next_prompt_tokens(plan) if self.speculative else None
         try:
             # A step always completes and commits, even when the loop is being cancelled:
             # otherwise the core would keep a plan in flight and its requests forever.
             with anyio.CancelScope(shield=True):
-                future = self._model_thread.submit(self._forward, plan, requests, completions, feed)
-                tokens, logprobs = await anyio.to_thread.run_sync(future.result)
+                future = self._model_thread.submit(
+                    self._forward, plan, requests, completions, feed, next_prompt
+                )
+                tokens, counts, verified, logprobs = await anyio.to_thread.run_sync(future.result)
         except Exception as e:  # noqa: BLE001 - any failure of a step fails its requests only
             log.exception("step failed")
             self.scheduler.commit(np.zeros(plan.num_samples, dtype=np.int32))
@@ -246,17 +282,29 @@ class Engine:
                 if c is not None:
                     self._fail(c.group, f"{type(e).__name__}: {e}")
             return
-        finished = {f.request_id: f for f in self.scheduler.commit(tokens)}
+        finished = {f.request_id: f for f in self.scheduler.commit(tokens, counts)}
         if feed is not None:
             self._images_encoded += feed.encoded
         now = time.monotonic()
         touched: dict[str, _Group] = {}
-        for row, (c, token) in enumerate(zip(completions, tokens.tolist(), strict=True)):
+        sizes = np.ones(len(tokens), dtype=np.int64) if counts is None else counts
+        ends = np.cumsum(sizes).tolist()
+        flat = tokens.tolist()
+        for row, c in enumerate(completions):
             touched[c.group.request_id] = c.group
             if c.finished:  # aborted while in flight
                 continue
-            self._generation_tokens += 1
-            self._on_token(c, token, logprobs[row], finished.get(c.core_id), now)
+            fresh = flat[ends[row] - int(sizes[row]) : ends[row]]
+            c.verify_steps += bool(verified is not None and verified[row])
+            done = finished.get(c.core_id)
+            if done is not None:  # the core stopped at a stop token or the length limit
+                fresh = fresh[: done.num_output_tokens - len(c.token_ids)]
+            for j, token in enumerate(fresh):
+                self._generation_tokens += 1
+                last = j == len(fresh) - 1
+                self._on_token(c, token, logprobs[row], done if last else None, now)
+                if c.finished:
+                    break
         for group in touched.values():
             self._release_siblings(group)
             self._drop_features(group)
@@ -274,24 +322,49 @@ class Engine:
                 feed.add(c.group.images, start, end, int(starts[r]) - start)
         return feed or None
 
+    def _next_prompt_tokens(self, plan: Any) -> np.ndarray:
+        """[R]: for each prefill chunk that stops short of its prompt's end, the prompt token
+        after it (what the EAGLE3 catch-up pairs with its last position); 0 elsewhere."""
+        out = np.zeros(plan.num_requests, dtype=np.int64)
+        starts, request_ids = plan.query_start, plan.request_ids
+        for r in range(plan.num_decodes, plan.num_requests):
+            c = self._by_core.get(int(request_ids[r]))
+            end = int(plan.context_lens[r]) + int(starts[r + 1] - starts[r])
+            if c is not None and end < len(c.group.prompt_ids):
+                out[r] = c.group.prompt_ids[end]
+        return out
+
     def _forward(
         self,
         plan: Any,
         requests: list[SampleRequest],
         completions: list[_Completion],
         feed: ImageFeed | None,
-    ) -> tuple[np.ndarray, list[Any]]:
-        """On the model thread: encode images, forward, sample, bring the results to the host."""
+        next_prompt: np.ndarray | None,
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, list[Any]]:
+        """On the model thread: encode images, forward, sample, bring the results to the host.
+        Returns (tokens, counts, verified, logprob rows): counts / verified (per sample row: the
+        tokens it commits, and whether it verified drafts) are None without speculation."""
         embeds = None
         if feed is not None:
             assert self.images is not None  # only image prompts have features to feed
             embeds = feed.gather(self.images.tower, self.runner.device)
-        out = self.sampler(self.runner.forward(plan, embeds), requests)
-        tokens = out.tokens.to(torch.int32).cpu().numpy()
-        for row, r in enumerate(requests):
-            if r.constraint is not None and not r.constraint.accept(int(tokens[row])):
-                log.error("a sampled token broke its grammar (masking failed)")
-        return tokens, self._logprob_rows(out, completions)
+        if self.speculative is not None:
+            assert next_prompt is not None
+            result = self.speculative.step(plan, requests, self.sampler, next_prompt, embeds)
+            out, tokens, counts = result.sampled, result.tokens, result.counts
+            verified = result.verified
+        else:
+            out = self.sampler(self.runner.forward(plan, embeds), requests)
+            tokens = out.tokens.to(torch.int32).cpu().numpy()
+            counts = verified = None
+        grammar_rows = [row for row, r in enumerate(requests) if r.constraint is not None]
+        if grammar_rows:  # grammar rows never speculate: their token is the sampled one
+            sampled = out.tokens.cpu().tolist()
+            for row in grammar_rows:
+                if not requests[row].constraint.accept(sampled[row]):
+                    log.error("a sampled token broke its grammar (masking failed)")
+        return tokens, counts, verified, self._logprob_rows(out, completions)
 
     def _sample_request(self, c: _Completion) -> SampleRequest:
         return SampleRequest(
@@ -512,11 +585,15 @@ class Engine:
         return _stream(receive, self, request_id)
 
     def _add_to_core(self, c: _Completion) -> None:
+        reserve = 0
+        if self.speculative is not None and eligible(c.params, c.constraint is not None):
+            reserve = self.speculative.config.reserve
         self.scheduler.add_request(
             c.core_id,
             c.group.key_ids,
             max_new_tokens=c.params.max_tokens,
             stop_token_ids=sorted(c.stop_ids),
+            reserve=reserve,
         )
         c.in_core = True
         self._by_core[c.core_id] = c

@@ -67,14 +67,17 @@ def plan_memory(
     max_step_tokens: int,
     kv_tokens: int | None = None,
     kv_bytes: int | None = None,
+    extra_global_bytes_per_token: int = 0,
 ) -> MemoryPlan:
     """Splits a budget given in tokens of full history (kv_tokens) or in bytes (kv_bytes).
 
     The chunk-local pool gets room for every running request's window (its current chunk plus
-    one step) but never more than half a byte budget; the global pool gets the rest."""
+    one step) but never more than half a byte budget; the global pool gets the rest.
+    extra_global_bytes_per_token: more KV indexed by the global pool's slots (an EAGLE3
+    draft's layer)."""
     local = local_layers(config, context_len)
     per_layer = 2 * config.num_key_value_heads * config.head_dim * dtype.itemsize
-    g_bytes = per_layer * sum(not x for x in local)
+    g_bytes = per_layer * sum(not x for x in local) + extra_global_bytes_per_token
     l_bytes = per_layer * sum(local)
     chunk = config.attention_chunk_size if any(local) else 0
     window = chunk // page_size + -(-max_step_tokens // page_size) if chunk else 0
@@ -109,6 +112,7 @@ class ModelRunner:
         max_step_tokens: int = 8192,
         enable_prefix_cache: bool = True,
         policy: str = "fcfs",
+        extra_global_bytes_per_token: int = 0,
     ):
         """The KV budget: kv_tokens (tokens of full history) or kv_bytes; see plan_memory."""
         self.model = model
@@ -124,6 +128,7 @@ class ModelRunner:
             max_step_tokens=max_step_tokens,
             kv_tokens=kv_tokens,
             kv_bytes=kv_bytes,
+            extra_global_bytes_per_token=extra_global_bytes_per_token,
         )
         mem = self.memory
         self.scheduler = Scheduler(

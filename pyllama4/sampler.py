@@ -336,6 +336,38 @@ class Sampler:
                 tokens[self._tensor(s)] = sampled
         return self._logprobs(logits, tokens, plan)
 
+    def probabilities(
+        self, logits: torch.Tensor, requests: list[SampleRequest], repeat: int
+    ) -> torch.Tensor:
+        """The distribution each row's token would be sampled from, for logits [B * repeat, V]
+        whose row i belongs to requests[i // repeat] (speculative verification: one row per draft
+        node). Every request must sample (temperature > 0) with no logit_bias, penalties,
+        min_tokens or grammar (pyllama4.speculative.eagle.eligible): softmax of the temperature-
+        scaled logits after top_k / top_p / min_p. float32 [B * repeat, V]."""
+        plan = self._plan(logits[::repeat], requests)
+        if plan.greedy.any():
+            raise ValueError("probabilities: greedy rows have no distribution to sample")
+        expanded = _Plan(
+            params=[p for p in plan.params for _ in range(repeat)],
+            **{
+                name: np.repeat(getattr(plan, name), repeat)
+                for name in (
+                    "temperature",
+                    "top_k",
+                    "top_p",
+                    "min_p",
+                    "repetition",
+                    "frequency",
+                    "presence",
+                    "logprobs",
+                    "greedy",
+                )
+            },
+            sampled=np.arange(logits.shape[0]),
+        )
+        x = logits.float()
+        return torch.softmax(self._warped(x, expanded, owned=x is not logits), dim=-1)
+
     def _logprobs(self, logits: torch.Tensor, tokens: torch.Tensor, plan: _Plan) -> SampleOutput:
         asked = np.flatnonzero(plan.logprobs >= 0)
         if asked.size == 0:

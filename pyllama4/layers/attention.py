@@ -55,7 +55,10 @@ def _group(
     page_size: int,
     chunk: int | None,
     table_width: int,
+    tree: np.ndarray | None = None,
 ) -> _Group:
+    """tree: [R, Q', Q'] ancestor masks of the group's query tokens (draft trees, see StepBatch);
+    keys written this step then count by tree ancestry and real position, not by slot order."""
     device = table.device
     qs = batch.query_start[lo : hi + 1].astype(np.int64)
     ctx = batch.context_lens[lo:hi].astype(np.int64)
@@ -69,9 +72,27 @@ def _group(
     kpos = start[:, None] + kj[None, :]
     query_valid = qj[None, :] < qlen[:, None]
     key_valid = kpos < seq[:, None]
-    mask = key_valid[:, None, :] & (kpos[:, None, :] <= qpos[:, :, None])
+    if tree is None:
+        mask = key_valid[:, None, :] & (kpos[:, None, :] <= qpos[:, :, None])
+        kreal = kpos
+    else:
+        anc = np.zeros((len(ctx), q_max, q_max), dtype=bool)
+        anc[:, : tree.shape[1], : tree.shape[2]] = tree[:, :q_max, :q_max]
+        depth = anc.sum(axis=2) - 1  # a node's ancestors (itself included) count its depth + 1
+        node = kpos - ctx[:, None]  # the query node a key of this step belongs to
+        fresh = node >= 0
+        ancestor = np.take_along_axis(
+            anc,
+            np.broadcast_to(node.clip(0, q_max - 1)[:, None, :], (len(ctx), q_max, k_max)),
+            axis=2,
+        )
+        mask = key_valid[:, None, :] & np.where(fresh[:, None, :], ancestor, True)
+        qpos = ctx[:, None] + depth
+        kreal = np.where(
+            fresh, ctx[:, None] + np.take_along_axis(depth, node.clip(0, q_max - 1), axis=1), kpos
+        )
     if chunk is not None:
-        mask &= kpos[:, None, :] // chunk == qpos[:, :, None] // chunk
+        mask &= kreal[:, None, :] // chunk == qpos[:, :, None] // chunk
     mask |= ~query_valid[:, :, None] & (kj == 0)[None, None, :]  # padded rows: no NaN
     page = kpos // page_size
     col = page if chunk is None else page % table_width
@@ -102,7 +123,7 @@ def prepare(batch: StepBatch, cache: PagedKVCache, local: bool) -> AttentionMeta
     num = len(batch.context_lens)
     pool = next((k for k, loc in zip(cache.k, cache.local_layers, strict=True) if loc == local))
     decode = None
-    if batch.num_decodes and gpu.usable(pool):
+    if batch.num_decodes and batch.tree_ancestors is None and gpu.usable(pool):
         decode = gpu.kernel_tokens(
             batch.rows,
             batch.query_start,
@@ -116,9 +137,10 @@ def prepare(batch: StepBatch, cache: PagedKVCache, local: bool) -> AttentionMeta
         (0 if decode is None else batch.num_decodes, batch.num_decodes),
         (batch.num_decodes, num),
     ]
+    trees = (batch.tree_ancestors, None)
     groups = tuple(
-        _group(batch, lo, hi, table, cache.page_size, chunk, cache.local_table_width)
-        for lo, hi in bounds
+        _group(batch, lo, hi, table, cache.page_size, chunk, cache.local_table_width, tree)
+        for (lo, hi), tree in zip(bounds, trees, strict=True)
         if hi > lo
     )
     return AttentionMetadata(groups, decode, table, cache.page_size, chunk)

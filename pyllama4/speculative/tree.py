@@ -88,7 +88,8 @@ def chain_tree(root_tokens: torch.Tensor, drafts: torch.Tensor) -> DraftTree:
     )
 
 
-def _check(num_steps: int, topk: int, num_draft_tokens: int, vocab: int) -> None:
+def check_config(num_steps: int, topk: int, num_draft_tokens: int, vocab: int) -> None:
+    """ValueError (naming the problem) for drafting settings draft_tree cannot run."""
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     if not 1 <= topk <= vocab:
@@ -126,7 +127,7 @@ def draft_tree(
     under ancestors is asserted (asynchronously on a GPU): it fails only when step_fn returns
     positive log-probabilities.
     """
-    _check(num_steps, topk, num_draft_tokens, first_logprobs.shape[-1])
+    check_config(num_steps, topk, num_draft_tokens, first_logprobs.shape[-1])
     bsz = first_logprobs.shape[0]
     device = first_logprobs.device
     # Candidates by creation index: 0 is the root, then step 0's topk, then topk * topk per step.
