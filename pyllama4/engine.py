@@ -623,6 +623,7 @@ class Engine:
 
     def stats(self) -> EngineStats:
         s = self.scheduler.stats()
+        spec = self.speculative.stats if self.speculative else None
         return EngineStats(
             num_running=s.num_running,
             num_waiting=s.num_waiting,
@@ -636,6 +637,8 @@ class Engine:
             num_retractions=s.num_retractions,
             num_steps=s.num_steps,
             images_encoded=self._images_encoded,
+            spec_verify_steps=spec.verify_steps if spec else 0,
+            spec_accepted_tokens=spec.accepted_tokens if spec else 0,
         )
 
     # ---- offline ----------------------------------------------------------------------------
@@ -693,5 +696,12 @@ async def _stream(receive: Any, engine: Engine, request_id: str) -> AsyncIterato
 
 def _snapshot(c: _Completion) -> CompletionOutput:
     return CompletionOutput(
-        c.index, c.pieces, c.token_ids, c.logprobs, c.finish_reason, c.stop_reason, c.emitted
+        c.index,
+        c.pieces,
+        c.token_ids,
+        c.logprobs,
+        c.finish_reason,
+        c.stop_reason,
+        c.emitted,
+        c.verify_steps,
     )

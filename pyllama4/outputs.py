@@ -31,8 +31,10 @@ class CompletionOutput:
         finish_reason: str | None,
         stop_reason: str | int | None,
         delta_from: tuple[int, int],
+        verify_steps: int = 0,
     ):
         self.index = index
+        self.verify_steps = verify_steps  # speculative steps that verified drafts (EAGLE3)
         self.finish_reason = finish_reason  # "stop", "length", "abort" or "error"
         self.stop_reason = stop_reason  # the stop string or stop token id that ended it
         self._pieces, self._tokens, self._logprobs = pieces, tokens, logprobs
@@ -120,6 +122,13 @@ class EngineStats:
     num_retractions: int
     num_steps: int
     images_encoded: int = 0  # images run through the vision tower (a cache hit needs none)
+    spec_verify_steps: int = 0  # (request, step) pairs that verified EAGLE3 drafts
+    spec_accepted_tokens: int = 0  # tokens those committed (accepted drafts + one each)
+
+    @property
+    def spec_accept_length(self) -> float:
+        """Mean tokens committed per verify step (1.0 = no draft accepted; 0 without any)."""
+        return self.spec_accepted_tokens / self.spec_verify_steps if self.spec_verify_steps else 0.0
 
     @property
     def cache_hit_rate(self) -> float:

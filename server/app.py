@@ -84,6 +84,10 @@ class _EngineCollector:
             "local_pages_total": ("Chunk-local KV pages", s.local_pages_total),
             "token_usage": ("Fraction of global KV pages in use", s.kv_usage),
             "cache_hit_rate": ("Prompt tokens served by the prefix cache", s.cache_hit_rate),
+            "spec_accept_length": (
+                "Mean tokens per EAGLE3 verify step (accepted drafts + 1)",
+                s.spec_accept_length,
+            ),
         }
         sched = self.engine.scheduler.stats()
         held = (sched.global_total - sched.global_free) - sched.global_cached
@@ -96,6 +100,8 @@ class _EngineCollector:
             "generation_tokens": ("Tokens generated", s.generation_tokens),
             "retractions": ("Requests retracted for lack of KV pages", s.num_retractions),
             "images_encoded": ("Images run through the vision tower", s.images_encoded),
+            "spec_verify_steps": ("EAGLE3 verify steps (per request)", s.spec_verify_steps),
+            "spec_accepted_tokens": ("Tokens from EAGLE3 verify steps", s.spec_accepted_tokens),
         }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(f"pyllama4_{name}", doc, value=value)
@@ -358,6 +364,14 @@ class App:
         outputs = self.submit(prompt, params)
         rid = uuid.uuid4().hex
 
+        def spec_info(c: Any) -> dict[str, Any]:
+            """SGLang's speculative fields: verify steps and tokens per step (EAGLE3 only)."""
+            if self.engine.speculative is None:
+                return {}
+            steps = c.verify_steps
+            length = len(c.token_ids) / steps if steps else 0.0
+            return {"spec_verify_ct": steps, "spec_accept_length": length}
+
         def native(out: RequestOutput) -> list[dict[str, Any]]:
             return [
                 {
@@ -371,6 +385,7 @@ class App:
                         "prompt_tokens": len(out.prompt_token_ids),
                         "completion_tokens": len(c.token_ids),
                         "cached_tokens": out.cached_tokens,
+                        **spec_info(c),
                     },
                 }
                 for c in out.outputs
@@ -435,6 +450,8 @@ class App:
             "num_running_reqs": s.num_running,
             "num_queue_reqs": s.num_waiting,
         }
+        if self.engine.speculative is not None:  # SGLang's key (bench/serving.py reads it)
+            info["avg_spec_accept_length"] = s.spec_accept_length
         await respond(send, 200, msgspec.json.encode(info))
 
     async def openapi(self, body: bytes, send: Send, receive: Receive) -> None:

@@ -24,7 +24,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 log = logging.getLogger("pyllama4.serve")
 
@@ -272,12 +272,36 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         help="do not reuse the KV cache of shared prompt prefixes",
     )
 
-    spec = p.add_argument_group("not built yet (each stops the server at start)")
-    spec.add_argument("--speculative-algorithm", metavar="NAME", help="e.g. EAGLE3")
-    spec.add_argument("--speculative-draft-model-path", metavar="PATH")
-    spec.add_argument("--speculative-num-steps", type=int, metavar="N")
-    spec.add_argument("--speculative-eagle-topk", type=int, metavar="N")
-    spec.add_argument("--speculative-num-draft-tokens", type=int, metavar="N")
+    spec = p.add_argument_group("speculative decoding")
+    spec.add_argument(
+        "--speculative-algorithm",
+        metavar="NAME",
+        help="EAGLE3: draft tokens with an EAGLE3 draft model, verified exactly by the target",
+    )
+    spec.add_argument(
+        "--speculative-draft-model-path",
+        metavar="PATH",
+        help="the EAGLE3 draft checkpoint directory (SGLang's layout: config.json + safetensors)",
+    )
+    spec.add_argument(
+        "--speculative-num-steps",
+        type=int,
+        metavar="N",
+        help=f"draft forwards per step (default {SPEC_DEFAULTS[0]})",
+    )
+    spec.add_argument(
+        "--speculative-eagle-topk",
+        type=int,
+        metavar="N",
+        help=f"branching per draft step; 1 drafts a chain (default {SPEC_DEFAULTS[1]})",
+    )
+    spec.add_argument(
+        "--speculative-num-draft-tokens",
+        type=int,
+        metavar="N",
+        help="tree nodes verified per step, the root included (a chain: num-steps + 1; "
+        f"trees: default {SPEC_DEFAULT_TREE_TOKENS})",
+    )
 
     http = p.add_argument_group("HTTP")
     http.add_argument("--host", default=DEFAULT_HOST, help=f"default {DEFAULT_HOST}")
@@ -409,7 +433,51 @@ def _check_chat_template(value: str) -> str | None:
         return f"cannot read it ({getattr(e, 'strerror', None) or e})"
 
 
-_SPECULATIVE = "speculative decoding (EAGLE3) is not built yet"
+class SpecSettings(NamedTuple):
+    """pyllama4.speculative.eagle.SpecConfig's fields (torch is not imported to parse flags)."""
+
+    num_steps: int
+    topk: int
+    num_draft_tokens: int
+
+
+SPEC_DEFAULTS = (3, 1)  # --speculative-num-steps, --speculative-eagle-topk (Llama 4's, PEERS.md)
+SPEC_DEFAULT_TREE_TOKENS = 8
+
+
+def _check_algorithm(value: str) -> str | None:
+    if value.upper() == "EAGLE3":
+        return None
+    return "the supported algorithm is EAGLE3 (with an EAGLE3 draft, e.g. SGLang's published ones)"
+
+
+def _check_spec_count(least: int) -> Callable[[Any], str | None]:
+    return lambda v: None if v is None or v >= least else f"must be at least {least}"
+
+
+def speculative_config(args: argparse.Namespace) -> SpecSettings | None:
+    """The EAGLE3 settings the flags ask for (SGLang's rules: a chain verifies num-steps + 1
+    tokens, whatever --speculative-num-draft-tokens says), or None without the algorithm."""
+    if args.speculative_algorithm is None:
+        return None
+    steps = args.speculative_num_steps or SPEC_DEFAULTS[0]
+    topk = args.speculative_eagle_topk or SPEC_DEFAULTS[1]
+    tokens = args.speculative_num_draft_tokens
+    if topk == 1:
+        if tokens is not None and tokens != steps + 1:
+            log.warning(
+                "--speculative-num-draft-tokens %d: a chain (--speculative-eagle-topk 1) of %d "
+                "steps verifies %d tokens; using %d",
+                tokens,
+                steps,
+                steps + 1,
+                steps + 1,
+            )
+        tokens = steps + 1
+    elif tokens is None:
+        tokens = min(SPEC_DEFAULT_TREE_TOKENS, 1 + topk + (steps - 1) * topk * topk)
+    return SpecSettings(steps, topk, tokens)
+
 
 # dest -> check(value) -> why the server cannot start with it, or None.
 _CHECKS: dict[str, Callable[[Any], str | None]] = {
@@ -426,11 +494,11 @@ _CHECKS: dict[str, Callable[[Any], str | None]] = {
         "detected from their config.json)"
     ),
     "tool_call_parser": lambda v: None if v is None else _check_tool_call_parser(v),
-    "speculative_algorithm": lambda v: None if v is None else _SPECULATIVE,
-    "speculative_draft_model_path": lambda v: None if v is None else _SPECULATIVE,
-    "speculative_num_steps": lambda v: None if v is None else _SPECULATIVE,
-    "speculative_eagle_topk": lambda v: None if v is None else _SPECULATIVE,
-    "speculative_num_draft_tokens": lambda v: None if v is None else _SPECULATIVE,
+    "speculative_algorithm": lambda v: None if v is None else _check_algorithm(v),
+    "speculative_draft_model_path": lambda v: None if v is None else _check_model_path(v),
+    "speculative_num_steps": _check_spec_count(1),
+    "speculative_eagle_topk": _check_spec_count(1),
+    "speculative_num_draft_tokens": _check_spec_count(2),
     "allowed_local_media_path": lambda v: (
         None if v is None or Path(v).expanduser().is_dir() else "not a directory"
     ),
@@ -457,12 +525,30 @@ def _flag(dest: str) -> str:
     return "--" + dest.replace("_", "-")
 
 
+_SPEC_FLAGS = (
+    "speculative_draft_model_path",
+    "speculative_num_steps",
+    "speculative_eagle_topk",
+    "speculative_num_draft_tokens",
+)
+
+
 def first_problem(args: argparse.Namespace) -> str | None:
     """'--flag value: why' for the first flag (in typed order) the server cannot start with."""
     order = getattr(args, "given", None)
     if order is None:
         order = CHECK_ORDER
     for dest in order:
+        if dest in _SPEC_FLAGS and getattr(args, dest) is not None:
+            if args.speculative_algorithm is None:
+                return f"{_flag(dest)} {getattr(args, dest)}: needs --speculative-algorithm EAGLE3"
+        algorithm = args.speculative_algorithm
+        if dest == "speculative_algorithm" and algorithm is not None:
+            if _check_algorithm(algorithm) is None and args.speculative_draft_model_path is None:
+                return (
+                    f"--speculative-algorithm {algorithm}: needs "
+                    "--speculative-draft-model-path (an EAGLE3 draft checkpoint directory)"
+                )
         check = _CHECKS.get(dest)
         value = getattr(args, dest, None)
         why = check(value) if check is not None else None
@@ -670,6 +756,13 @@ def _start_and_serve(args: argparse.Namespace) -> None:
     if args.schedule_policy is not None:
         options["policy"] = args.schedule_policy
 
+    spec = speculative_config(args)
+    if spec is not None:
+        from pyllama4.speculative.eagle import SpecConfig
+
+        options["speculative_draft"] = Path(args.speculative_draft_model_path).expanduser()
+        options["speculative"] = SpecConfig(*spec)
+
     quantization = None
     if args.quantization is not None:
         if checkpoint_is_quantized(path):
@@ -727,6 +820,8 @@ def _start_and_serve(args: argparse.Namespace) -> None:
 
     if engine.images is not None:
         log.info("%s", engine.images.describe())
+    if engine.speculative is not None:
+        log.info("%s", engine.speculative.describe())
     local_media = args.allowed_local_media_path
     app = create_app(
         engine,

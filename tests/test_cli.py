@@ -27,7 +27,7 @@ import pytest
 
 import pyllama4
 from server import cli
-from tiny_models import TINY_TEXT
+from tiny_models import TINY_TEXT, make_tiny_eagle3_draft
 
 SCOUT = "meta-llama/Llama-4-Scout-17B-16E-Instruct"
 MAVERICK = "meta-llama/Llama-4-Maverick-17B-128E-Instruct"
@@ -97,15 +97,8 @@ def _seed_commands() -> list[tuple[str, ...]]:
 
 
 SEED_COMMANDS = _seed_commands()
-# The flags no seed command can start with, in the order the seed writes them.
-UNSUPPORTED = (
-    "--tp",
-    "--speculative-algorithm",
-    "--speculative-draft-model-path",
-    "--speculative-num-steps",
-    "--speculative-eagle-topk",
-    "--speculative-num-draft-tokens",
-)
+# The flags no seed command can start with (model and draft paths replaced by local ones).
+UNSUPPORTED = ("--tp",)
 VALUED = {"--trust-remote-code": False, "--enable-multimodal": False}
 
 
@@ -179,16 +172,24 @@ def tiny(tmp_path_factory) -> str:
     return str(make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-llama4")))
 
 
+@pytest.fixture(scope="session")
+def tiny_draft(tmp_path_factory, tiny) -> str:
+    return str(make_tiny_eagle3_draft(tmp_path_factory.mktemp("tiny-eagle3"), Path(tiny)))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def for_test(command: tuple[str, ...], tiny: str, port: int) -> list[str]:
-    """The seed's command with the model path replaced and host/port set for the test."""
+def for_test(command: tuple[str, ...], tiny: str, port: int, draft: str | None = None) -> list[str]:
+    """The seed's command with the model path (and the EAGLE3 draft's, given one) replaced and
+    host/port set for the test."""
     out = list(command)
     out[out.index("--model-path") + 1] = tiny
+    if draft is not None and SCOUT_EAGLE3 in out:
+        out[out.index(SCOUT_EAGLE3)] = draft
     for flag, value in (("--host", "127.0.0.1"), ("--port", str(port))):
         if flag in out:
             out[out.index(flag) + 1] = value
@@ -205,14 +206,13 @@ def launch(args: list[str], **kw) -> subprocess.Popen:
         os.environ,
         PYTHONPATH=os.pathsep.join([str(package_root), os.environ.get("PYTHONPATH", "")]),
     )
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **kw}
     return subprocess.Popen(
         [sys.executable, "-m", "pyllama4.launch_server", *args],
         cwd=tempfile.gettempdir(),
         env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
         text=True,
-        **kw,
+        **pipes,
     )
 
 
@@ -242,6 +242,8 @@ def drop(command: list[str], flag: str) -> list[str]:
 @pytest.mark.parametrize("command", SEED_COMMANDS, ids=_command_id)
 def test_every_seed_command_parses(command, tiny):
     args = cli.parse_args(for_test(command, tiny, 8000))
+    if "--speculative-algorithm" in command:
+        assert cli.speculative_config(args) == (3, 1, 4)
     assert args.tp == 8
     assert args.model_path == tiny
     assert args.trust_remote_code
@@ -249,10 +251,10 @@ def test_every_seed_command_parses(command, tiny):
 
 
 @pytest.mark.parametrize("command", SEED_COMMANDS, ids=_command_id)
-def test_every_seed_command_stops_at_start_with_one_line(command, tiny):
+def test_every_seed_command_stops_at_start_with_one_line(command, tiny, tiny_draft):
     port = free_port()
     start = time.monotonic()
-    rc, err = run_to_exit(for_test(command, tiny, port))
+    rc, err = run_to_exit(for_test(command, tiny, port, tiny_draft))
     assert rc != 0
     assert len(err) == 1, err
     assert err[0].startswith("pyllama4-serve: --tp 8: tensor parallelism is not built yet")
@@ -260,9 +262,11 @@ def test_every_seed_command_stops_at_start_with_one_line(command, tiny):
 
 
 @pytest.mark.parametrize("command", SEED_COMMANDS, ids=_command_id)
-def test_each_unsupported_flag_of_a_seed_command_is_named_in_turn(command, tiny, caplog):
+def test_each_unsupported_flag_of_a_seed_command_is_named_in_turn(
+    command, tiny, tiny_draft, caplog
+):
     """Drop the flag the server names, and it names the next one, until the rest starts."""
-    remaining = for_test(command, tiny, 8000)
+    remaining = for_test(command, tiny, 8000, tiny_draft)
     expected = [f for f in UNSUPPORTED if f in remaining]
     named = []
     while True:
@@ -302,7 +306,30 @@ def test_unsupported_flags_are_named_in_the_order_typed(tiny):
     ("flags", "message"),
     [
         (["--quantization", "awq"], "--quantization awq: 'awq' is not supported; the supported"),
-        (["--speculative-num-steps", "3"], "--speculative-num-steps 3: speculative decoding"),
+        (
+            ["--speculative-num-steps", "3"],
+            "--speculative-num-steps 3: needs --speculative-algorithm EAGLE3",
+        ),
+        (["--speculative-algorithm", "EAGLE"], "--speculative-algorithm EAGLE: the supported"),
+        (
+            ["--speculative-algorithm", "EAGLE3"],
+            "--speculative-algorithm EAGLE3: needs --speculative-draft-model-path",
+        ),
+        (
+            ["--speculative-algorithm", "EAGLE3", "--speculative-draft-model-path", SCOUT_EAGLE3],
+            f"--speculative-draft-model-path {SCOUT_EAGLE3}: no such directory; downloading",
+        ),
+        (
+            [
+                "--speculative-algorithm",
+                "EAGLE3",
+                "--speculative-draft-model-path",
+                "/tmp",
+                "--speculative-num-draft-tokens",
+                "1",
+            ],
+            "--speculative-draft-model-path /tmp: no config.json",
+        ),
         (
             ["--tool-call-parser", "llama4"],
             "--tool-call-parser llama4: unknown parser; the choices",
@@ -542,3 +569,70 @@ def test_the_demo_model_serves_with_online_fp8(launch_server, demo_dir, tmp_path
         live.stop()
     weights = int(re.search(r"weights [\d.]+ GiB \((\d+) bytes\)", log.read_text()).group(1))
     assert 0.55 * 2 * params < weights < 0.75 * 2 * params
+
+
+def test_the_seed_eagle3_command_serves(tiny_mm_dir, tmp_path):
+    """The seed's EAGLE3 line (Scout on MI300X, tool calls, EAGLE3 3/1/4, --mem-fraction-static
+    0.75, --cuda-graph-max-bs 2, multimodal, 65536 context, bf16) with the model and draft paths
+    replaced by tiny local ones and --tp 8 dropped (tensor parallelism is issue #13): it starts,
+    answers the openai client, and reports the accept length in /get_server_info, in /generate's
+    meta_info and in /metrics."""
+    import json
+    import shutil
+
+    import httpx
+    import openai
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_mm_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    config["text_config"]["max_position_embeddings"] = 65536
+    (model / "config.json").write_text(json.dumps(config))
+    draft = make_tiny_eagle3_draft(tmp_path / "draft", model, draft_vocab=256)
+    port = free_port()
+    command = generate_command("mi300x", None, "enabled", "enabled")
+    args = drop(for_test(command, str(model), port, str(draft)), "--tp")
+    log = tmp_path / "server.log"
+    with log.open("w") as out:
+        proc = launch(args + ["--max-total-tokens", "4096"], stdout=None, stderr=out)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(base + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        assert proc.poll() is None, log.read_text()
+        client = openai.OpenAI(base_url=base + "/v1", api_key="none")
+        reply = client.chat.completions.create(
+            model=str(model),
+            messages=[{"role": "user", "content": "Say something."}],
+            max_tokens=12,
+            temperature=0,
+        )
+        assert reply.usage.completion_tokens == 12
+        gen = httpx.post(
+            base + "/generate",
+            json={"text": "Hello", "sampling_params": {"max_new_tokens": 10, "temperature": 0}},
+            timeout=60,
+        ).json()
+        meta = gen["meta_info"]
+        assert meta["completion_tokens"] == 10 and meta["spec_verify_ct"] >= 1
+        assert meta["spec_accept_length"] == pytest.approx(10 / meta["spec_verify_ct"])
+        info = httpx.get(base + "/get_server_info", timeout=10).json()
+        assert info["avg_spec_accept_length"] >= 1.0
+        metrics = httpx.get(base + "/metrics", timeout=10).text
+        assert "pyllama4_spec_accept_length" in metrics
+        assert "pyllama4_spec_verify_steps_total" in metrics
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    text = log.read_text()
+    assert "speculative decoding: EAGLE3, 3 steps, topk 1, 4 draft tokens" in text
+    assert proc.returncode == 0, text

@@ -1,9 +1,10 @@
 """The GPU kernels of hip/ run on the CPU: the REAL sources, emulated by hip/emu/, against torch.
 
 CI has no GPU, so tests/gpu/ never runs there. This module compiles hip/abi.hip,
-hip/paged_attention.hip, hip/fused_moe.hip and hip/fp8_gemm.hip (each launch `k<<<grid, block, 0, stream>>>(...)`
-rewritten to `::pyllama4_emu::launch(k, grid, block, 0, stream)(...)` in a temporary copy) with
-g++ and -I hip/emu before -I hip, where <cuda_runtime.h> and <hip/hip_runtime.h> are CPU shims:
+hip/paged_attention.hip, hip/fused_moe.hip and hip/fp8_gemm.hip (each launch `k<<<grid, block,
+0, stream>>>(...)` rewritten to `::pyllama4_emu::launch(k, grid, block, 0, stream)(...)` in a
+temporary copy) with g++ and -I hip/emu before -I hip, where <cuda_runtime.h> and
+<hip/hip_runtime.h> are CPU shims:
 the real hip/portable.h then takes its CUDA branch (warp 32: the "cuda" library) or, with
 -D__HIP_PLATFORM_AMD__, its HIP branch (warp 64, as on CDNA: the "hip" library). Each block's
 threads run as fibers with __syncthreads and the lane shuffles as barriers (hip/emu/

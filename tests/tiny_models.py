@@ -166,3 +166,38 @@ def last_token_logits(model: Llama4ForCausalLM, prompts: list[list[int]]) -> tor
     rids = plan.request_ids[plan.sample_requests]
     assert sorted(rids.tolist()) == list(range(len(prompts)))
     return logits[torch.from_numpy(np.argsort(rids))]
+
+
+def make_tiny_eagle3_draft(path: Path, target_dir: Path, draft_vocab: int = 64) -> Path:
+    """A random EAGLE3 draft in SGLang's layout for the (text or multimodal) checkpoint in
+    target_dir: the target's width and vocabulary, a draft vocabulary of its first ids."""
+    from pyllama4.config import TextConfig
+    from pyllama4.model.eagle3 import Eagle3Config, Eagle3Draft, save_eagle3
+
+    target = TextConfig.from_checkpoint(target_dir)
+    config = Eagle3Config.from_dict(
+        {
+            "architectures": ["LlamaForCausalLMEagle3"],
+            "hidden_size": target.hidden_size,
+            "intermediate_size": 2 * target.hidden_size,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": target.hidden_size // 4,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0,
+            "max_position_embeddings": target.max_position_embeddings,
+            "vocab_size": target.vocab_size,
+            "draft_vocab_size": min(draft_vocab, target.vocab_size),
+        },
+        target.num_hidden_layers,
+    )
+    torch.manual_seed(0)
+    draft = Eagle3Draft(config)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.normal_(0, 0.05)
+        draft.d2t.zero_()
+        draft.t2d.zero_()
+        draft.t2d[: config.draft_vocab_size] = True
+    save_eagle3(draft, path)
+    return path

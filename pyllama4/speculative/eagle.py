@@ -128,6 +128,14 @@ class EagleWorker:
         self.vocab_size = model.config.vocab_size
         self.stats = SpecStats()
 
+    def describe(self) -> str:
+        c, d = self.config, self.draft.config
+        return (
+            f"speculative decoding: EAGLE3, {c.num_steps} steps, topk {c.topk}, "
+            f"{c.num_draft_tokens} draft tokens verified per step; draft vocabulary "
+            f"{d.draft_vocab_size}, target states from layers {list(d.aux_layers)}"
+        )
+
     # ---- the step -------------------------------------------------------------------------
 
     @torch.inference_mode()
