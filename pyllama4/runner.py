@@ -208,8 +208,12 @@ def prefill_capture(
     """Prefills each sequence (in batches the scheduler forms, chunked as it decides) and
     returns, per sequence, (aux [L, len(capture) * H], final-normed hidden [L, H]) for all of
     its L tokens: the residual stream entering the `capture` layers (see
-    Llama4ForCausalLM.forward_with_aux). Used to train EAGLE3 drafts; leaves the runner idle."""
+    Llama4ForCausalLM.forward_with_aux). Used to train EAGLE3 drafts. The prefix cache is
+    flushed first (a hit would skip positions); the runner must be idle, and is left idle."""
     sched = runner.scheduler
+    if sched.has_work():
+        raise RuntimeError("prefill_capture needs an idle runner")
+    sched.flush_cache()
     base = 1 << 41
     parts: dict[int, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
     for i, seq in enumerate(sequences):

@@ -299,3 +299,51 @@ def test_from_checkpoint_loads_a_draft(tmp_path, demo_dir, draft):
     params = SamplingParams(temperature=0.0, max_tokens=8)
     text = ["What is the capital of France?"]
     assert tokens_of(engine.generate(text, params)) == tokens_of(plain.generate(text, params))
+
+
+class RecordingWorker(EagleWorker):
+    """Records each request's known tokens and the chain the real draft proposed for it."""
+
+    records: list[tuple[list[int], list[int]]] = []
+
+    def _propose(self, plan, spec, qs, ctx) -> DraftTree:
+        tree = super()._propose(plan, spec, qs, ctx)
+        for b, r in enumerate(spec):
+            seq = list(self.runner.scheduler.request_tokens(int(plan.request_ids[r])))
+            self.records.append((seq, tree.tokens[b, 1:].tolist()))
+        return tree
+
+
+def test_drafting_equals_the_draft_run_densely(target_weights, tokenizer, draft):
+    """The draft's chain from the engine (catch-up KV written chunk by chunk in the paged pool,
+    drafting keys kept step-local) equals the draft run densely over the whole history: inputs
+    (token i+1, fused target state at i) for known positions, then its own pre-norm output for
+    each drafted one, causal attention over all of them."""
+    from pyllama4.model.eagle3 import dense_causal_attend
+    from pyllama4.runner import prefill_capture
+
+    RecordingWorker.records = []
+    engine = make_engine(
+        target_weights, tokenizer, draft, SPECS["chain"], worker=RecordingWorker, max_step_tokens=8
+    )
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    engine.generate([prompts(1, seed=9)[0] + list(range(300, 320))], params)
+    assert len(RecordingWorker.records) >= 3
+    config, state = target_weights
+    target = Llama4ForCausalLM(config)
+    target.load_state_dict(state, strict=False)
+    runner = ModelRunner(target.eval(), context_len=CONTEXT, kv_tokens=1024, page_size=4)
+    attend = dense_causal_attend(draft.scale)
+    for seq, proposed in RecordingWorker.records[:4]:
+        n = len(seq) - 1  # the root (last known token) sits at position n, not computed yet
+        aux = prefill_capture(runner, [seq[:n]], draft.config.aux_layers)[0][0]
+        tokens, hidden = seq[1:], draft.fuse(aux)
+        chain = []
+        with torch.no_grad():
+            for _ in range(len(proposed)):
+                positions = torch.arange(len(tokens))
+                prenorm, normed = draft(torch.tensor(tokens), hidden, positions, attend)
+                nxt = int(draft.to_target(draft.logits(normed[-1:]).argmax(-1)))
+                chain.append(nxt)
+                tokens, hidden = tokens + [nxt], torch.cat([hidden, prenorm[-1:]])
+        assert chain == proposed

@@ -410,7 +410,8 @@ class EagleWorker:
         plan_tokens = plan.token_ids.astype(np.int64)
         nxt = plan_tokens[np.minimum(qs[seg] + within + 1, len(plan_tokens) - 1)]
         last = within == m[seg] - 1
-        after = np.where(has_sample, out[np.maximum(sample_of, 0), 0], next_prompt)
+        after = next_prompt.copy()
+        after[has_sample] = out[sample_of[has_sample], 0]
         nxt[last] = after[seg[last]]
         if spec.size:
             nxt[rows] = out[sample_of[seg[rows]], within[rows]]
