@@ -3,7 +3,9 @@
 Invariant: layer l stores its keys and values in the local pool when it is a chunk-local layer
 whose chunk is shorter than the context (local_layers[l]), else in the global pool; slot s of a
 pool is page s // page_size, offset s % page_size. The block tables mirror the core scheduler's:
-they change only through `apply_writes` with the writes a StepPlan carries.
+they change only through `apply_writes` with the writes a StepPlan carries. Under tensor
+parallelism each rank's cache holds its own KV heads (`kv_heads`, Llama4ForCausalLM.kv_heads)
+with the same pages and block tables as every other rank's.
 """
 
 from __future__ import annotations
@@ -36,11 +38,13 @@ class PagedKVCache:
         local_table_width: int,
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
+        kv_heads: int | None = None,
     ):
+        """kv_heads: the KV heads this cache stores per layer (this rank's); None: the config's."""
         self.page_size = page_size
         self.local_layers = local_layers
         self.chunk_size = config.attention_chunk_size if any(local_layers) else None
-        shape = (config.num_key_value_heads, config.head_dim)
+        shape = (config.num_key_value_heads if kv_heads is None else kv_heads, config.head_dim)
 
         def pool(pages: int) -> torch.Tensor:
             return torch.zeros(pages * page_size, *shape, dtype=dtype, device=device)

@@ -2,7 +2,9 @@
 
 Invariant: the scheduler's pools and the cache's tensors describe the same pages (same page
 size, page counts, chunk size and block table shapes), and every plan's block table writes are
-applied before the forward that reads them.
+applied before the forward that reads them. Under tensor parallelism each rank's runner plans the
+same pages (the same plans run on every rank) for its own KV heads (`model.kv_heads`), so `memory`
+is this rank's KV memory.
 """
 
 from __future__ import annotations
@@ -68,15 +70,18 @@ def plan_memory(
     kv_tokens: int | None = None,
     kv_bytes: int | None = None,
     extra_global_bytes_per_token: int = 0,
+    kv_heads: int | None = None,
 ) -> MemoryPlan:
     """Splits a budget given in tokens of full history (kv_tokens) or in bytes (kv_bytes).
 
     The chunk-local pool gets room for every running request's window (its current chunk plus
     one step) but never more than half a byte budget; the global pool gets the rest.
     extra_global_bytes_per_token: more KV indexed by the global pool's slots (an EAGLE3
-    draft's layer)."""
+    draft's layer). kv_heads: the KV heads per layer stored (one tensor-parallel rank's); None:
+    the config's. Under tensor parallelism the budget and the plan are one rank's."""
     local = local_layers(config, context_len)
-    per_layer = 2 * config.num_key_value_heads * config.head_dim * dtype.itemsize
+    heads = config.num_key_value_heads if kv_heads is None else kv_heads
+    per_layer = 2 * heads * config.head_dim * dtype.itemsize
     g_bytes = per_layer * sum(not x for x in local) + extra_global_bytes_per_token
     l_bytes = per_layer * sum(local)
     chunk = config.attention_chunk_size if any(local) else 0
@@ -114,7 +119,8 @@ class ModelRunner:
         policy: str = "fcfs",
         extra_global_bytes_per_token: int = 0,
     ):
-        """The KV budget: kv_tokens (tokens of full history) or kv_bytes; see plan_memory."""
+        """The KV budget: kv_tokens (tokens of full history) or kv_bytes (this rank's, under
+        tensor parallelism); see plan_memory."""
         self.model = model
         config = model.config
         device = next(model.parameters()).device
@@ -129,6 +135,7 @@ class ModelRunner:
             kv_tokens=kv_tokens,
             kv_bytes=kv_bytes,
             extra_global_bytes_per_token=extra_global_bytes_per_token,
+            kv_heads=model.kv_heads,
         )
         mem = self.memory
         self.scheduler = Scheduler(
@@ -153,6 +160,7 @@ class ModelRunner:
             local_table_width=self.scheduler.local_table_width,
             dtype=dtype,
             device=device,
+            kv_heads=model.kv_heads,
         )
         self.device = device
 

@@ -9,10 +9,11 @@ and `...feed_forward.experts.down_proj` [E, I, H] (input-major, no `.weight` suf
 `...feed_forward.shared_expert.{gate,up,down}_proj.weight`, `model.norm.weight`, `lm_head.weight`.
 Buffers (RoPE frequencies) are not loaded: they are computed, and checkpoints do not store them.
 
-Invariant: every parameter of the module is written exactly once from the checkpoint, or the call
-fails with a `CheckpointError` naming what is wrong (missing, unexpected, wrongly shaped or repeated
-tensors, absent shard files, unsupported dtypes). The whole checkpoint is checked from its headers
-before the first byte is copied, so a bad checkpoint leaves the module untouched.
+Invariant: every parameter of the module is written exactly once from the checkpoint (from its
+shard of the tensor, for a sharded parameter), or the call fails with a `CheckpointError` naming
+what is wrong (missing, unexpected, wrongly shaped or repeated tensors, absent shard files,
+unsupported dtypes). The whole checkpoint is checked from its headers before the first byte is
+copied, so a bad checkpoint leaves the module untouched.
 
 Accepted checkpoints:
 - `model.safetensors`, or the shards listed in `model.safetensors.index.json` (like transformers,
@@ -40,6 +41,17 @@ Accepted checkpoints:
   or [out, 1], gate and up concatenated like the weights. A float8 tensor for an unquantized
   parameter, or a float tensor for a float8 one, is an error naming it.
 
+Tensor parallelism: a parameter may hold only a `Shard` of its checkpoint tensor (a tensor-parallel
+part, unrelated to the checkpoint's shard files; the `shards` argument gives them by parameter name,
+pyllama4.model.llama4 says which): the full tensor's indices in a few [start, stop) ranges along one
+dim of the module's layout, concatenated in order (dim 0 for column-parallel weights [out, in] and
+vocabulary rows, dim 1 for row-parallel ones, the same range of both halves of the last dim of a
+fused `gate_up_proj` [E, H, 2I], dim 1 of `down_proj` [E, I, H]). Per-expert checkpoint tensors
+shard the same way (gate/up rows, down columns of their [out, in]). Shapes are still checked against
+the FULL tensor, and only the shard is read (safetensors `get_slice`), so a rank never holds a whole
+sharded tensor. FP8 parameters and scales are never sharded (tensor parallelism with FP8 is not
+supported yet).
+
 `rename` maps checkpoint names to the module's (None: not this module's tensor, skipped); the
 default, `text_name`, does the above. `vision_name` instead selects the vision tower and the
 projector, for `pyllama4.model.vision.VisionTower` (`vision_model.*`, `multi_modal_projector.*`),
@@ -49,7 +61,8 @@ Not supported: a quantization_config or float8 tensors when no `quant_method` is
 has no FP8 parameters), float8 formats other than e4m3fn, integer tensors.
 
 Tensors are read one at a time from memory-mapped files (large ones in row blocks), so the extra
-memory is about one tensor; each is cast to the parameter's dtype and copied in place.
+memory is about one tensor (one shard of it); each is cast to the parameter's dtype and copied in
+place.
 """
 
 from __future__ import annotations
@@ -58,7 +71,7 @@ import json
 import re
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,6 +80,7 @@ from safetensors import safe_open
 
 __all__ = [
     "CheckpointError",
+    "Shard",
     "UnsupportedCheckpointError",
     "checkpoint_files",
     "load_weights",
@@ -98,6 +112,22 @@ _EXPERT_RE = re.compile(
 _FUSED_RE = re.compile(r"\.feed_forward\.experts\.(gate_up|down)_(proj|scale)$")
 # fbgemm_fp8's names of the fused experts' scales -> the module's.
 _FUSED_SCALE_NAME = re.compile(r"(\.feed_forward\.experts\.(?:gate_up|down))_proj_scale$")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """The part of a full checkpoint tensor a parameter holds: along `dim` (of the module's layout),
+    the full tensor's indices [start, stop) of each of `ranges`, concatenated in order; every other
+    dim whole. `full`: the full tensor's size along dim."""
+
+    dim: int
+    ranges: tuple[tuple[int, int], ...]
+    full: int
+
+    @property
+    def size(self) -> int:
+        """The parameter's size along dim."""
+        return sum(stop - start for start, stop in self.ranges)
 
 
 class CheckpointError(ValueError):
@@ -140,6 +170,7 @@ def load_weights(
     progress: bool = True,
     rename: Callable[[str], str | None] = text_name,
     quant_method: str | None = None,
+    shards: Mapping[str, Shard] | None = None,
 ) -> None:
     """Copy a Llama 4 checkpoint's weights into `model`'s parameters, in place.
 
@@ -151,6 +182,10 @@ def load_weights(
     checkpoint's scheme says, `pyllama4.quant.checkpoint`, which also vets the scheme); a
     checkpoint whose config states another method, or none, is refused.
 
+    `shards`: parameter name -> the `Shard` of the checkpoint tensor it holds (tensor
+    parallelism); the others hold the whole tensor. A shard that does not fit its parameter is a
+    ValueError.
+
     Every parameter is written exactly once, cast to its own dtype (float8 ones only from the
     same float8 dtype, unchanged) and kept on its device. Raises `CheckpointError` (a ValueError)
     if the checkpoint and the module do not match; the checks run before anything is copied.
@@ -159,7 +194,7 @@ def load_weights(
     files, weight_map = _resolve(directory)
     config = _read_config(directory)
     _check_quant_method(directory, config, quant_method)
-    targets = _Targets(model)
+    targets = _Targets(model, shards or {})
     plan = _plan(
         files,
         weight_map,
@@ -278,10 +313,27 @@ class _Target:
     # A per-output-channel scale (`weight_scale` [out], `gate_up_scale`, `down_scale`): the
     # checkpoint may store it with one more dimension of size 1.
     scale: bool
+    # The part of the checkpoint tensor the parameter holds; None: all of it.
+    shard: Shard | None = None
 
     @property
     def name(self) -> str:
         return self.names[0]
+
+    def full_shape(self) -> tuple[int, ...]:
+        """The shape of the whole tensor the parameter holds (a shard of)."""
+        shape = list(self.param.shape)
+        if self.shard is not None:
+            shape[self.shard.dim] = self.shard.full
+        return tuple(shape)
+
+    def part(self, part: str) -> tuple[int, int]:
+        """(first column, columns) of a fused expert parameter's full out dim that one expert's
+        per-expert `part` ("gate", "up" or "down") provides."""
+        out = self.full_shape()[-1]
+        if self.fused == "gate_up":
+            return (out // 2 if part == "up" else 0), out // 2
+        return 0, out
 
     def units(self) -> list:
         """What must be written: the whole tensor (None), or (expert, part) for fused experts."""
@@ -293,9 +345,9 @@ class _Target:
         return [None]
 
     def shapes(self) -> list[tuple[int, ...]]:
-        """The accepted shapes of a whole-tensor source: the parameter's, and for a scale the
+        """The accepted shapes of a whole-tensor source: the full tensor's, and for a scale the
         checkpoints' [out, 1] (Linear), [E, 1, 2I] (gate_up) or [E, H, 1] (down)."""
-        shape = tuple(self.param.shape)
+        shape = self.full_shape()
         if not self.scale:
             return [shape]
         if self.fused == "gate_up":
@@ -304,7 +356,7 @@ class _Target:
 
 
 class _Targets:
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, shards: Mapping[str, Shard]) -> None:
         by_id: dict[int, _Target] = {}
         self.by_name: dict[str, _Target] = {}
         for name, param in model.named_parameters(remove_duplicate=False):
@@ -330,6 +382,31 @@ class _Targets:
                 f"module parameters are on the meta device (materialise the module first, e.g. "
                 f"with to_empty): {_listing(on_meta)}"
             )
+        for name, shard in shards.items():
+            target = self.by_name.get(name)
+            problem = "the module has no such parameter" if target is None else None
+            problem = problem or _shard_problem(target, shard)
+            if problem:
+                raise ValueError(f"shard {shard} of {name}: {problem}")
+            target.shard = shard
+
+
+def _shard_problem(target: _Target, shard: Shard) -> str | None:
+    """Why `target` cannot hold `shard`; None if it can."""
+    param = target.param
+    if target.scale or _is_fp8(param.dtype):
+        return (
+            "FP8 weights and scales are not sharded (tensor parallelism with FP8 is not supported)"
+        )
+    if target.shard not in (None, shard):
+        return f"{' = '.join(target.names)} are one parameter, given shard {target.shard} too"
+    if not (1 if target.fused else 0) <= shard.dim < param.dim():
+        return f"dim {shard.dim} of a parameter of shape {_shape(param.shape)}"
+    if not all(0 <= start < stop <= shard.full for start, stop in shard.ranges):
+        return f"ranges outside [0, {shard.full})"
+    if shard.size != param.shape[shard.dim]:
+        return f"{shard.size} indices for a parameter of shape {_shape(param.shape)}"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -351,6 +428,20 @@ class _Copy:
     target: _Target
     unit: object = None  # None: whole tensor; (expert, "gate" | "up" | "down"): one expert's slice
     verify: str | None = None  # tied: the tensor already written to the parameter; compare
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes read from the source: all, or the part the target's shard takes."""
+        shard, size = self.target.shard, self.source.nbytes
+        if shard is None:
+            return size
+        if self.unit is not None and shard.dim == 2:  # some of one expert's out columns
+            first, count = self.target.part(self.unit[1])
+            overlap = sum(
+                max(0, min(stop, first + count) - max(start, first)) for start, stop in shard.ranges
+            )
+            return size * overlap // count
+        return size * shard.size // shard.full
 
 
 @dataclass
@@ -512,7 +603,7 @@ def _place(source: _Source, name: str, targets: _Targets, problems: _Problems, c
         fused += "_scale" if is_scale else "_proj"
         target = targets.by_name.get(fused)
         if target is not None and target.fused is not None and target.scale == is_scale:
-            num_experts, *rest = target.param.shape
+            num_experts, *rest = target.full_shape()
             expert = int(match.group("e"))
             if expert >= num_experts:
                 problems.unexpected.append(
@@ -555,7 +646,7 @@ def _fill_tied(targets: _Targets, claimed, whole, problems: _Problems, claim) ->
     for have, need in ((embed, head), (head, embed)):
         if have in whole and not claimed[need]:
             source = whole[have]
-            expected = tuple(need.param.shape)
+            expected = need.full_shape()
             if source.shape != expected:
                 problems.shape.append(
                     _shape_problem(source, [expected]) + f" (tied to {need.name})"
@@ -571,56 +662,88 @@ def _execute(copies: list[_Copy], files: list[Path], progress: bool) -> None:
     by_file: dict[Path, list[_Copy]] = {}
     for copy in copies:
         by_file.setdefault(copy.source.file, []).append(copy)
-    meter = _Progress(len(files), sum(c.source.nbytes for c in copies), enabled=progress)
+    meter = _Progress(len(files), sum(c.nbytes for c in copies), enabled=progress)
     with torch.no_grad():
         for path in files:
             if path in by_file:
                 with _open(path) as handle:
                     for copy in by_file[path]:
                         _apply(handle, copy)
-                        meter.advance(copy.source.nbytes)
+                        meter.advance(copy.nbytes)
             meter.shard_done()
     meter.finish()
 
 
 def _apply(handle, copy: _Copy) -> None:
-    param = copy.target.param
-    name = copy.source.name
-    if copy.verify:
-        tensor = handle.get_tensor(name).to(device=param.device, dtype=param.dtype)
-        if not torch.equal(tensor, param):
+    if copy.unit is not None:
+        _copy_expert(handle, copy)
+        return
+    for block, tensor in _blocks(handle, copy.source, copy.target):
+        if not copy.verify:
+            block.copy_(tensor.reshape(block.shape))
+            continue
+        tensor = tensor.to(device=block.device, dtype=block.dtype).reshape(block.shape)
+        if not torch.equal(tensor, block):
             raise CheckpointError(
-                f"{copy.verify} and {name} differ, but the module ties them into one parameter "
-                f"({' = '.join(copy.target.names)})"
+                f"{copy.verify} and {copy.source.name} differ, but the module ties them into one "
+                f"parameter ({' = '.join(copy.target.names)})"
             )
-        return
-    if copy.unit is None:
-        _copy_whole(handle, copy.source, param)
-        return
-    expert, part = copy.unit
-    tensor = handle.get_tensor(name)
-    # A scale [out] or [out, 1] -> [out]; a weight: nn.Linear [out, in] -> input-major [in, out].
-    tensor = tensor.reshape(-1) if copy.target.scale else tensor.t()
-    if part == "down":
-        param[expert].copy_(tensor)
-    else:
-        half = param.shape[-1] // 2
-        cols = slice(0, half) if part == "gate" else slice(half, 2 * half)
-        param[expert][..., cols].copy_(tensor)
 
 
-def _copy_whole(handle, source: _Source, param: torch.Tensor) -> None:
-    """Copies in blocks of leading-dim rows; a scale's extra size-1 dim is reshaped away."""
+def _blocks(
+    handle, source: _Source, target: _Target
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(a view of the parameter, the source's tensor for it): the whole tensor at once, or in
+    blocks of leading-dim rows if it is large or sharded, reading only the shard's rows or
+    columns. The tensor may have a scale's extra size-1 dim (the caller reshapes it away)."""
+    param, shard = target.param, target.shard
     rows = source.shape[0] if source.shape else 1
-    if source.nbytes <= _CHUNK_BYTES or rows < 2:
-        param.copy_(handle.get_tensor(source.name).reshape(param.shape))
-        return
-    step = max(1, _CHUNK_BYTES // (source.nbytes // rows))
+    if shard is None:
+        if source.nbytes <= _CHUNK_BYTES or rows < 2:
+            yield param, handle.get_tensor(source.name)
+            return
+        shard = Shard(0, ((0, rows),), rows)
+    step = max(1, _CHUNK_BYTES // max(1, source.nbytes // max(1, rows)))
     tensor_slice = handle.get_slice(source.name)
-    for start in range(0, rows, step):
-        stop = min(rows, start + step)
-        block = param[start:stop]
-        block.copy_(tensor_slice[start:stop].reshape(block.shape))
+    offset = 0
+    for start, stop in shard.ranges:
+        if shard.dim == 0:
+            for lo in range(start, stop, step):
+                hi = min(stop, lo + step)
+                yield param.narrow(0, offset + lo - start, hi - lo), tensor_slice[lo:hi]
+        else:
+            cols = (slice(None),) * (shard.dim - 1) + (slice(start, stop),)
+            for lo in range(0, rows, step):
+                hi = min(rows, lo + step)
+                block = param[lo:hi].narrow(shard.dim, offset, stop - start)
+                yield block, tensor_slice[(slice(lo, hi), *cols)]
+        offset += stop - start
+
+
+def _copy_expert(handle, copy: _Copy) -> None:
+    """One expert's gate, up or down (weight [out, in] or scale [out] / [out, 1]) into its
+    columns of the fused parameter (transposed: input-major), the shard's part of it only."""
+    target, name = copy.target, copy.source.name
+    expert, part = copy.unit
+    param = target.param[expert]  # [in, out], or a scale's [out]
+    first, count = target.part(part)
+    if target.scale:
+        param[first : first + count].copy_(handle.get_tensor(name).reshape(-1))
+        return
+    out = target.full_shape()[-1]
+    shard = target.shard or Shard(2, ((0, out),), out)
+    tensor_slice = handle.get_slice(name)  # nn.Linear [count, in]
+    offset = 0
+    for start, stop in shard.ranges:
+        if shard.dim == 2:  # out columns of the parameter: rows of the source
+            lo, hi = max(start, first), min(stop, first + count)
+            if lo < hi:
+                block = param.narrow(1, offset + lo - start, hi - lo)
+                block.copy_(tensor_slice[lo - first : hi - first].t())
+        else:  # in rows of the parameter: columns of the source
+            block = param.narrow(0, offset, stop - start).narrow(1, first, count)
+            block.copy_(tensor_slice[:, start:stop].t())
+        offset += stop - start
 
 
 class _Progress:

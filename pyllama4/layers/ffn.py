@@ -6,6 +6,12 @@ unscaled input; expert weights are input-major (`gate_up_proj` [E, H, 2I]: gate 
 `down_proj` [E, I, H]). Dispatch is sparse: each expert computes only the tokens routed to it.
 Small bf16 batches on a GPU use the fused MoE kernels instead (pyllama4.kernels.moe), which
 compute the same in fp32 with one bf16 rounding at the end.
+
+Tensor parallelism (`tp`, Megatron style): every block splits its intermediate dim; rank r holds the
+r-th of `tp.size` parts of each gate/up output (gate_up_proj: its part of the gate columns, then its
+part of the up columns) and of the down input, computes a partial output [N, H], and the block sums
+the partials over the ranks with ONE all_reduce (an MoE: its shared and routed experts' partials
+added locally first). The router is replicated. With tp.size == 1 everything is as without.
 """
 
 from __future__ import annotations
@@ -14,30 +20,71 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pyllama4.distributed.parallel import SINGLE, TensorParallel
 from pyllama4.kernels import moe as moe_gpu
+from pyllama4.weights import Shard
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int):
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        tp: TensorParallel = SINGLE,
+        what: str = "intermediate_size",
+    ):
+        """what: the config key of intermediate_size (for the error when tp.size does not
+        divide it)."""
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.tp = tp
+        self.intermediate_size = intermediate_size  # all ranks'
+        self.intermediate = tp.split(intermediate_size, what)  # this rank's [start, stop)
+        inter = self.intermediate[1] - self.intermediate[0]
+        self.gate_proj = nn.Linear(hidden_size, inter, bias=False)
+        self.up_proj = nn.Linear(hidden_size, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden_size, bias=False)
+
+    def partial(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's part of the output (the whole output when tp.size == 1)."""
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.tp.all_reduce(self.partial(x))
+
+    def shards(self) -> dict[str, Shard]:
+        """This rank's parts of the checkpoint's weights, by relative name."""
+        rows = Shard(0, (self.intermediate,), self.intermediate_size)
+        return {
+            "gate_proj.weight": rows,
+            "up_proj.weight": rows,
+            "down_proj.weight": Shard(1, (self.intermediate,), self.intermediate_size),
+        }
 
 
 class Experts(nn.Module):
     """Routed experts in transformers' fused, input-major layout."""
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        tp: TensorParallel = SINGLE,
+    ):
         super().__init__()
-        self.intermediate_size = intermediate_size
-        self.gate_up_proj = nn.Parameter(
-            torch.empty(num_experts, hidden_size, 2 * intermediate_size)
-        )
-        self.down_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
+        self.intermediate = tp.split(intermediate_size, "intermediate_size")  # [start, stop)
+        self.intermediate_size = inter = self.intermediate[1] - self.intermediate[0]  # this rank's
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, hidden_size, 2 * inter))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, inter, hidden_size))
+
+    def shards(self, full: int) -> dict[str, Shard]:
+        """This rank's parts of the checkpoint's weights, by relative name (full: all ranks'
+        intermediate_size)."""
+        start, stop = self.intermediate
+        return {
+            "gate_up_proj": Shard(2, ((start, stop), (full + start, full + stop)), 2 * full),
+            "down_proj": Shard(1, ((start, stop),), full),
+        }
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e on the rows routed to it (already scaled by their router scores)."""
@@ -55,23 +102,41 @@ class Router(nn.Linear):
 
 
 class MoE(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int):
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        num_experts: int,
+        top_k: int,
+        tp: TensorParallel = SINGLE,
+    ):
         super().__init__()
+        self.tp = tp
+        self.intermediate_size = intermediate_size  # all ranks'
         self.top_k = top_k
         self.router = Router(hidden_size, num_experts)
-        self.experts = Experts(num_experts, hidden_size, intermediate_size)
-        self.shared_expert = SwiGLU(hidden_size, intermediate_size)
+        self.experts = Experts(num_experts, hidden_size, intermediate_size, tp)
+        self.shared_expert = SwiGLU(hidden_size, intermediate_size, tp)
+
+    def shards(self) -> dict[str, Shard]:
+        """This rank's parts of the checkpoint's expert weights, by relative name (the router is
+        whole)."""
+        parts = {f"experts.{k}": v for k, v in self.experts.shards(self.intermediate_size).items()}
+        parts.update((f"shared_expert.{k}", v) for k, v in self.shared_expert.shards().items())
+        return parts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, H] -> [N, H]. On a GPU, bf16 batches of up to moe_gpu.MAX_TOKENS rows (decode)
         take the fused MoE kernels (pyllama4.kernels.moe; bf16 or FP8 experts, W8A16 or W8A8 as
         the experts module computes; the shared expert stays torch's);
-        everything else, the CPU always, takes the torch path below."""
+        everything else, the CPU always, takes the torch path below. Under tensor parallelism
+        both compute this rank's partial output, summed over the ranks at the end."""
         if x.is_cuda and moe_gpu.dispatches(
             x, weights := self.experts.kernel_weights(), self.top_k
         ):
-            shared = self.shared_expert(x)
-            return moe_gpu.fused_moe_gpu(x, self.router(x), weights, self.top_k, shared)
+            shared = self.shared_expert.partial(x)
+            out = moe_gpu.fused_moe_gpu(x, self.router(x), weights, self.top_k, shared)
+            return self.tp.all_reduce(out)
         logits = self.router(x)
         top_logits, top_experts = torch.topk(logits, self.top_k, dim=-1)
         scores = torch.sigmoid(top_logits.float()).to(x.dtype)  # [N, k]
@@ -87,5 +152,5 @@ class MoE(nn.Module):
             if n:
                 routed_out[start : start + n] = self.experts.expert(e, routed_in[start : start + n])
                 start += n
-        out = self.shared_expert(x)
-        return out.index_add_(0, tokens, routed_out)
+        out = self.shared_expert.partial(x)
+        return self.tp.all_reduce(out.index_add_(0, tokens, routed_out))

@@ -5,6 +5,16 @@ for any batch of requests the logits equal transformers' for the same tokens (fp
 tests/test_llama4_model.py). Per layer: pre-norm attention (RoPE + optional QK-norm on RoPE
 layers, temperature tuning on NoPE layers, chunk-local or full causal attention, GQA), then a
 dense SwiGLU or MoE feed-forward.
+
+Tensor parallelism (`tp`, pyllama4.distributed; Megatron style, activations replicated between
+blocks): attention splits its query heads and KV heads (pyllama4.distributed.attention_heads;
+KV heads replicated when tp.size > KV heads), q/k/v column-parallel, o_proj row-parallel, then one
+all_reduce; the feed-forward blocks split their intermediate dim (pyllama4.layers.ffn); the
+embedding and lm_head split the vocabulary (rows [v0, v1) per rank): embeddings all_reduced,
+logits all_gathered, so every rank sees the full hidden states and logits [N, vocab]. Norms and
+routers are replicated. Parameter names stay transformers' at any size, only shapes shrink;
+`weight_shards` says which part of each checkpoint tensor a rank holds. With tp.size == 1 the
+module is exactly the one above.
 """
 
 from __future__ import annotations
@@ -14,11 +24,13 @@ from torch import nn
 
 from pyllama4.batch import StepBatch
 from pyllama4.config import TextConfig
+from pyllama4.distributed.parallel import SINGLE, TensorParallel, attention_heads
 from pyllama4.kv_cache import PagedKVCache
 from pyllama4.layers import attention
 from pyllama4.layers.ffn import MoE, SwiGLU
 from pyllama4.layers.norm import RMSNorm, l2_norm
 from pyllama4.layers.rope import apply_rope, inv_frequencies, rotation
+from pyllama4.weights import Shard
 
 
 class StepContext:
@@ -41,11 +53,16 @@ class StepContext:
 
 
 class Attention(nn.Module):
-    def __init__(self, config: TextConfig, layer: int):
+    def __init__(self, config: TextConfig, layer: int, tp: TensorParallel = SINGLE):
         super().__init__()
         self.layer = layer
-        self.heads = config.num_attention_heads
-        self.kv_heads = config.num_key_value_heads
+        self.tp = tp
+        self.all_heads = config.num_attention_heads
+        self.all_kv_heads = config.num_key_value_heads
+        # This rank's query and KV heads, [start, stop) each.
+        self.q_range, self.kv_range = attention_heads(self.all_heads, self.all_kv_heads, tp)
+        self.heads = self.q_range[1] - self.q_range[0]
+        self.kv_heads = self.kv_range[1] - self.kv_range[0]
         self.head_dim = config.head_dim
         self.use_rope = config.use_rope[layer]
         self.qk_norm = config.use_qk_norm and self.use_rope
@@ -81,20 +98,36 @@ class Attention(nn.Module):
             ctx.meta[local],
             self.scale,
         )
-        return self.o_proj(out.reshape(t, -1))
+        return self.tp.all_reduce(self.o_proj(out.reshape(t, -1)))
+
+    def shards(self) -> dict[str, Shard]:
+        """This rank's parts of the checkpoint's weights, by relative name."""
+        d = self.head_dim
+        q = Shard(0, ((self.q_range[0] * d, self.q_range[1] * d),), self.all_heads * d)
+        kv = Shard(0, ((self.kv_range[0] * d, self.kv_range[1] * d),), self.all_kv_heads * d)
+        return {
+            "q_proj.weight": q,
+            "k_proj.weight": kv,
+            "v_proj.weight": kv,
+            "o_proj.weight": Shard(1, q.ranges, q.full),
+        }
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: TextConfig, layer: int):
+    def __init__(self, config: TextConfig, layer: int, tp: TensorParallel = SINGLE):
         super().__init__()
-        self.self_attn = Attention(config, layer)
+        self.self_attn = Attention(config, layer, tp)
         h = config.hidden_size
         if config.moe[layer]:
-            self.feed_forward: nn.Module = MoE(
-                h, config.intermediate_size, config.num_local_experts, config.num_experts_per_tok
+            self.feed_forward: MoE | SwiGLU = MoE(
+                h,
+                config.intermediate_size,
+                config.num_local_experts,
+                config.num_experts_per_tok,
+                tp,
             )
         else:
-            self.feed_forward = SwiGLU(h, config.intermediate_size_mlp)
+            self.feed_forward = SwiGLU(h, config.intermediate_size_mlp, tp, "intermediate_size_mlp")
         self.input_layernorm = RMSNorm(h, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(h, config.rms_norm_eps)
 
@@ -103,24 +136,72 @@ class DecoderLayer(nn.Module):
         return h + self.feed_forward(self.post_attention_layernorm(h))
 
 
+class VocabParallelEmbedding(nn.Embedding):
+    """nn.Embedding of this rank's rows [start, stop) of the vocabulary (`vocab`): a token outside
+    them embeds to zeros, and the ranks' embeddings are summed, so every rank gets them all."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, tp: TensorParallel = SINGLE):
+        start, stop = tp.split(vocab_size, "vocab_size")
+        super().__init__(stop - start, hidden_size)
+        self.tp = tp
+        self.vocab = (start, stop)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return super().forward(ids)
+        start, stop = self.vocab
+        inside = (ids >= start) & (ids < stop)
+        x = super().forward(torch.where(inside, ids - start, 0))
+        return self.tp.all_reduce(x.masked_fill(~inside[..., None], 0))
+
+
 class TextModel(nn.Module):
-    def __init__(self, config: TextConfig):
+    def __init__(self, config: TextConfig, tp: TensorParallel = SINGLE):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, i) for i in range(config.num_hidden_layers)
+            DecoderLayer(config, i, tp) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
 class Llama4ForCausalLM(nn.Module):
-    def __init__(self, config: TextConfig):
+    def __init__(self, config: TextConfig, tp: TensorParallel = SINGLE):
+        """ValueError when tp.size does not divide what it must (vocab_size, the intermediate
+        sizes, attention heads; KV heads, or they it)."""
         super().__init__()
         self.config = config
-        self.model = TextModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tp = tp
+        self.model = TextModel(config, tp)
+        vocab = self.model.embed_tokens.vocab
+        self.lm_head = nn.Linear(config.hidden_size, vocab[1] - vocab[0], bias=False)
         # float32 always, and not a buffer: Module.to(dtype) must never round the frequencies.
         self.inv_freq = inv_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
+
+    @property
+    def kv_heads(self) -> int:
+        """The KV heads of each layer this rank holds (what its paged KV cache stores)."""
+        config = self.config
+        start, stop = attention_heads(
+            config.num_attention_heads, config.num_key_value_heads, self.tp
+        )[1]
+        return stop - start
+
+    def weight_shards(self) -> dict[str, Shard]:
+        """The part of each checkpoint tensor this rank holds, by parameter name (the others, and
+        all at tp.size 1, whole): pyllama4.weights.load_weights's `shards`."""
+        if self.tp.size == 1:
+            return {}
+        vocab = Shard(0, (self.model.embed_tokens.vocab,), self.config.vocab_size)
+        shards = {"model.embed_tokens.weight": vocab, "lm_head.weight": vocab}
+        for i, layer in enumerate(self.model.layers):
+            for name, module in (
+                ("self_attn", layer.self_attn),
+                ("feed_forward", layer.feed_forward),
+            ):
+                prefix = f"model.layers.{i}.{name}."
+                shards.update((prefix + k, v) for k, v in module.shards().items())
+        return shards
 
     @torch.inference_mode()
     def forward(self, batch: StepBatch, cache: PagedKVCache) -> torch.Tensor:
@@ -159,5 +240,6 @@ class Llama4ForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[N, H] -> [N, vocab] in the model dtype (as transformers returns them)."""
-        return self.lm_head(hidden)
+        """[N, H] -> [N, vocab] in the model dtype (as transformers returns them); under tensor
+        parallelism every rank's vocabulary rows, gathered."""
+        return self.tp.all_gather(self.lm_head(hidden), dim=-1)

@@ -12,6 +12,11 @@ Fp8Experts wherever the checkpoint's scheme quantizes, and its float8 weights an
 loaded unchanged (no dequantize-requantize; the other modules in `dtype`), then converted
 exactly to e4m3fnuz if fp8_format asks for it. Online quantization of such a checkpoint is a
 ValueError: it already is FP8.
+
+Tensor parallelism (`tp`): the text model is built with this rank's shapes and holds exactly this
+rank's parts of the checkpoint's tensors (`Llama4ForCausalLM.weight_shards`), read as slices: a
+rank never materialises a whole sharded tensor. Not with FP8 yet (a ValueError); the vision tower
+is not split.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from pathlib import Path
 import torch
 
 from pyllama4.config import TextConfig, VisionConfig
+from pyllama4.distributed.parallel import SINGLE, TensorParallel
 from pyllama4.model.llama4 import Llama4ForCausalLM
 from pyllama4.model.vision import VisionTower
 from pyllama4.quant.checkpoint import convert_to_fnuz, install_fp8_modules, read_fp8_scheme
@@ -39,11 +45,14 @@ def load_model(
     progress: bool = True,
     quantization: str | None = None,
     fp8_format: str = "e4m3fn",
+    tp: TensorParallel = SINGLE,
 ) -> Llama4ForCausalLM:
     """quantization: None (the checkpoint's weights in `dtype`, its FP8 ones in `fp8_format` if it
     is an FP8 checkpoint) or "fp8" (online FP8 in `fp8_format`, e4m3fn or e4m3fnuz; the other
-    modules stay in `dtype`). Raises CheckpointError (UnsupportedCheckpointError for a
-    quantization scheme pyllama4 cannot run) if the checkpoint does not fit."""
+    modules stay in `dtype`). tp: this rank's tensor-parallel place (ValueError if the model does
+    not split over tp.size ranks, or with FP8). Raises CheckpointError
+    (UnsupportedCheckpointError for a quantization scheme pyllama4 cannot run) if the checkpoint
+    does not fit."""
     if quantization is not None and quantization not in QUANTIZATIONS:
         raise ValueError(
             f"quantization {quantization!r}: expected None or one of {', '.join(QUANTIZATIONS)}"
@@ -60,8 +69,10 @@ def load_model(
             f"{checkpoint_dir} is already quantized to FP8 ({scheme.method}): load it without "
             f"quantization='fp8'"
         )
+    if tp.size > 1 and (scheme is not None or quantization == "fp8"):
+        raise ValueError("tensor parallelism with FP8 is not supported yet")
     with torch.device("meta"):
-        model = Llama4ForCausalLM(config).to(dtype)
+        model = Llama4ForCausalLM(config, tp).to(dtype)
     if scheme is not None:
         install_fp8_modules(model, scheme)  # after the cast, which would also cast fp8 and scales
     model = model.to_empty(device=device)
@@ -70,6 +81,7 @@ def load_model(
         checkpoint_dir,
         progress=progress,
         quant_method=None if scheme is None else scheme.method,
+        shards=model.weight_shards(),
     )
     if scheme is not None and fp8_format == "e4m3fnuz":
         convert_to_fnuz(model)

@@ -1,0 +1,10 @@
+"""Multi-process serving: tensor parallelism (`parallel`)."""
+
+from pyllama4.distributed.parallel import (
+    SINGLE,
+    TensorParallel,
+    attention_heads,
+    init_tensor_parallel,
+)
+
+__all__ = ["SINGLE", "TensorParallel", "attention_heads", "init_tensor_parallel"]
