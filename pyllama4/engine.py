@@ -28,10 +28,21 @@ from typing import Any
 import anyio
 import numpy as np
 import torch
+import torch.distributed as dist
 from anyio.streams.memory import MemoryObjectSendStream
 from PIL.Image import Image as PILImage
 
+from pyllama4.config import TextConfig
 from pyllama4.detokenizer import IncrementalDetokenizer, StopStrings
+from pyllama4.distributed.parallel import SINGLE, init_tensor_parallel
+from pyllama4.distributed.runtime import (
+    PlanChannel,
+    ShardedRunner,
+    Workers,
+    WorkerSpec,
+    cpu_threads_per_rank,
+    free_init_method,
+)
 from pyllama4.grammar import Constraint, GrammarCompiler, GrammarSpec
 from pyllama4.model.eagle3 import load_eagle3
 from pyllama4.model.load import load_model
@@ -116,15 +127,20 @@ class Engine:
         model_thread: ThreadPoolExecutor | None = None,
         images: ImageSupport | None = None,
         speculative: EagleWorker | None = None,
+        workers: Workers | None = None,
     ):
         """model_thread: the one thread that runs all of the model's torch work (built by
         from_checkpoint, which also loads the model there). On the CPU, torch's OpenMP threads
         are per calling thread: switching threads costs ~1.5x per step on 2 cores, measured.
         images: the vision tower and tiling settings; None for a text-only engine.
-        speculative: EAGLE3 drafting (pyllama4.speculative.eagle), built on this runner."""
+        speculative: EAGLE3 drafting (pyllama4.speculative.eagle), built on this runner.
+        workers: the tensor-parallel worker processes of a ShardedRunner (from_checkpoint's tp),
+        stopped by close()."""
         self.runner = runner
         self.images = images
         self.speculative = speculative
+        self.workers = workers
+        self.failure: str | None = None  # set by fail(): the engine can no longer serve
         self.scheduler = runner.scheduler
         self.tokenizer = tokenizer
         self.vocab_size = runner.model.config.vocab_size
@@ -160,6 +176,9 @@ class Engine:
         fp8_format: str = "e4m3fn",
         speculative_draft: str | Path | None = None,
         speculative: SpecConfig | None = None,
+        tp: int = 1,
+        nnodes: int = 1,
+        dist_init_method: str | None = None,
         **runner_options: Any,
     ) -> Engine:
         """Loads a checkpoint and its tokenizer; runner_options go to ModelRunner (kv_tokens or
@@ -169,7 +188,10 @@ class Engine:
         quantizes a bf16 checkpoint at load; FP8 checkpoints load as FP8 by themselves;
         fp8_format is e4m3fn, or e4m3fnuz for MI300. speculative_draft: an EAGLE3 draft
         checkpoint (SGLang's layout) to speculate with, by `speculative` (SpecConfig()'s
-        defaults without); its KV is added to the global pool's cost per token.
+        defaults without); its KV is added to the global pool's cost per token. tp > 1: the
+        model is sharded over tp ranks (pyllama4.distributed): this process is rank 0 and spawns
+        its node's other ranks (1..tp/nnodes-1) as worker processes, the other nodes theirs,
+        all joined at dist_init_method (default: a free local port); the KV budget is per rank.
 
         Without kv_tokens / kv_bytes the KV budget is, on a GPU, mem_fraction_static of its
         memory minus what the weights already took (SGLang's --mem-fraction-static); on the CPU,
@@ -178,14 +200,27 @@ class Engine:
 
         tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)
 
+        if tp > 1 and speculative_draft is not None:
+            raise ValueError("EAGLE3 with tensor parallelism is not supported yet (use tp 1)")
+        options = dict(runner_options)
+        sharded = None
+        if tp > 1:
+            sharded = _start_workers(
+                checkpoint_dir, dtype, device, tp, nnodes, dist_init_method, context_len, options
+            )
+
         def build() -> tuple[ModelRunner, ImageSupport | None, EagleWorker | None]:
+            model_device = device
+            if sharded is not None:
+                model_device = sharded.join()
             model = load_model(
                 checkpoint_dir,
                 dtype=dtype,
-                device=device,
+                device=model_device,
                 progress=progress,
                 quantization=quantization,
                 fp8_format=fp8_format,
+                tp=sharded.tp if sharded is not None else SINGLE,
             )
             images = None
             if enable_multimodal:
@@ -197,7 +232,6 @@ class Engine:
                     max_tiles=max_image_tiles,
                     progress=progress,
                 )
-            options = dict(runner_options)
             if "kv_tokens" not in options and "kv_bytes" not in options:
                 options["kv_bytes"] = default_kv_bytes(model, mem_fraction_static)
             context = context_len or model.config.max_position_embeddings
@@ -215,16 +249,46 @@ class Engine:
                 ).eval()
                 extra = draft_kv_bytes_per_token(draft, model_dtype)
                 options["extra_global_bytes_per_token"] = extra
-            runner = ModelRunner(model, context_len=context, **options)
+            if sharded is not None:
+                runner = sharded.runner(model, context, options)
+            else:
+                runner = ModelRunner(model, context_len=context, **options)
             worker = None
             if draft is not None:
                 worker = EagleWorker(runner, draft, speculative or SpecConfig())
             return runner, images, worker
 
         model_thread = ThreadPoolExecutor(1, "pyllama4-model")
-        runner, images, worker = model_thread.submit(build).result()
+        try:
+            runner, images, worker = model_thread.submit(build).result()
+        except BaseException:
+            if sharded is not None:
+                sharded.workers.stop(timeout=1.0)
+            raise
         log.debug(runner.memory.describe())
-        return cls(runner, tokenizer, model_thread=model_thread, images=images, speculative=worker)
+        return cls(
+            runner,
+            tokenizer,
+            model_thread=model_thread,
+            images=images,
+            speculative=worker,
+            workers=None if sharded is None else sharded.workers,
+        )
+
+    def fail(self, message: str) -> None:
+        """Marks the engine unable to serve (a tensor-parallel worker died): health checks
+        report it; the server exits."""
+        self.failure = message
+
+    def close(self) -> None:
+        """Stops the tensor-parallel workers (after the last step); a no-op without them."""
+        if self.workers is None:
+            return
+        workers, self.workers = self.workers, None
+        if self.failure is None:
+            channel = self.runner.channel  # a ShardedRunner's
+            self._model_thread.submit(channel.send, None).result()
+        workers.stop()
 
     # ---- the loop ---------------------------------------------------------------------------
 
@@ -670,6 +734,66 @@ class Engine:
             return [r for r in results if r is not None]
 
         return anyio.run(main)
+
+
+@dataclass
+class _Sharded:
+    """Rank 0 of a tensor-parallel engine while it loads: the spawned workers and the group."""
+
+    workers: Workers
+    size: int
+    init_method: str
+    device: str
+    tp: Any = None
+
+    def join(self) -> str:
+        """Joins the group (on the model thread); returns rank 0's device."""
+        device = self.device
+        if device != "cpu":
+            device = "cuda:0"
+            torch.cuda.set_device(device)
+        else:
+            torch.set_num_threads(cpu_threads_per_rank(len(self.workers.processes) + 1))
+        self.tp = init_tensor_parallel(0, self.size, self.init_method)
+        return device
+
+    def runner(self, model: Any, context: int, options: dict[str, Any]) -> ShardedRunner:
+        """Rank 0's runner; the workers get its exact page counts."""
+        runner = ShardedRunner(model, context_len=context, **options)
+        runner.channel = PlanChannel(self.tp)
+        pages = (runner.memory.global_pages, runner.memory.local_pages)
+        dist.broadcast_object_list([pages], src=0, group=runner.channel.group)
+        return runner
+
+
+def _start_workers(
+    checkpoint_dir: str | Path,
+    dtype: torch.dtype | str,
+    device: torch.device | str,
+    size: int,
+    nnodes: int,
+    init_method: str | None,
+    context_len: int | None,
+    options: dict[str, Any],
+) -> _Sharded:
+    """Spawns this node's ranks 1..size/nnodes-1 (they load their shards while rank 0 loads
+    its own)."""
+    device = str(device)
+    context = context_len or TextConfig.from_checkpoint(checkpoint_dir).max_position_embeddings
+    worker_options = {k: v for k, v in options.items() if k not in ("kv_tokens", "kv_bytes")}
+    init_method = init_method or free_init_method()
+    spec = WorkerSpec(
+        checkpoint=str(checkpoint_dir),
+        dtype=dtype,
+        device="cpu" if device == "cpu" else "cuda",
+        context_len=context,
+        runner_options=worker_options,
+        size=size,
+        init_method=init_method,
+        threads=cpu_threads_per_rank(size // nnodes) if device == "cpu" else None,
+    )
+    workers = Workers.spawn(spec, range(1, size // nnodes))
+    return _Sharded(workers, size, init_method, device)
 
 
 def default_kv_bytes(model: torch.nn.Module, mem_fraction_static: float) -> int:

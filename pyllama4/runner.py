@@ -71,8 +71,10 @@ def plan_memory(
     kv_bytes: int | None = None,
     extra_global_bytes_per_token: int = 0,
     kv_heads: int | None = None,
+    kv_pages: tuple[int, int] | None = None,
 ) -> MemoryPlan:
-    """Splits a budget given in tokens of full history (kv_tokens) or in bytes (kv_bytes).
+    """Splits a budget given in tokens of full history (kv_tokens) or in bytes (kv_bytes), or
+    takes exactly kv_pages = (global, local) pages (tensor-parallel workers take rank 0's).
 
     The chunk-local pool gets room for every running request's window (its current chunk plus
     one step) but never more than half a byte budget; the global pool gets the rest.
@@ -86,9 +88,11 @@ def plan_memory(
     l_bytes = per_layer * sum(local)
     chunk = config.attention_chunk_size if any(local) else 0
     window = chunk // page_size + -(-max_step_tokens // page_size) if chunk else 0
-    if (kv_tokens is None) == (kv_bytes is None):
-        raise ValueError("give exactly one of kv_tokens and kv_bytes")
-    if kv_tokens is not None:
+    if sum(x is not None for x in (kv_tokens, kv_bytes, kv_pages)) != 1:
+        raise ValueError("give exactly one of kv_tokens, kv_bytes and kv_pages")
+    if kv_pages is not None:
+        global_pages, local_pages = kv_pages
+    elif kv_tokens is not None:
         global_pages = -(-kv_tokens // page_size)
         local_pages = min(max_running * window, global_pages + window) if chunk else 0
     else:
@@ -118,9 +122,10 @@ class ModelRunner:
         enable_prefix_cache: bool = True,
         policy: str = "fcfs",
         extra_global_bytes_per_token: int = 0,
+        kv_pages: tuple[int, int] | None = None,
     ):
-        """The KV budget: kv_tokens (tokens of full history) or kv_bytes (this rank's, under
-        tensor parallelism); see plan_memory."""
+        """The KV budget: kv_tokens (tokens of full history), kv_bytes (this rank's, under
+        tensor parallelism) or exact kv_pages; see plan_memory."""
         self.model = model
         config = model.config
         device = next(model.parameters()).device
@@ -136,6 +141,7 @@ class ModelRunner:
             kv_bytes=kv_bytes,
             extra_global_bytes_per_token=extra_global_bytes_per_token,
             kv_heads=model.kv_heads,
+            kv_pages=kv_pages,
         )
         mem = self.memory
         self.scheduler = Scheduler(

@@ -222,6 +222,8 @@ class App:
     # ---- endpoints ----------------------------------------------------------------------------
 
     async def health(self, body: bytes, send: Send, receive: Receive) -> None:
+        if self.engine.failure is not None:
+            raise HTTPError(503, self.engine.failure, kind="service_unavailable")
         await respond(send, 200, b"{}")
 
     async def health_generate(self, body: bytes, send: Send, receive: Receive) -> None:

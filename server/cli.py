@@ -21,6 +21,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -206,7 +207,23 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         type=_int_in(1),
         default=1,
         metavar="N",
-        help="tensor parallel size; only 1 is built yet",
+        help="tensor parallel size: the model is sharded over N ranks (GPUs; processes on the "
+        "CPU), this process being rank 0 (default 1)",
+    )
+    hw.add_argument(
+        "--nnodes", type=_int_in(1), default=1, metavar="N", help="machines the ranks span"
+    )
+    hw.add_argument(
+        "--node-rank",
+        type=_int_in(0),
+        default=0,
+        metavar="R",
+        help="this machine's index; node 0 serves HTTP, the others only run their ranks",
+    )
+    hw.add_argument(
+        "--dist-init-addr",
+        metavar="HOST:PORT",
+        help="where the ranks meet (torch.distributed's TCP store); needed with --nnodes > 1",
     )
     hw.add_argument(
         "--mem-fraction-static",
@@ -482,11 +499,6 @@ def speculative_config(args: argparse.Namespace) -> SpecSettings | None:
 # dest -> check(value) -> why the server cannot start with it, or None.
 _CHECKS: dict[str, Callable[[Any], str | None]] = {
     "model_path": lambda v: _check_model_path(v) if v is not None else None,
-    "tp": lambda v: (
-        "tensor parallelism is not built yet; pyllama4 serves on one device (--tp 1)"
-        if v > 1
-        else None
-    ),
     "quantization": lambda v: (
         None
         if v is None or v.lower() == "fp8"
@@ -533,12 +545,31 @@ _SPEC_FLAGS = (
 )
 
 
+def _distributed_problem(args: argparse.Namespace) -> str | None:
+    nnodes, tp = args.nnodes, args.tp
+    if tp % nnodes:
+        return f"--tp {tp}: not divisible by --nnodes {nnodes} (each node runs tp / nnodes ranks)"
+    if args.node_rank >= nnodes:
+        return f"--node-rank {args.node_rank}: must be below --nnodes {nnodes}"
+    if nnodes > 1 and not args.dist_init_addr:
+        return f"--nnodes {nnodes}: needs --dist-init-addr HOST:PORT (where the ranks meet)"
+    if tp > 1 and args.speculative_algorithm is not None:
+        return f"--tp {tp}: EAGLE3 with tensor parallelism is not built yet (use --tp 1)"
+    if tp > 1 and (args.quantization or "").lower() == "fp8":
+        return f"--tp {tp}: FP8 with tensor parallelism is not built yet (use --tp 1)"
+    return None
+
+
 def first_problem(args: argparse.Namespace) -> str | None:
     """'--flag value: why' for the first flag (in typed order) the server cannot start with."""
     order = getattr(args, "given", None)
     if order is None:
         order = CHECK_ORDER
     for dest in order:
+        if dest in ("tp", "nnodes", "node_rank", "dist_init_addr"):
+            problem = _distributed_problem(args)
+            if problem is not None:
+                return problem
         if dest in _SPEC_FLAGS and getattr(args, dest) is not None:
             if args.speculative_algorithm is None:
                 return f"{_flag(dest)} {getattr(args, dest)}: needs --speculative-algorithm EAGLE3"
@@ -708,6 +739,9 @@ def _start_and_serve(args: argparse.Namespace) -> None:
 
     device = resolve_device(args)
     dtype = resolve_dtype(args, device)
+    if args.node_rank > 0:
+        _serve_ranks(args, device, dtype)
+        return
     chat_template = None
     if args.chat_template is not None:
         chat_template = chat_template_text(args.chat_template)
@@ -788,6 +822,9 @@ def _start_and_serve(args: argparse.Namespace) -> None:
             max_image_tiles=args.max_image_tiles,
             quantization=quantization,
             fp8_format=resolve_fp8_format(args, device),
+            tp=args.tp,
+            nnodes=args.nnodes,
+            dist_init_method=_init_method(args),
             **options,
         )
     except torch.OutOfMemoryError as e:
@@ -796,13 +833,16 @@ def _start_and_serve(args: argparse.Namespace) -> None:
     except (ValueError, OSError) as e:  # ConfigError, a KV budget too small, missing files
         log.debug("loading failed", exc_info=True)
         _fail(args, f"cannot load {path}: {e}")
+    if engine.workers is not None:
+        engine.workers.watch(lambda message: _worker_died(engine, message))
     modules = [engine.runner.model] + ([engine.images.tower] if engine.images else [])
     weight_bytes = sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
     memory = engine.runner.memory
     log.info(
-        "loaded in %.1f s; memory plan: weights %.2f GiB (%d bytes); %s; max total tokens %d; "
-        "max context %d tokens",
+        "loaded in %.1f s; memory plan%s: weights %.2f GiB (%d bytes); %s; max total tokens "
+        "%d; max context %d tokens",
         time.monotonic() - start,
+        f" per rank (tp {args.tp}, rank 0's shown; every rank alike)" if args.tp > 1 else "",
         weight_bytes / 2**30,
         weight_bytes,
         memory.describe(),
@@ -840,7 +880,61 @@ def _start_and_serve(args: argparse.Namespace) -> None:
         tool_call_parser=TOOL_CALL_PARSERS.get(args.tool_call_parser or ""),
     )
     anyio.run(_serve, app, sock, SHUTDOWN_TIMEOUT_S, backend="asyncio")
+    engine.close()
     log.info("stopped")
+
+
+def _init_method(args: argparse.Namespace) -> str | None:
+    return f"tcp://{args.dist_init_addr}" if args.dist_init_addr else None
+
+
+def _worker_died(engine: Any, message: str) -> None:
+    """A tensor-parallel rank is gone: the others would wait for it forever. /health reports
+    it at once; the process exits (status 1) a moment later, whatever it is doing."""
+    log.error("%s: the server cannot go on and exits", message)
+    engine.fail(message)
+    threading.Timer(1.0, _exit_now, args=(1,)).start()
+
+
+def _serve_ranks(args: argparse.Namespace, device: str, dtype: Any) -> None:
+    """--node-rank > 0: run this node's ranks as workers of node 0's server until it stops
+    them; exits non-zero if one fails."""
+    from pyllama4.config import TextConfig
+    from pyllama4.distributed.runtime import Workers, WorkerSpec, cpu_threads_per_rank
+
+    per_node = args.tp // args.nnodes
+    first = args.node_rank * per_node
+    options: dict[str, Any] = {}
+    for flag, key in (
+        ("page_size", "page_size"),
+        ("max_running_requests", "max_running"),
+        ("chunked_prefill_size", "max_step_tokens"),
+        ("schedule_policy", "policy"),
+    ):
+        if getattr(args, flag) is not None:
+            options[key] = getattr(args, flag)
+    if args.disable_radix_cache:
+        options["enable_prefix_cache"] = False
+    path = Path(args.model_path).expanduser()
+    context = args.context_length or TextConfig.from_checkpoint(path).max_position_embeddings
+    spec = WorkerSpec(
+        checkpoint=str(path),
+        dtype=dtype,
+        device="cpu" if device == "cpu" else "cuda",
+        context_len=context,
+        runner_options=options,
+        size=args.tp,
+        init_method=_init_method(args) or "",
+        threads=cpu_threads_per_rank(per_node) if device == "cpu" else None,
+    )
+    log.info("node %d: running ranks %d..%d", args.node_rank, first, first + per_node - 1)
+    workers = Workers.spawn(spec, range(first, first + per_node))
+    for p in workers.processes:
+        p.join()
+    codes = [p.exitcode for p in workers.processes]
+    if any(codes):
+        _fail(args, f"ranks {first}..{first + per_node - 1} exited with codes {codes}")
+    log.info("node %d: its ranks stopped", args.node_rank)
 
 
 async def _serve(app: Any, sock: socket.socket, shutdown_timeout: float) -> None:

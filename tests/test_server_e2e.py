@@ -1,5 +1,5 @@
 """End to end: `python -m pyllama4.launch_server` on the demo model, on 127.0.0.1, driven by the
-official openai client and raw HTTP for the error cases."""
+official openai client and raw HTTP for the error cases; with --tp 1 and --tp 3."""
 
 from __future__ import annotations
 
@@ -18,9 +18,12 @@ from server_checks import assert_idle, metric
 MODEL = "demo"
 
 
-@pytest.fixture(scope="module")
-def server(launch_server, tmp_path_factory):
-    live = launch_server(tmp_path_factory.mktemp("server") / "server.log")
+@pytest.fixture(scope="module", params=[1, 3], ids=["tp1", "tp3"])
+def server(launch_server, tmp_path_factory, request):
+    """The demo model on one process, and sharded over 3 (its 9 heads and 3 KV heads split
+    in 3; tensor parallelism over gloo on the CPU): every test here runs against both."""
+    flags = ("--tp", str(request.param)) if request.param > 1 else ()
+    live = launch_server(tmp_path_factory.mktemp("server") / "server.log", *flags)
     yield live.base
     live.stop()
 

@@ -490,3 +490,39 @@ def test_a_single_rank_is_the_identity():
 
 if __name__ == "__main__":  # one rank of the `world` fixture
     rank_main(int(sys.argv[1]), *sys.argv[2:])
+
+
+def test_the_engine_serves_sharded_over_worker_processes(tmp_path, demo_dir):
+    """Engine.from_checkpoint(tp=2): rank 0 here, rank 1 a spawned worker receiving each plan;
+    a batch with chunked prefill and the prefix cache gives tp 1's greedy tokens; close() stops
+    the worker."""
+    from transformers import AutoTokenizer, Llama4TextConfig
+    from transformers import Llama4ForCausalLM as HFLlama4
+
+    from pyllama4 import Engine, SamplingParams
+    from tiny_models import TINY_TEXT
+
+    torch.manual_seed(0)
+    config = Llama4TextConfig(
+        **TINY_TEXT,
+        vocab_size=49152,
+        attention_chunk_size=8,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    HFLlama4(config).save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(demo_dir).save_pretrained(tmp_path)
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    prompts = ["Hello there", "Hello there, general", "The quick brown fox jumps over", "1 2 3"]
+    options = dict(dtype=torch.float32, kv_tokens=1024, page_size=4, max_step_tokens=8)
+    one = Engine.from_checkpoint(tmp_path, progress=False, **options)
+    two = Engine.from_checkpoint(tmp_path, progress=False, tp=2, **options)
+    try:
+        assert two.runner.memory.global_pages == one.runner.memory.global_pages
+        want = [o.outputs[0].token_ids for o in one.generate(prompts, params)]
+        assert [o.outputs[0].token_ids for o in two.generate(prompts, params)] == want
+        workers = two.workers.processes
+    finally:
+        two.close()
+    assert all(p.exitcode == 0 for p in workers)
