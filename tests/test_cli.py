@@ -706,3 +706,44 @@ def test_tp2_serves_and_a_dead_worker_stops_the_server(tiny, tmp_path):
     text = (tmp_path / "tp2.log").read_text()
     assert "tensor-parallel worker pyllama4-tp1" in text and "exits" in text
     assert "memory plan" in text
+
+
+def test_two_nodes_serve_one_model(tiny, tmp_path):
+    """--nnodes 2 on one machine: node 0 (rank 0, HTTP) and node 1 (rank 1 only) meet at
+    --dist-init-addr; the server answers; stopping node 0 stops node 1's rank, which exits 0."""
+    import httpx
+
+    port, store = free_port(), free_port()
+    common = ["--model-path", tiny, "--tp", "2", "--nnodes", "2"]
+    common += ["--dist-init-addr", f"127.0.0.1:{store}", "--max-total-tokens", "2048"]
+    logs = [tmp_path / "node0.log", tmp_path / "node1.log"]
+    with logs[1].open("w") as out:
+        node1 = launch(common + ["--node-rank", "1"], stdout=None, stderr=out)
+    with logs[0].open("w") as out:
+        node0 = launch(
+            common + ["--node-rank", "0", "--host", "127.0.0.1", "--port", str(port)],
+            stdout=None,
+            stderr=out,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and node0.poll() is None:
+            try:
+                if httpx.get(base + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        assert node0.poll() is None, logs[0].read_text() + logs[1].read_text()
+        body = {"model": tiny, "prompt": "Hello", "max_tokens": 4, "temperature": 0}
+        r = httpx.post(base + "/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+        node0.send_signal(signal.SIGTERM)
+        assert node0.wait(timeout=60) == 0
+        assert node1.wait(timeout=30) == 0, logs[1].read_text()
+    finally:
+        for proc in (node0, node1):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert "node 1: running ranks 1..1" in logs[1].read_text()
