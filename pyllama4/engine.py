@@ -34,7 +34,12 @@ from PIL.Image import Image as PILImage
 
 from pyllama4.config import TextConfig
 from pyllama4.detokenizer import IncrementalDetokenizer, StopStrings
-from pyllama4.distributed.parallel import SINGLE, init_tensor_parallel
+from pyllama4.distributed.parallel import (
+    SINGLE,
+    TensorParallel,
+    attention_heads,
+    init_tensor_parallel,
+)
 from pyllama4.distributed.runtime import (
     PlanChannel,
     ShardedRunner,
@@ -205,6 +210,7 @@ class Engine:
         options = dict(runner_options)
         sharded = None
         if tp > 1:
+            _check_shardable(TextConfig.from_checkpoint(checkpoint_dir), tp)
             sharded = _start_workers(
                 checkpoint_dir, dtype, device, tp, nnodes, dist_init_method, context_len, options
             )
@@ -264,6 +270,8 @@ class Engine:
         except BaseException:
             if sharded is not None:
                 sharded.workers.stop(timeout=1.0)
+                if dist.is_initialized():
+                    dist.destroy_process_group()
             raise
         log.debug(runner.memory.describe())
         return cls(
@@ -764,6 +772,13 @@ class _Sharded:
         pages = (runner.memory.global_pages, runner.memory.local_pages)
         dist.broadcast_object_list([pages], src=0, group=runner.channel.group)
         return runner
+
+
+def _check_shardable(config: TextConfig, size: int) -> None:
+    """ValueError, before any process starts, when the model does not split in `size`."""
+    tp = TensorParallel(0, size)
+    attention_heads(config.num_attention_heads, config.num_key_value_heads, tp)
+    tp.split(config.vocab_size, "the vocabulary")
 
 
 def _start_workers(

@@ -510,8 +510,8 @@ def test_pyllama4_help_lists_serve(capsys):
 
 def test_pyllama4_serve_takes_the_same_flags(tiny):
     with pytest.raises(SystemExit) as stop:
-        cli.pyllama4_main(["serve", "--model-path", tiny, "--tp", "8"])
-    assert str(stop.value.code).startswith("pyllama4 serve: --tp 8: tensor parallelism")
+        cli.pyllama4_main(["serve", "--model-path", tiny, "--tp", "8", "--quantization", "fp8"])
+    assert str(stop.value.code).startswith("pyllama4 serve: --tp 8: FP8 with tensor parallelism")
     with pytest.raises(SystemExit) as stop:
         cli.pyllama4_main(["serv"])
     assert stop.value.code == 2

@@ -31,6 +31,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import pyllama4
 from pyllama4 import weights
 from pyllama4.config import TextConfig
 from pyllama4.distributed import (
@@ -226,7 +227,9 @@ def world(tmp_path_factory, scout, maverick, wide) -> dict[str, list[dict]]:
     steps = [[(n, str(paths[c]), r, m) for n, c, r, m in step] for step in STEPS]
     (work / "jobs.json").write_text(json.dumps(steps))
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(TESTS.parent), str(TESTS), env.get("PYTHONPATH", "")])
+    # The pyllama4 under test (installed in CI, the source tree here) before anything else.
+    package_root = Path(pyllama4.__file__).resolve().parents[1]
+    env["PYTHONPATH"] = os.pathsep.join([str(package_root), str(TESTS), env.get("PYTHONPATH", "")])
     init = f"file://{work / 'rendezvous'}"
     procs = [
         subprocess.Popen(
