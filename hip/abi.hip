@@ -14,7 +14,7 @@
 namespace {
 // The ABI version: bump it (and pyllama4.kernels.ABI_VERSION) on any change of a signature or
 // of a launcher's contract.
-constexpr int32_t kAbiVersion = 2;
+constexpr int32_t kAbiVersion = 3;
 
 thread_local char last_error[512] = "";
 }  // namespace

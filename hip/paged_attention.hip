@@ -57,8 +57,11 @@ __global__ void __launch_bounds__(kWarps * PYLLAMA4_WARP)
 
   const int64_t position = positions[token];
   const int64_t start = chunk_size > 0 ? position / chunk_size * chunk_size : 0;
-  const int64_t begin = start + static_cast<int64_t>(split) * split_len;
-  const int64_t end = position + 1 < begin + split_len ? position + 1 : begin + split_len;
+  // split_len 0: this token's keys [start, position] split evenly over num_splits (a captured
+  // graph fixes num_splits but not the context lengths it will see).
+  const int64_t span = split_len > 0 ? split_len : (position - start + num_splits) / num_splits;
+  const int64_t begin = start + static_cast<int64_t>(split) * span;
+  const int64_t end = position + 1 < begin + span ? position + 1 : begin + span;
   const int64_t* table = block_table + token_rows[token] * table_width;
 
   float qv[kMaxGroup][ELEMS];
@@ -203,9 +206,9 @@ extern "C" int pyllama4_paged_attention(void* out, const void* q, const void* k_
     return pyllama4_fail("paged_attention: more than 8 query heads per kv head");
   if (head_dim % PYLLAMA4_WARP != 0 || head_dim > kMaxHeadDim)
     return pyllama4_fail("paged_attention: head_dim must be a multiple of the warp width, <= 256");
-  if (page_size < 1 || table_width < 1 || chunk_size < 0 || num_splits < 1 || split_len < 1)
-    return pyllama4_fail("paged_attention: page_size, table_width, num_splits and split_len "
-                         "must be positive, chunk_size >= 0");
+  if (page_size < 1 || table_width < 1 || chunk_size < 0 || num_splits < 1 || split_len < 0)
+    return pyllama4_fail("paged_attention: page_size, table_width and num_splits must be "
+                         "positive, chunk_size and split_len >= 0");
   auto s = static_cast<gpuStream_t>(stream);
   const dim3 grid(num_splits, num_tokens, num_kv_heads);
   switch (head_dim / PYLLAMA4_WARP) {

@@ -26,7 +26,9 @@ const char* pyllama4_platform(void);
 // slot page * page_size + j % page_size of k_cache / v_cache ([slots, num_kv_heads, head_dim]),
 // page = block_table[token_rows[t] * table_width + col], col = j / page_size, or
 // (j / page_size) % table_width when chunk_size != 0 (the chunk-local ring table).
-// Split-K: keys are cut into num_splits ranges of split_len positions from start_t; partial
+// Split-K: keys are cut into num_splits ranges of split_len positions from start_t (split_len
+// 0: each token's own keys cut evenly, ceil(keys_t / num_splits) each, as a captured graph
+// needs); partial
 // results go to workspace (num_tokens * num_q_heads * num_splits * (head_dim + 2) floats) and a
 // second kernel combines them into out. head_dim must be a multiple of the warp width (32 or 64
 // lanes) and at most 256; num_q_heads / num_kv_heads at most 8; num_tokens at most 65535 (a

@@ -275,11 +275,16 @@ def test_the_emulator_runs_blocks_and_reports_hangs(lib):
 # ---- Paged attention ------------------------------------------------------------------------
 
 
-def kernel_tokens(case: DecodeCase, num_splits: int, monkeypatch) -> attention.KernelTokens:
+def kernel_tokens(
+    case: DecodeCase, num_splits: int, monkeypatch, dynamic: bool = False
+) -> attention.KernelTokens:
     """pyllama4.kernels.attention.kernel_tokens for all of the case's requests, with
-    num_splits splits (its split_plan asks the GPU for its size)."""
+    num_splits splits (its split_plan asks the GPU for its size); dynamic: split_len 0, each
+    token splitting its own keys (what decode graphs launch)."""
     monkeypatch.setattr(
-        attention, "split_plan", lambda keys, blocks, device: (num_splits, -(-keys // num_splits))
+        attention,
+        "split_plan",
+        lambda keys, blocks, device: (num_splits, 0 if dynamic else -(-keys // num_splits)),
     )
     return attention.kernel_tokens(
         case.rows,
@@ -327,8 +332,10 @@ def attend(lib: Library, case: DecodeCase, tokens: attention.KernelTokens) -> to
     return out.view(count, heads, dim)
 
 
-def assert_attention_close(lib: Library, case: DecodeCase, splits: int, monkeypatch) -> None:
-    out = attend(lib, case, kernel_tokens(case, splits, monkeypatch))
+def assert_attention_close(
+    lib: Library, case: DecodeCase, splits: int, monkeypatch, dynamic: bool = False
+) -> None:
+    out = attend(lib, case, kernel_tokens(case, splits, monkeypatch, dynamic))
     err = (out.float() - reference(case, case.q.shape[2] ** -0.5)).abs().max().item()
     assert err <= ATTENTION_TOL, f"{splits} splits: max error {err:.3g}"
 
@@ -339,7 +346,8 @@ def test_paged_attention_matches_the_reference(lib, page_size, chunk, monkeypatc
     """A mixed batch: three decodes (contexts 1, 17, 129) and two extends (positions 222..229
     and 254..269), GQA 8 over 2, head_dim 64; 1 and 4 splits (the 1-key request leaves 3
     empty). Chunk-local with chunks of 128: position 128 sees only itself, the second extend
-    crosses into a new chunk at 256."""
+    crosses into a new chunk at 256. Also per-token splits (split_len 0, decode graphs): 3 and
+    7 splits of each token's own key range (the 1-key request leaves all but one empty)."""
     case = decode_case(
         [1, 17, 129, 230, 270],
         queries=[1, 1, 1, 8, 16],
@@ -353,6 +361,8 @@ def test_paged_attention_matches_the_reference(lib, page_size, chunk, monkeypatc
     )
     for splits in (1, 4):
         assert_attention_close(lib, case, splits, monkeypatch)
+    for splits in (3, 7):
+        assert_attention_close(lib, case, splits, monkeypatch, dynamic=True)
 
 
 @pytest.mark.parametrize(
@@ -393,7 +403,8 @@ def test_paged_attention_refuses_bad_arguments(lib):
         "num_q_heads must be a multiple of num_kv_heads": {9: 7},
         "more than 8 query heads per kv head": {9: 18},
         "head_dim must be a multiple of the warp width": {11: lib.warp + 16},
-        "page_size, table_width, num_splits and split_len must be positive": {16: 0},
+        "page_size, table_width and num_splits must be positive": {16: 0},
+        "chunk_size and split_len >= 0": {17: -1},
     }
     for message, changes in bad.items():
         args = list(good)

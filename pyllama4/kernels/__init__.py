@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-ABI_VERSION = 2  # hip/abi.hip's kAbiVersion: bump both on any change of the C ABI
+ABI_VERSION = 3  # hip/abi.hip's kAbiVersion: bump both on any change of the C ABI
 LIBRARY_NAME = "libpyllama4_kernels.so"
 
 log = logging.getLogger("pyllama4.kernels")
