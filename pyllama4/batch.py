@@ -37,6 +37,10 @@ class StepBatch:
     # them, and positions hold each node's real position (context_len + depth), while slots stay
     # in node order. None: decodes are chains (causal).
     tree_ancestors: np.ndarray | None = None
+    # Decode graphs (pyllama4.graphs): every token is a one-token decode and the attention
+    # metadata comes from the device tensors alone (rows, positions), never the host arrays,
+    # which then only give the shape. max_keys: the most keys any of its tokens may see.
+    static_max_keys: int | None = None
 
     @property
     def num_tokens(self) -> int:

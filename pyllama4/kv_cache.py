@@ -3,7 +3,10 @@
 Invariant: layer l stores its keys and values in the local pool when it is a chunk-local layer
 whose chunk is shorter than the context (local_layers[l]), else in the global pool; slot s of a
 pool is page s // page_size, offset s % page_size. The block tables mirror the core scheduler's:
-they change only through `apply_writes` with the writes a StepPlan carries. Under tensor
+they change only through `apply_writes` with the writes a StepPlan carries. Each pool has one
+scratch page past the scheduler's pages and each block table one scratch row past its rows (all
+entries the scratch page): padded rows of a decode graph (pyllama4.graphs) write and read only
+there, never a request's KV. Under tensor
 parallelism each rank's cache holds its own KV heads (`kv_heads`, Llama4ForCausalLM.kv_heads)
 with the same pages and block tables as every other rank's.
 """
@@ -47,14 +50,19 @@ class PagedKVCache:
         shape = (config.num_key_value_heads if kv_heads is None else kv_heads, config.head_dim)
 
         def pool(pages: int) -> torch.Tensor:
-            return torch.zeros(pages * page_size, *shape, dtype=dtype, device=device)
+            return torch.zeros((pages + 1) * page_size, *shape, dtype=dtype, device=device)
 
         self.k = [pool(local_pages if loc else global_pages) for loc in local_layers]
         self.v = [pool(local_pages if loc else global_pages) for loc in local_layers]
         tables = {"dtype": torch.int64, "device": device}
-        self.global_table = torch.zeros(max_rows, global_table_width, **tables)
-        self.local_table = torch.zeros(max_rows, max(1, local_table_width), **tables)
+        self.global_table = torch.zeros(max_rows + 1, global_table_width, **tables)
+        self.local_table = torch.zeros(max_rows + 1, max(1, local_table_width), **tables)
         self.local_table_width = local_table_width
+        # The scratch row, page and first slot of each pool (see the module docstring).
+        self.scratch_row = max_rows
+        self.global_table[max_rows] = global_pages
+        self.local_table[max_rows] = local_pages
+        self.scratch_slots = (global_pages * page_size, local_pages * page_size)
 
     def apply_writes(self, plan: StepPlan) -> None:
         """Applies the block table entries a plan carries (before its step runs)."""

@@ -9,7 +9,9 @@ is this rank's KV memory.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,8 +19,12 @@ import torch
 from pyllama4._core import Scheduler, StepPlan
 from pyllama4.batch import StepBatch
 from pyllama4.config import TextConfig
+from pyllama4.graphs import Capture, CudaGraphReplay, DecodeGraphs
+from pyllama4.kernels import attention as attention_gpu
 from pyllama4.kv_cache import PagedKVCache, local_layers
 from pyllama4.model.llama4 import Llama4ForCausalLM
+
+log = logging.getLogger("pyllama4.runner")
 
 
 @dataclass(frozen=True)
@@ -169,19 +175,59 @@ class ModelRunner:
             kv_heads=model.kv_heads,
         )
         self.device = device
+        self.context_len = context_len
+        self.graphs: DecodeGraphs | None = None
+
+    def capture_graphs(self, max_bs: int, capture: Capture | None = None) -> None:
+        """Captures decode graphs for batch sizes up to max_bs (at most max_running; see
+        pyllama4.graphs); forward() then replays them for the plans they fit. capture: the
+        mechanism, CUDA/HIP graphs by default (a GPU with the kernel library: without its
+        paged-attention kernel a graph would attend over the whole context; then this logs
+        why and leaves every step eager). Under tensor parallelism every rank captures, in
+        the same order."""
+        pool = None
+        if capture is None:
+            k_cache = self.cache.k[0]
+            if not attention_gpu.usable(k_cache):
+                log.warning(
+                    "decode graphs not captured: they need a bf16 model on a GPU with the kernel "
+                    "library (%s); every step runs eagerly",
+                    "dtype " + str(k_cache.dtype) if k_cache.is_cuda else "no GPU",
+                )
+                return
+            capture, pool = CudaGraphReplay, torch.cuda.graph_pool_handle()
+        self.graphs = None  # the old graphs' memory goes back to the pool first
+        self.graphs = DecodeGraphs(
+            self.model,
+            self.cache,
+            max_bs=min(max_bs, self.cache.scratch_row),
+            max_keys=self.context_len,
+            capture=capture,
+            pool=pool,
+        )
 
     def forward(
         self, plan: StepPlan, embeds: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> torch.Tensor:
         """Runs one plan; returns the logits [num_samples, vocab] of its sampling positions.
-        embeds: (flat token index [K], features [K, hidden]) of the image positions it computes."""
-        return self.forward_with_hidden(plan, embeds)[0]
+        embeds: (flat token index [K], features [K, hidden]) of the image positions it computes.
+        Plans of decodes that a captured graph fits replay it."""
+        size = None if self.graphs is None or embeds is not None else self.graphs.size_for(plan)
+        if size is None:
+            return self.forward_with_hidden(plan, embeds)[0]
+        self.announce(plan, None)
+        self.cache.apply_writes(plan)
+        return self.graphs.forward(plan, size)
+
+    def announce(self, plan: Any, embeds: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        """Called before each step runs (ShardedRunner: sends it to the other ranks)."""
 
     def forward_with_hidden(
         self, plan: StepPlan, embeds: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """As forward, plus the final hidden states [num_tokens, hidden] of every token of the
-        plan (what speculative decoding drafts from)."""
+        """As forward (never a graph), plus the final hidden states [num_tokens, hidden] of
+        every token of the plan (what speculative decoding drafts from)."""
+        self.announce(plan, embeds)
         self.cache.apply_writes(plan)
         batch = StepBatch.from_plan(plan, self.device, embeds)
         hidden = self.model(batch, self.cache)

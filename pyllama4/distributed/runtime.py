@@ -63,6 +63,14 @@ class PlanMessage:
         arrays = {name: np.array(getattr(plan, name)) for name in _PLAN_FIELDS}
         return cls(arrays, int(plan.num_decodes), cpu)
 
+    @property
+    def num_requests(self) -> int:
+        return len(self.arrays["rows"])
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.arrays["token_ids"])
+
     def __getattr__(self, name: str) -> np.ndarray:
         try:
             return self.__dict__["arrays"][name]
@@ -83,6 +91,7 @@ class WorkerSpec:
     init_method: str
     backend: str | None = None
     threads: int | None = None  # torch threads per worker on the CPU
+    cuda_graph_max_bs: int = 0  # decode graphs up to this batch (0: none), as rank 0's
 
 
 class PlanChannel:
@@ -108,11 +117,8 @@ class ShardedRunner(ModelRunner):
 
     channel: PlanChannel
 
-    def forward_with_hidden(
-        self, plan: Any, embeds: tuple[torch.Tensor, torch.Tensor] | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def announce(self, plan: Any, embeds: tuple[torch.Tensor, torch.Tensor] | None) -> None:
         self.channel.send(PlanMessage.from_plan(plan, embeds))
-        return super().forward_with_hidden(plan, embeds)
 
 
 def worker_main(rank: int, spec: WorkerSpec) -> None:
@@ -133,11 +139,13 @@ def worker_main(rank: int, spec: WorkerSpec) -> None:
     runner = ModelRunner(
         model, context_len=spec.context_len, kv_pages=box[0], **spec.runner_options
     )
+    if spec.cuda_graph_max_bs:
+        runner.capture_graphs(spec.cuda_graph_max_bs)  # in step with rank 0's capture
     while (message := channel.receive()) is not None:
         embeds = None
         if message.embeds is not None:
             embeds = (message.embeds[0].to(device), message.embeds[1].to(device))
-        runner.forward_with_hidden(message, embeds)
+        runner.forward(message, embeds)
     dist.destroy_process_group()
 
 

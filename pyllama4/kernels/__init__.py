@@ -99,3 +99,20 @@ def check(code: int) -> None:
     """Raise RuntimeError with the library's message when a launcher returned nonzero."""
     if code != 0:
         raise RuntimeError(f"pyllama4 GPU kernel failed (code {code}): {last_error()}")
+
+
+_workspaces: dict[tuple[str, torch.device], torch.Tensor] = {}
+_retired: list[torch.Tensor] = []  # outgrown workspaces: captured graphs may still point at them
+
+
+def workspace(owner: str, device: torch.device, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A scratch buffer of at least numel elements for `owner`'s launches on device, grown as
+    needed and shared by its calls (one stream runs them in order). An outgrown buffer is kept
+    alive, never freed: a captured graph (pyllama4.graphs) replays with its address."""
+    key = (owner, device)
+    buffer = _workspaces.get(key)
+    if buffer is None or buffer.numel() < numel:
+        if buffer is not None:
+            _retired.append(buffer)
+        buffer = _workspaces[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buffer

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from pyllama4.kernels import check, library
+from pyllama4.kernels import workspace as scratch
 
 _c = ctypes
 _ARGTYPES = (
@@ -24,7 +25,6 @@ _ARGTYPES = (
     + [_c.c_float, _c.c_void_p, _c.c_int32, _c.c_int32, _c.c_void_p]
 )
 _SPLIT_MIN = 256  # fewest key positions per split: below that a split's overhead dominates
-_workspace: dict[torch.device, torch.Tensor] = {}
 
 
 def _launcher() -> ctypes._CFuncPtr | None:
@@ -72,10 +72,23 @@ def kernel_tokens(
     # The most keys any token sees: its request's last token, from its first token's chunk.
     keys = seq if chunk is None else seq - (seq - qlens) // chunk * chunk
     device = rows.device
-    token_rows = torch.repeat_interleave(rows[lo:hi], torch.from_numpy(qlens).to(device))
     count = last - first
+    token_rows = torch.repeat_interleave(  # output_size: no device sync for the length
+        rows[lo:hi], torch.from_numpy(qlens).to(device), output_size=count
+    )
     num_splits, split_len = split_plan(int(keys.max()), count * num_kv_heads, device)
     return KernelTokens(first, count, token_rows, positions[first:last], num_splits, split_len)
+
+
+def graph_tokens(
+    rows: torch.Tensor, positions: torch.Tensor, max_keys: int, num_kv_heads: int
+) -> KernelTokens:
+    """Metadata for a decode graph's tokens (one per row, rows [B] and positions [B] device
+    tensors): a split count fixed for B and max_keys, each token splitting its own keys evenly
+    (split_len 0), so nothing depends on the host values of the step the graph replays."""
+    count = int(rows.shape[0])
+    num_splits, _ = split_plan(max_keys, count * num_kv_heads, rows.device)
+    return KernelTokens(0, count, rows, positions, num_splits, 0)
 
 
 def split_plan(max_keys: int, blocks: int, device: torch.device) -> tuple[int, int]:
@@ -102,9 +115,7 @@ def paged_attention_gpu(
     q = q.contiguous()
     out = torch.empty_like(q)
     need = count * heads * tokens.num_splits * (dim + 2)
-    workspace = _workspace.get(q.device)
-    if workspace is None or workspace.numel() < need:
-        workspace = _workspace[q.device] = torch.empty(need, dtype=torch.float32, device=q.device)
+    workspace = scratch("paged_attention", q.device, need, torch.float32)
     stream = torch.cuda.current_stream(q.device).cuda_stream
     check(
         fn(

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from pyllama4.kernels import check, declare, library
+from pyllama4.kernels import workspace as scratch
 from pyllama4.quant import fp8_bits
 
 MAX_TOKENS = 16  # hip/fp8_gemm.hip kMaxTokens
@@ -28,7 +29,6 @@ _c = ctypes
 _LINEAR = [_c.c_void_p] * 4 + [_c.c_int32] * 4 + [_c.c_float, _c.c_int32, _c.c_void_p]
 _LINEAR += [_c.c_int64, _c.c_void_p]
 _QUANTIZE = [_c.c_void_p] * 3 + [_c.c_int32] * 3 + [_c.c_float, _c.c_void_p]
-_workspace: dict[torch.device, torch.Tensor] = {}
 
 
 def _fn(lib: ctypes.CDLL, name: str, argtypes: list[Any], restype: Any = _c.c_int) -> Any:
@@ -78,10 +78,7 @@ def dispatches(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def _workspace_for(device: torch.device, nbytes: int) -> torch.Tensor:
-    workspace = _workspace.get(device)
-    if workspace is None or workspace.numel() < nbytes:
-        workspace = _workspace[device] = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    return workspace
+    return scratch("fp8_linear", device, nbytes, torch.uint8)
 
 
 def _ub(ub: float | None) -> float:

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from pyllama4.kernels import check, declare, library
+from pyllama4.kernels import workspace as scratch
 from pyllama4.quant import fp8_bits as fp8
 
 if TYPE_CHECKING:
@@ -48,7 +49,6 @@ _ROUTE += [_c.c_int64, _c.c_void_p]
 _EXPERTS = [_c.c_void_p] * 9 + [_c.c_int32] * 2 + [_c.c_float] + [_c.c_int32] * 7
 _EXPERTS += [_c.c_void_p, _c.c_int64, _c.c_void_p]
 _WORKSPACE = [_c.c_int32] * 5
-_workspace: dict[torch.device, torch.Tensor] = {}
 
 
 @dataclass(frozen=True)
@@ -229,10 +229,7 @@ def split_plan(rows: int, cols: int, slots: int, device: torch.device) -> int:
 
 
 def _workspace_for(device: torch.device, nbytes: int) -> torch.Tensor:
-    workspace = _workspace.get(device)
-    if workspace is None or workspace.numel() < nbytes:
-        workspace = _workspace[device] = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    return workspace
+    return scratch("fused_moe", device, nbytes, torch.uint8)
 
 
 def _route(

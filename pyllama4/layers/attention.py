@@ -36,15 +36,27 @@ class _Group:
 
 
 @dataclass(frozen=True)
+class _Dense:
+    """A decode graph's tokens without the kernel (the CPU): each of the B tokens over every
+    key position it could see ([B, K], K = the table's width in keys, or one chunk), masked by
+    its position; built from device tensors only, so it can be captured."""
+
+    key_slots: torch.Tensor  # [B * K] pool slot of each key (the row's own page where masked)
+    mask: torch.Tensor  # [B, 1, 1, K] bool
+
+
+@dataclass(frozen=True)
 class AttentionMetadata:
     """Per step, shared by all layers of one pool: the groups to attend over, and the decode
-    tokens the GPU kernel takes instead (then they are in no group)."""
+    tokens the GPU kernel takes instead (then they are in no group); or, for a decode graph's
+    batch, the kernel's tokens or `dense` (without the kernel)."""
 
     groups: tuple[_Group, ...]
     decode: gpu.KernelTokens | None = None
     table: torch.Tensor | None = None  # the block table the kernel reads
     page_size: int = 0
     chunk: int | None = None
+    dense: _Dense | None = None
 
 
 def _group(
@@ -116,12 +128,37 @@ def _group(
     )
 
 
+def _dense(
+    batch: StepBatch, table: torch.Tensor, page_size: int, chunk: int | None, width: int
+) -> _Dense:
+    """What _Dense holds, from batch.rows and batch.positions alone (width: the local ring
+    table's width in pages)."""
+    positions = batch.positions[:, None]
+    if chunk is None:
+        kpos = torch.arange(table.shape[1] * page_size, device=table.device)[None, :]
+        col = kpos // page_size
+    else:
+        kpos = positions // chunk * chunk + torch.arange(chunk, device=table.device)[None, :]
+        col = kpos // page_size % width
+    visible = kpos <= positions
+    pages = table[batch.rows].gather(1, col.expand(len(batch.rows), -1))
+    slots = torch.where(visible, pages * page_size + kpos % page_size, pages * page_size)
+    return _Dense(slots.reshape(-1), visible[:, None, None, :])
+
+
 def prepare(batch: StepBatch, cache: PagedKVCache, local: bool) -> AttentionMetadata:
     """Metadata for the global-pool layers (local=False) or the chunk-local ones (local=True)."""
     table = cache.local_table if local else cache.global_table
     chunk = cache.chunk_size if local else None
     num = len(batch.context_lens)
     pool = next((k for k, loc in zip(cache.k, cache.local_layers, strict=True) if loc == local))
+    if batch.static_max_keys is not None:  # a decode graph's batch
+        if gpu.usable(pool):
+            keys = batch.static_max_keys if chunk is None else min(chunk, batch.static_max_keys)
+            decode = gpu.graph_tokens(batch.rows, batch.positions, keys, pool.shape[1])
+            return AttentionMetadata((), decode, table, cache.page_size, chunk)
+        dense = _dense(batch, table, cache.page_size, chunk, cache.local_table_width)
+        return AttentionMetadata((), None, table, cache.page_size, chunk, dense)
     decode = None
     if batch.num_decodes and batch.tree_ancestors is None and gpu.usable(pool):
         decode = gpu.kernel_tokens(
@@ -166,6 +203,19 @@ def paged_attention(
         out[:n] = gpu.paged_attention_gpu(
             q[:n], k_cache, v_cache, meta.table, meta.decode, meta.page_size, meta.chunk, scale
         )
+    if meta.dense is not None:
+        b, nk = meta.dense.mask.shape[0], meta.dense.mask.shape[-1]
+        kd = k_cache.index_select(0, meta.dense.key_slots).view(b, nk, hkv, d).transpose(1, 2)
+        vd = v_cache.index_select(0, meta.dense.key_slots).view(b, nk, hkv, d).transpose(1, 2)
+        od = F.scaled_dot_product_attention(
+            q[:, None].transpose(1, 2),
+            kd,
+            vd,
+            attn_mask=meta.dense.mask,
+            scale=scale,
+            enable_gqa=True,
+        )
+        out.copy_(od.transpose(1, 2).reshape(b, hq, d))
     for g in meta.groups:
         r, nq, nk = g.shape
         # index_select: several times faster than advanced indexing for row gathers on CPU.
