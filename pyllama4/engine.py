@@ -49,6 +49,8 @@ from pyllama4.distributed.runtime import (
     free_init_method,
 )
 from pyllama4.grammar import Constraint, GrammarCompiler, GrammarSpec
+from pyllama4.memory import CudaMeter, MemoryReport
+from pyllama4.memory import measure as measure_memory
 from pyllama4.model.eagle3 import load_eagle3
 from pyllama4.model.load import load_model
 from pyllama4.multimodal.features import ImageFeed, PromptFeatures
@@ -61,7 +63,7 @@ from pyllama4.outputs import (
     RequestOutput,
     TokenLogprob,
 )
-from pyllama4.runner import ModelRunner
+from pyllama4.runner import MAX_RUNNING, MAX_STEP_TOKENS, ModelRunner
 from pyllama4.sampler import SampleOutput, Sampler, SampleRequest
 from pyllama4.sampling_params import SamplingParams
 from pyllama4.speculative.eagle import (
@@ -146,6 +148,7 @@ class Engine:
         self.speculative = speculative
         self.workers = workers
         self.failure: str | None = None  # set by fail(): the engine can no longer serve
+        self.memory_report: MemoryReport | None = None  # the measured GPU plan (from_checkpoint)
         self.scheduler = runner.scheduler
         self.tokenizer = tokenizer
         self.vocab_size = runner.model.config.vocab_size
@@ -184,6 +187,7 @@ class Engine:
         tp: int = 1,
         nnodes: int = 1,
         dist_init_method: str | None = None,
+        cuda_graph_max_bs: int = 0,
         **runner_options: Any,
     ) -> Engine:
         """Loads a checkpoint and its tokenizer; runner_options go to ModelRunner (kv_tokens or
@@ -198,9 +202,14 @@ class Engine:
         its node's other ranks (1..tp/nnodes-1) as worker processes, the other nodes theirs,
         all joined at dist_init_method (default: a free local port); the KV budget is per rank.
 
+        cuda_graph_max_bs > 0 (a GPU): decode steps of up to that many requests replay
+        captured graphs (pyllama4.graphs), on every tensor-parallel rank.
+
         Without kv_tokens / kv_bytes the KV budget is, on a GPU, mem_fraction_static of its
-        memory minus what the weights already took (SGLang's --mem-fraction-static); on the CPU,
-        a quarter of the machine's memory, at most 1 GiB."""
+        memory less what the loaded model, a warm-up's activations and the decode graphs take,
+        measured (pyllama4.memory; under tensor parallelism: less what is in use after loading,
+        activations not measured); on the CPU, a quarter of the machine's memory, at most
+        1 GiB."""
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)
@@ -212,8 +221,17 @@ class Engine:
         if tp > 1:
             _check_shardable(TextConfig.from_checkpoint(checkpoint_dir), tp)
             sharded = _start_workers(
-                checkpoint_dir, dtype, device, tp, nnodes, dist_init_method, context_len, options
+                checkpoint_dir,
+                dtype,
+                device,
+                tp,
+                nnodes,
+                dist_init_method,
+                context_len,
+                options,
+                cuda_graph_max_bs,
             )
+        memory_report: list[MemoryReport] = []
 
         def build() -> tuple[ModelRunner, ImageSupport | None, EagleWorker | None]:
             model_device = device
@@ -238,8 +256,6 @@ class Engine:
                     max_tiles=max_image_tiles,
                     progress=progress,
                 )
-            if "kv_tokens" not in options and "kv_bytes" not in options:
-                options["kv_bytes"] = default_kv_bytes(model, mem_fraction_static)
             context = context_len or model.config.max_position_embeddings
             draft = None
             if speculative_draft is not None:
@@ -255,10 +271,30 @@ class Engine:
                 ).eval()
                 extra = draft_kv_bytes_per_token(draft, model_dtype)
                 options["extra_global_bytes_per_token"] = extra
+            on_gpu = next(model.parameters()).is_cuda
+            if "kv_tokens" not in options and "kv_bytes" not in options:
+                if on_gpu and sharded is None:
+                    report = measure_memory(
+                        lambda tokens: ModelRunner(
+                            model, context_len=context, **{**options, "kv_tokens": tokens}
+                        ),
+                        CudaMeter(next(model.parameters()).device),
+                        fraction=mem_fraction_static,
+                        step_tokens=options.get("max_step_tokens", MAX_STEP_TOKENS),
+                        rows=options.get("max_running", MAX_RUNNING),
+                        graph_max_bs=cuda_graph_max_bs,
+                    )
+                    report.check()
+                    memory_report.append(report)
+                    options["kv_bytes"] = report.kv_bytes
+                else:
+                    options["kv_bytes"] = default_kv_bytes(model, mem_fraction_static)
             if sharded is not None:
                 runner = sharded.runner(model, context, options)
             else:
                 runner = ModelRunner(model, context_len=context, **options)
+            if on_gpu and cuda_graph_max_bs:
+                runner.capture_graphs(cuda_graph_max_bs)
             worker = None
             if draft is not None:
                 worker = EagleWorker(runner, draft, speculative or SpecConfig())
@@ -274,7 +310,7 @@ class Engine:
                     dist.destroy_process_group()
             raise
         log.debug(runner.memory.describe())
-        return cls(
+        engine = cls(
             runner,
             tokenizer,
             model_thread=model_thread,
@@ -282,6 +318,8 @@ class Engine:
             speculative=worker,
             workers=None if sharded is None else sharded.workers,
         )
+        engine.memory_report = memory_report[0] if memory_report else None
+        return engine
 
     def fail(self, message: str) -> None:
         """Marks the engine unable to serve (a tensor-parallel worker died): health checks
@@ -790,6 +828,7 @@ def _start_workers(
     init_method: str | None,
     context_len: int | None,
     options: dict[str, Any],
+    cuda_graph_max_bs: int,
 ) -> _Sharded:
     """Spawns this node's ranks 1..size/nnodes-1 (they load their shards while rank 0 loads
     its own)."""
@@ -806,6 +845,7 @@ def _start_workers(
         size=size,
         init_method=init_method,
         threads=cpu_threads_per_rank(size // nnodes) if device == "cpu" else None,
+        cuda_graph_max_bs=0 if device == "cpu" else cuda_graph_max_bs,
     )
     workers = Workers.spawn(spec, range(1, size // nnodes))
     return _Sharded(workers, size, init_method, device)

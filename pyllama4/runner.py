@@ -26,6 +26,9 @@ from pyllama4.model.llama4 import Llama4ForCausalLM
 
 log = logging.getLogger("pyllama4.runner")
 
+MAX_RUNNING = 256  # default: requests decoding together (block-table rows)
+MAX_STEP_TOKENS = 8192  # default: tokens one step computes (the chunked-prefill budget)
+
 
 @dataclass(frozen=True)
 class MemoryPlan:
@@ -123,8 +126,8 @@ class ModelRunner:
         kv_tokens: int | None = None,
         kv_bytes: int | None = None,
         page_size: int = 16,
-        max_running: int = 256,
-        max_step_tokens: int = 8192,
+        max_running: int = MAX_RUNNING,
+        max_step_tokens: int = MAX_STEP_TOKENS,
         enable_prefix_cache: bool = True,
         policy: str = "fcfs",
         extra_global_bytes_per_token: int = 0,

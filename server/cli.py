@@ -32,6 +32,7 @@ log = logging.getLogger("pyllama4.serve")
 PROG = "pyllama4-serve"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 30000  # SGLang's default
+DEFAULT_GRAPH_MAX_BS = 64  # pyllama4.kernels.moe.MAX_TOKENS: larger MoE batches cannot be captured
 # In-flight requests get this long to finish after SIGTERM / SIGINT; then they are aborted.
 SHUTDOWN_TIMEOUT_S = 30.0
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32", "half", "float")
@@ -235,8 +236,14 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         "--cuda-graph-max-bs",
         type=_int_in(1),
         metavar="N",
-        help="largest batch captured in a CUDA graph; graphs are not built yet, so this is "
-        "accepted and logged as having no effect",
+        help="decode steps of up to N requests replay a captured CUDA/HIP graph, padded to the "
+        f"next captured size (default {DEFAULT_GRAPH_MAX_BS}, the fused MoE kernels' largest "
+        "batch; GPU only)",
+    )
+    hw.add_argument(
+        "--disable-cuda-graph",
+        action="store_true",
+        help="run every step eagerly (no decode graphs)",
     )
     hw.add_argument(
         "--max-total-tokens",
@@ -377,6 +384,13 @@ def resolve_device(args: argparse.Namespace) -> str:
     if args.model_path is None:
         return "cpu"
     return "cuda" if _cuda_available() else "cpu"
+
+
+def graph_max_bs(args: argparse.Namespace, device: str) -> int:
+    """The largest decode batch captured in a graph; 0: none (the CPU, --disable-cuda-graph)."""
+    if device == "cpu" or args.disable_cuda_graph:
+        return 0
+    return args.cuda_graph_max_bs or DEFAULT_GRAPH_MAX_BS
 
 
 def resolve_fp8_format(args: argparse.Namespace, device: str) -> str:
@@ -601,26 +615,15 @@ def notes(args: argparse.Namespace) -> list[tuple[int, str]]:
                 "(pyllama4 implements Llama 4 itself)",
             )
         )
-    if args.cuda_graph_max_bs is not None:
-        if device == "cpu":
-            # A tuning knob: CUDA graphs only exist on a GPU, on the CPU it means nothing.
-            out.append(
-                (
-                    logging.INFO,
-                    f"--cuda-graph-max-bs {args.cuda_graph_max_bs}: no effect on the CPU "
-                    "(CUDA graphs are a GPU feature)",
-                )
+    if args.cuda_graph_max_bs is not None and device == "cpu":
+        # A tuning knob: CUDA graphs only exist on a GPU, on the CPU it means nothing.
+        out.append(
+            (
+                logging.INFO,
+                f"--cuda-graph-max-bs {args.cuda_graph_max_bs}: no effect on the CPU "
+                "(CUDA graphs are a GPU feature)",
             )
-        else:
-            # Accepted: graphs only make small-batch decode faster, they never change outputs;
-            # refusing to start over a speed knob would block a deployment that works.
-            out.append(
-                (
-                    logging.WARNING,
-                    f"--cuda-graph-max-bs {args.cuda_graph_max_bs}: CUDA graphs are not built "
-                    "yet; every step runs eagerly (same outputs, slower small-batch decode)",
-                )
-            )
+        )
     if not args.enable_multimodal:
         for dest in _IMAGE_FLAGS:
             if dest in getattr(args, "given", ()):
@@ -825,6 +828,7 @@ def _start_and_serve(args: argparse.Namespace) -> None:
             tp=args.tp,
             nnodes=args.nnodes,
             dist_init_method=_init_method(args),
+            cuda_graph_max_bs=graph_max_bs(args, device),
             **options,
         )
     except torch.OutOfMemoryError as e:
@@ -849,6 +853,11 @@ def _start_and_serve(args: argparse.Namespace) -> None:
         memory.max_tokens,
         context,
     )
+    if engine.memory_report is not None:
+        log.info("%s", engine.memory_report.describe())
+    graphs = engine.runner.graphs
+    if graphs is not None:
+        log.info("decode graphs captured for batch sizes %s", ", ".join(map(str, graphs.sizes)))
     if memory.max_tokens < context:
         log.warning(
             "the KV cache holds %d tokens, fewer than the context length %d: a single request "
@@ -926,6 +935,7 @@ def _serve_ranks(args: argparse.Namespace, device: str, dtype: Any) -> None:
         size=args.tp,
         init_method=_init_method(args) or "",
         threads=cpu_threads_per_rank(per_node) if device == "cpu" else None,
+        cuda_graph_max_bs=graph_max_bs(args, device),
     )
     log.info("node %d: running ranks %d..%d", args.node_rank, first, first + per_node - 1)
     workers = Workers.spawn(spec, range(first, first + per_node))
