@@ -9,7 +9,10 @@ Invariants:
   the caller aborts it, or with "error" and a message if the step that carried it failed.
   A failing step fails only the requests it carried; the engine keeps running.
 - Outputs of a request never depend on what else is in the batch (batch invariance is a tested
-  property on CPU fp32), nor on chunked prefill, prefix reuse or retraction.
+  property on CPU fp32), nor on chunked prefill, prefix reuse or retraction, nor on overlap.
+- Overlap (on by default): a committed step's token ids are recorded at once (the next step's
+  penalties read them); their text is made and streamed while the next step computes. The
+  only wait on the device per step is for its sampled tokens.
 """
 
 from __future__ import annotations
@@ -104,6 +107,16 @@ class _Completion:
 
 
 @dataclass
+class _StepOutputs:
+    """A committed step's tokens, recorded in their completions' token ids, their text not
+    made yet: (completion, its fresh tokens, its logprob row, the core's finish) per row."""
+
+    time: float
+    rows: list[tuple[_Completion, list[int], Any, Any]] = field(default_factory=list)
+    groups: dict[str, _Group] = field(default_factory=dict)  # the requests the step touched
+
+
+@dataclass
 class _Group:
     """One submitted request (n completions) and the stream its caller reads."""
 
@@ -135,6 +148,7 @@ class Engine:
         images: ImageSupport | None = None,
         speculative: EagleWorker | None = None,
         workers: Workers | None = None,
+        overlap: bool = True,
     ):
         """model_thread: the one thread that runs all of the model's torch work (built by
         from_checkpoint, which also loads the model there). On the CPU, torch's OpenMP threads
@@ -142,11 +156,14 @@ class Engine:
         images: the vision tower and tiling settings; None for a text-only engine.
         speculative: EAGLE3 drafting (pyllama4.speculative.eagle), built on this runner.
         workers: the tensor-parallel worker processes of a ShardedRunner (from_checkpoint's tp),
-        stopped by close()."""
+        stopped by close(). overlap: make a step's text (detokenizing, stop strings, streaming)
+        while the next step computes (SGLang's overlap schedule; a request that a stop string
+        ends then computes one token more, discarded); False: one after the other."""
         self.runner = runner
         self.images = images
         self.speculative = speculative
         self.workers = workers
+        self.overlap = overlap
         self.failure: str | None = None  # set by fail(): the engine can no longer serve
         self.memory_report: MemoryReport | None = None  # the measured GPU plan (from_checkpoint)
         self.scheduler = runner.scheduler
@@ -188,6 +205,7 @@ class Engine:
         nnodes: int = 1,
         dist_init_method: str | None = None,
         cuda_graph_max_bs: int = 0,
+        overlap: bool = True,
         **runner_options: Any,
     ) -> Engine:
         """Loads a checkpoint and its tokenizer; runner_options go to ModelRunner (kv_tokens or
@@ -317,6 +335,7 @@ class Engine:
             images=images,
             speculative=worker,
             workers=None if sharded is None else sharded.workers,
+            overlap=overlap,
         )
         engine.memory_report = memory_report[0] if memory_report else None
         return engine
@@ -353,21 +372,36 @@ class Engine:
         if self._running:
             raise RuntimeError("the engine loop is already running")
         self._running = True
+        pending: _StepOutputs | None = None  # the last step's outputs, their text not made yet
         try:
             while True:
                 await anyio.lowlevel.checkpoint()  # cancellation lands between steps
                 if not self.scheduler.has_work():
+                    if pending is not None:
+                        self._deliver(pending)
+                        pending = None
+                        continue  # delivering may release requests (n > 1 siblings)
                     await self._wake.wait()
                     self._wake = anyio.Event()
                     continue
-                await self._step()
+                outputs = await self._step(pending)
+                pending = None
+                if self.overlap:
+                    pending = outputs
+                else:
+                    self._deliver(outputs)
         finally:
             self._running = False
+            if pending is not None:
+                self._deliver(pending)
 
-    async def _step(self) -> None:
+    async def _step(self, previous: _StepOutputs | None) -> _StepOutputs | None:
+        """Runs one step; returns its tokens recorded, their text not made yet. previous: the
+        last step's outputs, whose text is made (and streamed) while this step computes."""
         plan = self.scheduler.schedule()
         if plan.num_requests == 0:
-            return
+            self._deliver(previous)
+            return None
         sampled_ids = plan.request_ids[plan.sample_requests].tolist()
         completions = [self._by_core[i] for i in sampled_ids]
         requests = [self._sample_request(c) for c in completions]
@@ -376,13 +410,18 @@ class Engine:
                 c.group.cached_tokens = self.scheduler.request_info(c.core_id).cached_tokens
         feed = self._image_feed(plan)
         next_prompt = self._next_prompt_tokens(plan) if self.speculative else None
+        if any(r.constraint is not None for r in requests):
+            # A grammar advances on the model thread; its state must not move under _deliver.
+            self._deliver(previous)
+            previous = None
+        future = self._model_thread.submit(
+            self._forward, plan, requests, completions, feed, next_prompt
+        )
+        self._deliver(previous)  # the CPU's share of the last step, while this one computes
         try:
             # A step always completes and commits, even when the loop is being cancelled:
             # otherwise the core would keep a plan in flight and its requests forever.
             with anyio.CancelScope(shield=True):
-                future = self._model_thread.submit(
-                    self._forward, plan, requests, completions, feed, next_prompt
-                )
                 tokens, counts, verified, logprobs = await anyio.to_thread.run_sync(future.result)
         except Exception as e:  # noqa: BLE001 - any failure of a step fails its requests only
             log.exception("step failed")
@@ -391,17 +430,16 @@ class Engine:
                 c = self._by_core.get(core_id)
                 if c is not None:
                     self._fail(c.group, f"{type(e).__name__}: {e}")
-            return
+            return None
         finished = {f.request_id: f for f in self.scheduler.commit(tokens, counts)}
         if feed is not None:
             self._images_encoded += feed.encoded
-        now = time.monotonic()
-        touched: dict[str, _Group] = {}
+        outputs = _StepOutputs(time.monotonic())
         sizes = np.ones(len(tokens), dtype=np.int64) if counts is None else counts
         ends = np.cumsum(sizes).tolist()
         flat = tokens.tolist()
         for row, c in enumerate(completions):
-            touched[c.group.request_id] = c.group
+            outputs.groups[c.group.request_id] = c.group
             if c.finished:  # aborted while in flight
                 continue
             fresh = flat[ends[row] - int(sizes[row]) : ends[row]]
@@ -409,13 +447,31 @@ class Engine:
             done = finished.get(c.core_id)
             if done is not None:  # the core stopped at a stop token or the length limit
                 fresh = fresh[: done.num_output_tokens - len(c.token_ids)]
+            # Token ids now (the next step's penalties and min_tokens read them), text later.
+            c.token_ids.extend(fresh)
+            outputs.rows.append((c, fresh, logprobs[row], done))
+        return outputs
+
+    def _deliver(self, outputs: _StepOutputs | None) -> None:
+        """Makes the text of a step's tokens (detokenizer, stop strings, logprobs, finish
+        reasons) and emits each touched request's output. A completion that ends before its
+        last fresh token (a stop string inside a multi-token speculative step) drops the rest:
+        its token list is replaced, never cut in place (the model thread may be reading it)."""
+        if outputs is None:
+            return
+        for c, fresh, logprob, done in outputs.rows:
+            if c.finished:  # aborted since the step committed
+                continue
+            kept = len(c.token_ids) - len(fresh)
             for j, token in enumerate(fresh):
                 self._generation_tokens += 1
                 last = j == len(fresh) - 1
-                self._on_token(c, token, logprobs[row], done if last else None, now)
+                self._on_token(c, token, logprob, done if last else None, outputs.time)
                 if c.finished:
+                    if not last:
+                        c.token_ids = c.token_ids[: kept + j + 1]
                     break
-        for group in touched.values():
+        for group in outputs.groups.values():
             self._release_siblings(group)
             self._drop_features(group)
             self._emit(group)
@@ -511,7 +567,6 @@ class Engine:
             metrics.sum_inter_token += now - c.last_token_time
             metrics.num_token_times += 1
         c.last_token_time = now
-        c.token_ids.append(token)
         if logprob is not None:
             c.logprobs.append(TokenLogprob(token, logprob[0], logprob[1]))
         by_stop_token = done is not None and done.reason == "stop"

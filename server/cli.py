@@ -295,6 +295,12 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         action="store_true",
         help="do not reuse the KV cache of shared prompt prefixes",
     )
+    sched.add_argument(
+        "--disable-overlap-schedule",
+        action="store_true",
+        help="make each step's text before the next step starts (by default it is made while "
+        "the next step computes)",
+    )
 
     spec = p.add_argument_group("speculative decoding")
     spec.add_argument(
@@ -829,6 +835,7 @@ def _start_and_serve(args: argparse.Namespace) -> None:
             nnodes=args.nnodes,
             dist_init_method=_init_method(args),
             cuda_graph_max_bs=graph_max_bs(args, device),
+            overlap=not args.disable_overlap_schedule,
             **options,
         )
     except torch.OutOfMemoryError as e:

@@ -7,6 +7,8 @@ demo model's real tokenizer (vocab 49152), fp32 on the CPU.
 
 from __future__ import annotations
 
+import time
+
 import anyio
 import pytest
 import torch
@@ -52,12 +54,13 @@ def weights():
     return TextConfig.from_dict(cfg.to_dict()), hf.state_dict()
 
 
-def make_engine(weights, tokenizer, **runner) -> Engine:
+def make_engine(weights, tokenizer, overlap: bool = True, **runner) -> Engine:
     config, state = weights
     model = Llama4ForCausalLM(config)
     model.load_state_dict(state, strict=False)
     options = {"kv_tokens": 4096, "page_size": 4, "max_step_tokens": 256, **runner}
-    return Engine(ModelRunner(model.eval(), context_len=CONTEXT, **options), tokenizer)
+    runner = ModelRunner(model.eval(), context_len=CONTEXT, **options)
+    return Engine(runner, tokenizer, overlap=overlap)
 
 
 def prompts(count: int, seed: int = 0) -> list[list[int]]:
@@ -258,3 +261,79 @@ def test_abort_all_ends_every_request(weights, tokenizer):
 
     anyio.run(main)
     assert_nothing_held(engine)
+
+
+def mixed_workload(engine: Engine, stop: list[str]) -> list:
+    """Greedy, penalised, min_tokens, seeded, logprobs, n=2 and stop-string requests at once."""
+    batch = prompts(8, seed=21)
+    common = {"max_tokens": 20, "ignore_eos": True}
+    params = [
+        SamplingParams(temperature=0.0, **common),
+        SamplingParams(temperature=0.0, repetition_penalty=1.3, frequency_penalty=0.5, **common),
+        SamplingParams(temperature=0.0, presence_penalty=1.0, min_tokens=5, **common),
+        SamplingParams(temperature=0.9, seed=7, **common),
+        SamplingParams(temperature=0.0, logprobs=2, **common),
+        SamplingParams(temperature=0.8, seed=3, n=2, **common),
+        SamplingParams(temperature=0.0, stop=stop, **common),
+        SamplingParams(temperature=0.0, frequency_penalty=1.5, stop=stop, **common),
+    ]
+    return engine.generate(batch, params)
+
+
+def test_overlap_changes_no_output(weights, tokenizer):
+    """The same mixed workload with overlap on (the default) and off: the same tokens, text
+    and finish reasons for every completion, logprobs within 1e-5, nothing held afterwards."""
+    reference = mixed_workload(make_engine(weights, tokenizer, overlap=False), stop=[])
+    text = reference[6].outputs[0].text
+    stop = text[len(text) // 2 : len(text) // 2 + 2]  # a stop string from the middle
+    assert stop.strip(), "the workload's text has no usable stop string"
+    serial = mixed_workload(make_engine(weights, tokenizer, overlap=False), stop=[stop])
+    engine = make_engine(weights, tokenizer, overlap=True)
+    overlapped = mixed_workload(engine, stop=[stop])
+    assert serial[6].outputs[0].finish_reason == "stop"
+    for a, b in zip(serial, overlapped, strict=True):
+        for x, y in zip(a.outputs, b.outputs, strict=True):
+            assert (x.token_ids, x.text, x.finish_reason) == (y.token_ids, y.text, y.finish_reason)
+            # Logprobs within 1e-5: the batches differ (a stop ends a request a step later).
+            assert (x.logprobs is None) == (y.logprobs is None)
+            for u, v in zip(x.logprobs or [], y.logprobs or [], strict=True):
+                assert u.token_id == v.token_id and abs(u.logprob - v.logprob) <= 1e-5
+    assert_nothing_held(engine)
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_text_is_made_while_the_next_step_computes(weights, tokenizer, monkeypatch, overlap):
+    """With overlap, outputs are delivered (detokenized, streamed) while the model thread has
+    the next step in flight (submitted, not done); without, never."""
+    engine = make_engine(weights, tokenizer, overlap=overlap)
+    state = {"in_flight": False}
+    during: list[bool] = []
+    forward, deliver, thread = engine._forward, engine._deliver, engine._model_thread
+
+    def slow_forward(*args):
+        time.sleep(0.005)  # a step that takes a while, as on a GPU
+        return forward(*args)
+
+    class WatchedThread:
+        def submit(self, fn, *args):
+            state["in_flight"] = True
+            future = thread.submit(fn, *args)
+            future.add_done_callback(lambda _: state.update(in_flight=False))
+            return future
+
+    def watched_deliver(outputs):
+        if outputs is not None:
+            during.append(state["in_flight"])
+        deliver(outputs)
+
+    monkeypatch.setattr(engine, "_forward", slow_forward)
+    monkeypatch.setattr(engine, "_deliver", watched_deliver)
+    monkeypatch.setattr(engine, "_model_thread", WatchedThread())
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    outputs = engine.generate(prompts(4, seed=22), params)
+    assert all(len(o.outputs[0].token_ids) == 16 for o in outputs)
+    assert len(during) >= 16
+    if overlap:
+        assert sum(during) >= len(during) - 2  # all but the first and last steps' text
+    else:
+        assert not any(during)
