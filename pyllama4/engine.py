@@ -44,6 +44,7 @@ from pyllama4.distributed.parallel import (
     init_tensor_parallel,
 )
 from pyllama4.distributed.runtime import (
+    BuildRunner,
     PlanChannel,
     ShardedRunner,
     Workers,
@@ -225,8 +226,8 @@ class Engine:
 
         Without kv_tokens / kv_bytes the KV budget is, on a GPU, mem_fraction_static of its
         memory less what the loaded model, a warm-up's activations and the decode graphs take,
-        measured (pyllama4.memory; under tensor parallelism: less what is in use after loading,
-        activations not measured); on the CPU, a quarter of the machine's memory, at most
+        measured (pyllama4.memory; under tensor parallelism on rank 0, every rank taking its
+        page counts); on the CPU, a quarter of the machine's memory, at most
         1 GiB."""
         from transformers import AutoTokenizer
 
@@ -247,7 +248,6 @@ class Engine:
                 dist_init_method,
                 context_len,
                 options,
-                cuda_graph_max_bs,
             )
         memory_report: list[MemoryReport] = []
 
@@ -290,12 +290,16 @@ class Engine:
                 extra = draft_kv_bytes_per_token(draft, model_dtype)
                 options["extra_global_bytes_per_token"] = extra
             on_gpu = next(model.parameters()).is_cuda
+
+            def build_runner(more: dict[str, Any]) -> ModelRunner:
+                if sharded is not None:
+                    return sharded.runner(model, context, {**options, **more})
+                return ModelRunner(model, context_len=context, **{**options, **more})
+
             if "kv_tokens" not in options and "kv_bytes" not in options:
-                if on_gpu and sharded is None:
+                if on_gpu:
                     report = measure_memory(
-                        lambda tokens: ModelRunner(
-                            model, context_len=context, **{**options, "kv_tokens": tokens}
-                        ),
+                        lambda tokens: build_runner({"kv_tokens": tokens}),
                         CudaMeter(next(model.parameters()).device),
                         fraction=mem_fraction_static,
                         step_tokens=options.get("max_step_tokens", MAX_STEP_TOKENS),
@@ -307,10 +311,7 @@ class Engine:
                     options["kv_bytes"] = report.kv_bytes
                 else:
                     options["kv_bytes"] = default_kv_bytes(model, mem_fraction_static)
-            if sharded is not None:
-                runner = sharded.runner(model, context, options)
-            else:
-                runner = ModelRunner(model, context_len=context, **options)
+            runner = build_runner({})
             if on_gpu and cuda_graph_max_bs:
                 runner.capture_graphs(cuda_graph_max_bs)
             worker = None
@@ -846,6 +847,7 @@ class _Sharded:
     init_method: str
     device: str
     tp: Any = None
+    channel: PlanChannel | None = None
 
     def join(self) -> str:
         """Joins the group (on the model thread); returns rank 0's device."""
@@ -859,11 +861,13 @@ class _Sharded:
         return device
 
     def runner(self, model: Any, context: int, options: dict[str, Any]) -> ShardedRunner:
-        """Rank 0's runner; the workers get its exact page counts."""
+        """Rank 0's runner; the workers build theirs with its exact page counts."""
+        if self.channel is None:
+            self.channel = PlanChannel(self.tp)
         runner = ShardedRunner(model, context_len=context, **options)
-        runner.channel = PlanChannel(self.tp)
+        runner.channel = self.channel
         pages = (runner.memory.global_pages, runner.memory.local_pages)
-        dist.broadcast_object_list([pages], src=0, group=runner.channel.group)
+        self.channel.send(BuildRunner(pages))
         return runner
 
 
@@ -883,7 +887,6 @@ def _start_workers(
     init_method: str | None,
     context_len: int | None,
     options: dict[str, Any],
-    cuda_graph_max_bs: int,
 ) -> _Sharded:
     """Spawns this node's ranks 1..size/nnodes-1 (they load their shards while rank 0 loads
     its own)."""
@@ -900,7 +903,6 @@ def _start_workers(
         size=size,
         init_method=init_method,
         threads=cpu_threads_per_rank(size // nnodes) if device == "cpu" else None,
-        cuda_graph_max_bs=0 if device == "cpu" else cuda_graph_max_bs,
     )
     workers = Workers.spawn(spec, range(1, size // nnodes))
     return _Sharded(workers, size, init_method, device)

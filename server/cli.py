@@ -942,7 +942,6 @@ def _serve_ranks(args: argparse.Namespace, device: str, dtype: Any) -> None:
         size=args.tp,
         init_method=_init_method(args) or "",
         threads=cpu_threads_per_rank(per_node) if device == "cpu" else None,
-        cuda_graph_max_bs=graph_max_bs(args, device),
     )
     log.info("node %d: running ranks %d..%d", args.node_rank, first, first + per_node - 1)
     workers = Workers.spawn(spec, range(first, first + per_node))

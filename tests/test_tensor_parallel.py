@@ -497,12 +497,13 @@ if __name__ == "__main__":  # one rank of the `world` fixture
 
 def test_the_engine_serves_sharded_over_worker_processes(tmp_path, demo_dir):
     """Engine.from_checkpoint(tp=2): rank 0 here, rank 1 a spawned worker receiving each plan;
-    a batch with chunked prefill and the prefix cache gives tp 1's greedy tokens; close() stops
-    the worker."""
+    a batch with chunked prefill and the prefix cache gives tp 1's greedy tokens, also with
+    decode graphs captured on both ranks; close() stops the worker."""
     from transformers import AutoTokenizer, Llama4TextConfig
     from transformers import Llama4ForCausalLM as HFLlama4
 
     from pyllama4 import Engine, SamplingParams
+    from pyllama4.graphs import EagerReplay
     from tiny_models import TINY_TEXT
 
     torch.manual_seed(0)
@@ -525,6 +526,17 @@ def test_the_engine_serves_sharded_over_worker_processes(tmp_path, demo_dir):
         assert two.runner.memory.global_pages == one.runner.memory.global_pages
         want = [o.outputs[0].token_ids for o in one.generate(prompts, params)]
         assert [o.outputs[0].token_ids for o in two.generate(prompts, params)] == want
+        # Decode graphs on both ranks (the worker captures when rank 0 does; EagerReplay stands
+        # in for CUDA graphs): the decode steps replay them, padded, with the same tokens.
+        capture = two._model_thread.submit(two.runner.capture_graphs, 4, EagerReplay)
+        capture.result()
+        graphs = two.runner.graphs
+        assert graphs is not None and graphs.sizes == (1, 2, 4)
+        replays = []
+        forward = graphs.forward
+        graphs.forward = lambda plan, size: replays.append(size) or forward(plan, size)
+        assert [o.outputs[0].token_ids for o in two.generate(prompts, params)] == want
+        assert len(replays) >= 9 and 4 in replays  # at the end 4 requests decode together
         workers = two.workers.processes
     finally:
         two.close()

@@ -6,8 +6,10 @@ Invariants:
   collectives inside the model pair up; the transport is torch.distributed's (object broadcast
   over gloo), never one of ours. Activations and weights travel only through the model's
   collectives.
-- Workers keep the same block tables and page counts as rank 0 (rank 0 sends its (global,
-  local) pages at start), with their own KV heads and weight slices.
+- Workers keep the same block tables and page counts as rank 0 (rank 0 sends BuildRunner with
+  its (global, local) pages whenever it builds a runner: a throw-away one to measure memory,
+  then the serving one), with their own KV heads and weight slices; they capture decode graphs
+  when rank 0 does (CaptureGraphs), in the same order.
 - Supervision: a worker that exits while the server runs is reported (callback) within a poll
   interval; rank 0's shutdown sends the workers a stop message and joins them.
 """
@@ -91,7 +93,25 @@ class WorkerSpec:
     init_method: str
     backend: str | None = None
     threads: int | None = None  # torch threads per worker on the CPU
-    cuda_graph_max_bs: int = 0  # decode graphs up to this batch (0: none), as rank 0's
+
+
+@dataclass(frozen=True)
+class BuildRunner:
+    """Workers: (re)build the runner with exactly these (global, local) pages (rank 0's)."""
+
+    pages: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class CaptureGraphs:
+    """Workers: capture decode graphs up to max_bs, as rank 0 does at the same time, with
+    rank 0's capture mechanism (None: CUDA graphs; pyllama4.graphs.EagerReplay in CPU tests)."""
+
+    max_bs: int
+    capture: Any = None
+
+
+Message = PlanMessage | BuildRunner | CaptureGraphs | None  # None: stop
 
 
 class PlanChannel:
@@ -103,10 +123,10 @@ class PlanChannel:
         # Objects go over gloo; a GPU run's collectives keep NCCL / RCCL for tensors.
         self.group = tp.group if backend == "gloo" else dist.new_group(backend="gloo")
 
-    def send(self, message: PlanMessage | None) -> None:
+    def send(self, message: Message) -> None:
         dist.broadcast_object_list([message], src=0, group=self.group)
 
-    def receive(self) -> PlanMessage | None:
+    def receive(self) -> Message:
         box: list[Any] = [None]
         dist.broadcast_object_list(box, src=0, group=self.group)
         return box[0]
@@ -119,6 +139,11 @@ class ShardedRunner(ModelRunner):
 
     def announce(self, plan: Any, embeds: tuple[torch.Tensor, torch.Tensor] | None) -> None:
         self.channel.send(PlanMessage.from_plan(plan, embeds))
+
+    def capture_graphs(self, max_bs: int, capture: Any = None) -> None:
+        """Every rank captures, in step (the graphs hold collectives)."""
+        self.channel.send(CaptureGraphs(max_bs, capture))
+        super().capture_graphs(max_bs, capture)
 
 
 def worker_main(rank: int, spec: WorkerSpec) -> None:
@@ -134,18 +159,22 @@ def worker_main(rank: int, spec: WorkerSpec) -> None:
     tp = init_tensor_parallel(rank, spec.size, spec.init_method, spec.backend)
     model = load_model(spec.checkpoint, dtype=spec.dtype, device=device, progress=False, tp=tp)
     channel = PlanChannel(tp)
-    box: list[Any] = [None]
-    dist.broadcast_object_list(box, src=0, group=channel.group)  # rank 0's (global, local) pages
-    runner = ModelRunner(
-        model, context_len=spec.context_len, kv_pages=box[0], **spec.runner_options
-    )
-    if spec.cuda_graph_max_bs:
-        runner.capture_graphs(spec.cuda_graph_max_bs)  # in step with rank 0's capture
+    runner: ModelRunner | None = None
     while (message := channel.receive()) is not None:
-        embeds = None
-        if message.embeds is not None:
-            embeds = (message.embeds[0].to(device), message.embeds[1].to(device))
-        runner.forward(message, embeds)
+        if isinstance(message, BuildRunner):
+            runner = None  # the old runner's KV is freed before the new one's is taken
+            runner = ModelRunner(
+                model, context_len=spec.context_len, kv_pages=message.pages, **spec.runner_options
+            )
+        elif isinstance(message, CaptureGraphs):
+            assert runner is not None
+            runner.capture_graphs(message.max_bs, message.capture)
+        else:
+            assert runner is not None
+            embeds = None
+            if message.embeds is not None:
+                embeds = (message.embeds[0].to(device), message.embeds[1].to(device))
+            runner.forward(message, embeds)
     dist.destroy_process_group()
 
 
