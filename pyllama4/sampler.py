@@ -223,13 +223,18 @@ class Sampler:
                 seen = flat_x[idx]
                 flat_x[idx] = torch.where(seen > 0, seen / penalty, seen * penalty)
         if fp_rows.size:
-            flat, _ = self._flat(fp_rows, [requests[i].output_ids for i in fp_rows], "output_ids")
+            # Counts of each output token per row, scattered (torch.unique would wait for the
+            # device); tokens not seen subtract exactly 0.
+            outputs = [requests[i].output_ids for i in fp_rows]
+            flat, _ = self._flat(np.arange(fp_rows.size), outputs, "output_ids")
             if flat.size:
-                ids, counts = torch.unique(self._tensor(flat), return_counts=True)
-                row = ids // self.vocab_size
-                freq = self._tensor(plan.frequency)[row]
-                pres = self._tensor(plan.presence)[row]
-                flat_x[ids] = flat_x[ids] - (freq * counts.to(torch.float32) + pres)
+                counts = torch.zeros(fp_rows.size * self.vocab_size, device=self.device)
+                counts.index_add_(0, self._tensor(flat), torch.ones(flat.size, device=self.device))
+                counts = counts.view(fp_rows.size, self.vocab_size)
+                rows = self._tensor(fp_rows)
+                freq = self._tensor(plan.frequency[fp_rows])[:, None]
+                pres = self._tensor(plan.presence[fp_rows])[:, None]
+                x[rows] = x[rows] - (freq * counts + pres * (counts > 0))
         if stop_rows:
             flat, _ = self._flat(stop_rows, [requests[i].stop_ids for i in stop_rows], "stop_ids")
             flat_x[self._tensor(flat)] = -math.inf
