@@ -1,5 +1,5 @@
 """GPU kernel timings against the device's measured ceilings, one run: paged decode attention and
-the fused MoE, and the fp8 linear.
+the fused MoE, the fp8 linear, and the fused small ops.
 
 Attention — for each (batch, context): Scout's attention shape per layer (40 query heads, 8 KV
 heads, head_dim 128, bf16), random pages, decode (one query token per request) on a global layer
@@ -21,11 +21,18 @@ weights in the device's format, per-token activation quantization (ub 1200), at 
 16 tokens: fp8_linear_gpu (quantization + GEMV) and its bandwidth on the weight bytes (out * in)
 as a fraction of the copy bandwidth, beside torch's bf16 matmul on the same shape.
 
+Fused small ops — Scout's decode shapes (hidden 5120; 40 query and 8 KV heads of 128; the
+shared expert's intermediate 8192) at 1, 16 and 100 tokens: add_rms_norm (residual add +
+RMSNorm), rope_qk_norm_kv_write (a RoPE layer: RoPE + QK-norm + the KV cache write at scattered
+slots) and silu_mul (gate and up: the halves of one [T, 2I] tensor), each beside the torch ops
+it replaces; bandwidth on the bytes each must move (inputs read + outputs written) as a fraction
+of the copy bandwidth. At these sizes the launch latency dominates, not the bandwidth.
+
 Times: per call with device events after warm-up (median of --iters). The copy bandwidth is
 measured in the same run (a 1 GiB device-to-device copy: read + write bytes / time).
 Correctness is tests/gpu's job; this script only times.
 
-Run: python bench/kernels.py [--section attention|moe|fp8]  (needs a GPU and the built kernel
+Run: python bench/kernels.py [--section attention|moe|fp8|fused]  (needs a GPU and the built kernel
 library; prints markdown tables for docs/benchmarks.md with the card's name).
 """
 
@@ -45,8 +52,11 @@ from gpu.paged_cases import decode_case  # noqa: E402
 from pyllama4 import kernels  # noqa: E402
 from pyllama4.kernels import attention as gpu  # noqa: E402
 from pyllama4.kernels import fp8 as fp8_gpu  # noqa: E402
+from pyllama4.kernels import fused  # noqa: E402
 from pyllama4.kernels import moe as moe_gpu  # noqa: E402
 from pyllama4.layers.ffn import MoE  # noqa: E402
+from pyllama4.layers.norm import RMSNorm, l2_norm  # noqa: E402
+from pyllama4.layers.rope import apply_rope, inv_frequencies, rotation  # noqa: E402
 from pyllama4.quant import fp8_bits as fp8  # noqa: E402
 
 SIZES = [(1, 1024), (1, 32768), (1, 131072), (8, 8192), (32, 32768), (64, 4096), (64, 16384)]
@@ -261,11 +271,87 @@ def fp8_section(args: argparse.Namespace, copy: float) -> None:
     print()
 
 
+FUSED_TOKENS = [1, 16, 100]
+HIDDEN, Q_HEADS, KV_HEADS, HEAD_DIM, INTER = 5120, 40, 8, 128, 8192
+
+
+def fused_rows(tokens: int, copy: float, iters: int) -> None:
+    """One table row per fused op at `tokens`: its time, bandwidth and the torch ops' time."""
+    bf16 = {"dtype": torch.bfloat16, "device": "cuda"}
+    x, residual = torch.randn(tokens, HIDDEN, **bf16), torch.randn(tokens, HIDDEN, **bf16)
+    norm = RMSNorm(HIDDEN, 1e-5).to(**bf16)
+    weight = norm.weight.detach()
+    pool = 1 << 16
+    qkv = torch.randn(tokens, (Q_HEADS + 2 * KV_HEADS) * HEAD_DIM, **bf16)
+    sizes = [Q_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM]
+    q, k, v = (part.view(tokens, -1, HEAD_DIM) for part in qkv.split(sizes, 1))
+    k_cache = torch.zeros(pool, KV_HEADS, HEAD_DIM, **bf16)
+    v_cache = torch.zeros_like(k_cache)
+    slots = torch.randperm(pool, device="cuda")[:tokens]
+    positions = torch.randint(0, 1 << 17, (tokens,), device="cuda")
+    inv_freq = inv_frequencies(HEAD_DIM, 500000.0, None).cuda()
+    rot = rotation(positions, inv_freq)
+    gate_up = torch.randn(tokens, 2 * INTER, **bf16)
+    gate, up = gate_up[:, :INTER], gate_up[:, INTER:]
+
+    def rope_torch() -> torch.Tensor:
+        qr, kr = l2_norm(apply_rope(q, rot), 1e-5), l2_norm(apply_rope(k, rot), 1e-5)
+        k_cache.index_copy_(0, slots, kr)
+        v_cache.index_copy_(0, slots, v)
+        return qr
+
+    qkv_rows = tokens * (Q_HEADS + 2 * KV_HEADS) * HEAD_DIM
+    ops = [
+        (
+            "add_rms_norm",
+            lambda: fused.add_rms_norm(x, residual, weight, 1e-5),
+            lambda: norm(residual + x),
+            (4 * tokens + 1) * HIDDEN * 2,
+        ),
+        (
+            "rope_qk_norm_kv_write",
+            lambda: fused.rope_qk_norm_kv_write(
+                q, k, v, k_cache, v_cache, slots, positions, inv_freq, True, 1e-5
+            ),
+            rope_torch,
+            2 * qkv_rows * 2,
+        ),
+        (
+            "silu_mul",
+            lambda: fused.silu_mul(gate, up),
+            lambda: torch.nn.functional.silu(gate) * up,
+            3 * tokens * INTER * 2,
+        ),
+    ]
+    with torch.no_grad():
+        for name, kernel, reference, nbytes in ops:
+            us, torch_us = median_us(kernel, iters), median_us(reference, iters)
+            gbps = nbytes / us / 1e3
+            print(
+                f"| {name} | {tokens} | {us:.1f} | {gbps:.0f} | {100 * gbps / copy:.1f}% | "
+                f"{torch_us:.1f} |"
+            )
+
+
+def fused_section(args: argparse.Namespace, copy: float) -> None:
+    print(
+        f"### Fused small ops (hidden {HIDDEN}, {Q_HEADS} / {KV_HEADS} heads of {HEAD_DIM}, "
+        f"intermediate {INTER})\n"
+    )
+    print("| op | tokens | µs | GB/s | % of copy | torch ops µs |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for tokens in FUSED_TOKENS:
+        fused_rows(tokens, copy, args.iters)
+    print()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--page-size", type=int, default=16)
-    parser.add_argument("--section", choices=["all", "attention", "moe", "fp8"], default="all")
+    parser.add_argument(
+        "--section", choices=["all", "attention", "moe", "fp8", "fused"], default="all"
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available() or kernels.library() is None:
         sys.exit(f"needs a GPU and the kernel library: {kernels.reason() or 'no GPU'}")
@@ -281,6 +367,11 @@ def main() -> None:
             print("fp8: the kernel library predates the fp8 kernels (rebuild it)")
         else:
             fp8_section(args, copy)
+    if args.section in ("all", "fused"):
+        if fused._functions() is None:
+            print("fused: the kernel library predates the fused small ops (rebuild it)")
+        else:
+            fused_section(args, copy)
 
 
 if __name__ == "__main__":

@@ -129,4 +129,49 @@ int pyllama4_fp8_linear(void* y, const void* x, const void* weight, const float*
                         int32_t weight_format, int32_t num_tokens, int32_t in_features,
                         int32_t out_features, float activation_scale_ub, int32_t quantize_input,
                         void* workspace, int64_t workspace_bytes, void* stream);
+
+// ---- Fused small ops of a decode step (fused_ops.hip) -------------------------------------------
+// Each equals its bf16 torch reference with every intermediate bf16 rounding at the same point;
+// only fp32 details the reference leaves open may differ (the summation order of a norm's
+// squares; the device's cosf / sinf / expf), which moves a result by 1 bf16 ulp at most, rarely.
+// One launch each; no workspace.
+
+// Residual add + RMSNorm (pyllama4.layers.norm.RMSNorm on the bf16 sum), per token t:
+//   residual != null: residual[t] <- s = bf16(residual[t] + x[t]);  residual == null: s = x[t];
+//   out[t, i] = bf16(bf16(s_i / sqrt(sum_j s_j^2 / hidden + eps)) * weight[i]), statistics fp32.
+// x, residual, out: [T, hidden] bf16 row-major; weight [hidden] bf16. out may be x, not residual
+// (refused). num_tokens, hidden >= 1.
+int pyllama4_add_rms_norm(void* out, void* residual, const void* x, const void* weight,
+                          int32_t num_tokens, int32_t hidden, float eps, void* stream);
+
+// One attention layer's q and k after projection, as pyllama4.model.llama4.Attention.forward
+// computes them, and the KV cache write of pyllama4.layers.attention.paged_attention:
+//   use_rope: q, k rows <- bf16(apply_rope): pair (2i, 2i+1) times exp(j * angle), angle =
+//     float(positions[t]) * inv_freq[i] in fp32 (cosf / sinf), each product rounded (no FMA);
+//   qk_norm: q, k rows <- bf16(l2_norm) = bf16(x / sqrt(mean(x^2) + eps)), fp32 statistics;
+//   q_scale != null (temperature tuning): q <- bf16(q * q_scale[t]), q_scale [T] fp32;
+// in that order, each step on the previous one's bf16 result. Then q_out [T, Hq, D] (contiguous;
+// may be q itself when q is contiguous) gets q, and k_cache / v_cache [slots, Hkv, D] get the
+// final k row and the v row (its bits) at slot slots[t] (a negative slot: that token's k and v
+// are not written). q [T, Hq, D], k and v [T, Hkv, D] bf16 with heads and head_dim contiguous
+// and rows (tokens) q_row_stride / k_row_stride / v_row_stride elements apart (views of a fused
+// qkv projection are fine). positions [T] and slots [T] int64, inv_freq [D / 2] fp32 (read
+// only with use_rope). head_dim even, 2..256; num_tokens, num_q_heads, num_kv_heads >= 1.
+int pyllama4_rope_qk_norm_kv_write(void* q_out, const void* q, const void* k, const void* v,
+                                   int64_t q_row_stride, int64_t k_row_stride,
+                                   int64_t v_row_stride, void* k_cache, void* v_cache,
+                                   const int64_t* slots, const int64_t* positions,
+                                   const float* inv_freq, const float* q_scale,
+                                   int32_t num_tokens, int32_t num_q_heads, int32_t num_kv_heads,
+                                   int32_t head_dim, int32_t use_rope, int32_t qk_norm, float eps,
+                                   void* stream);
+
+// The SwiGLU activation of pyllama4.layers.ffn.SwiGLU.partial in bf16:
+//   out[t, i] = bf16(bf16(silu(g)) * up[t, i]), g = gate[t, i], silu(g) = g / (1 + exp(-g)) fp32.
+// gate and up [T, intermediate] bf16, rows gate_row_stride / up_row_stride elements apart (the
+// halves of a fused gate_up output are fine); out [T, intermediate] contiguous, not overlapping
+// them. num_tokens, intermediate >= 1.
+int pyllama4_silu_mul(void* out, const void* gate, const void* up, int64_t gate_row_stride,
+                      int64_t up_row_stride, int32_t num_tokens, int32_t intermediate,
+                      void* stream);
 }

@@ -1,9 +1,9 @@
 """The GPU kernels of hip/ run on the CPU: the REAL sources, emulated by hip/emu/, against torch.
 
 CI has no GPU, so tests/gpu/ never runs there. This module compiles hip/abi.hip,
-hip/paged_attention.hip, hip/fused_moe.hip and hip/fp8_gemm.hip (each launch `k<<<grid, block,
-0, stream>>>(...)` rewritten to `::pyllama4_emu::launch(k, grid, block, 0, stream)(...)` in a
-temporary copy) with g++ and -I hip/emu before -I hip, where <cuda_runtime.h> and
+hip/paged_attention.hip, hip/fused_moe.hip, hip/fp8_gemm.hip and hip/fused_ops.hip (each launch
+`k<<<grid, block, 0, stream>>>(...)` rewritten to `::pyllama4_emu::launch(k, grid, block, 0,
+stream)(...)` in a temporary copy) with g++ and -I hip/emu before -I hip, where <cuda_runtime.h> and
 <hip/hip_runtime.h> are CPU shims:
 the real hip/portable.h then takes its CUDA branch (warp 32: the "cuda" library) or, with
 -D__HIP_PLATFORM_AMD__, its HIP branch (warp 64, as on CDNA: the "hip" library). Each block's
@@ -39,6 +39,20 @@ Checked, on both libraries (small shapes, so the module takes well under a minut
   - FP8 linear: both formats, W8A8 with and without ub and weight-only, 1, 3 and 16 tokens, two
     shapes, against pyllama4.quant.fp8._scaled_mm (the GPU test's tolerance); the activation
     quantization byte for byte against torch's float8 cast (ties aside); bad arguments.
+  - fused small ops (hip/fused_ops.hip) against their torch references in bf16, counted in bf16
+    steps (tests/gpu/fused_cases.py: at most 1, on at most 0.1% of the elements, for fp32
+    detail the references leave open; measured here: all equal): residual add + RMSNorm
+    (hidden 100, 1000 and Scout's 5120, with and without the residual, out in place of x; the
+    residual sum exactly); RoPE + QK-norm + temperature + the KV cache write for Scout's heads
+    (40 q, 8 kv, head_dim 128) and head_dim 64 / 96 / 256 layouts, RoPE and QK-norm on and off,
+    temperature on and off, positions up to 2^20 with Scout's llama3-scaled frequencies, q / k /
+    v as row-strided views of one fused projection, scattered slots (a negative one writes
+    nothing), every other cache slot untouched; SwiGLU's silu(gate) * up on separate tensors and
+    on fused gate_up halves. Guard regions after every output; bad arguments are refused. Then
+    pyllama4.kernels.fused's wrappers on the emulated library inside a tiny bf16 Llama 4 (the
+    model's wiring: fused attention prologue with kv_written, the residual carried through
+    fused add + norm, forward_with_aux's captures): logits, hidden states and captures equal
+    the torch path's bit for bit.
 
 Skipped, with the reason, off Linux or when g++ is missing or cannot compile C++17. A kernel
 source that does not compile in the emulation fails the tests (with the compiler's output).
@@ -62,23 +76,38 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from gpu.fused_cases import (
+    EPS,
+    SCOUT_ROPE,
+    SCOUT_THETA,
+    assert_bf16_close,
+    bf16_randn,
+    rope_reference,
+    temperature,
+)
 from gpu.paged_cases import DecodeCase, decode_case, reference
 
 from pyllama4 import kernels
-from pyllama4.kernels import attention, declare
+from pyllama4.kernels import attention, declare, fused
 from pyllama4.kernels import fp8 as fp8_gpu
 from pyllama4.kernels import moe as moe_gpu
 from pyllama4.layers.ffn import Experts
+from pyllama4.layers.norm import RMSNorm
+from pyllama4.layers.rope import inv_frequencies
 from pyllama4.quant import fp8 as fp8_ref
 from pyllama4.quant import fp8_bits as fp8
+from tiny_models import TINY_TEXT
 
 HIP_DIR = Path(__file__).resolve().parents[1] / "hip"
 EMU_DIR = HIP_DIR / "emu"
 # The kernel sources under test (the GPU build compiles every hip/*.hip into one library).
 SOURCES = [
-    HIP_DIR / name for name in ("abi.hip", "paged_attention.hip", "fused_moe.hip", "fp8_gemm.hip")
+    HIP_DIR / name
+    for name in ("abi.hip", "paged_attention.hip", "fused_moe.hip", "fp8_gemm.hip", "fused_ops.hip")
 ]
 SELFTEST = EMU_DIR / "emu_selftest.hip"
 # name -> (extra g++ flags, the warp width portable.h must pick with them)
@@ -141,6 +170,9 @@ class Library:
     fp8_workspace_bytes: Any
     fp8_quantize: Any
     fp8_linear: Any
+    add_rms_norm: Any
+    rope: Any
+    silu_mul: Any
     selftest: Any
 
     @property
@@ -226,6 +258,9 @@ def lib(request, built) -> Library:
         ),
         fp8_quantize=declare(cdll, "pyllama4_fp8_quantize_per_token", fp8_gpu._QUANTIZE),
         fp8_linear=declare(cdll, "pyllama4_fp8_linear", fp8_gpu._LINEAR),
+        add_rms_norm=declare(cdll, "pyllama4_add_rms_norm", fused._ADD_RMS_NORM),
+        rope=declare(cdll, "pyllama4_rope_qk_norm_kv_write", fused._ROPE),
+        silu_mul=declare(cdll, "pyllama4_silu_mul", fused._SILU_MUL),
         selftest=declare(cdll, "pyllama4_emu_selftest", [c.c_int, c.c_void_p, c.c_int, c.c_int]),
     )
 
@@ -785,3 +820,233 @@ def test_fp8_linear_refuses_bad_arguments(lib):
     assert "num_tokens" in lib.last_error()
     assert lib.fp8_linear(p, p, p, p, 1, 2, 24, 16, 0.0, 1, p, 1 << 20, None) != 0
     assert "in_features" in lib.last_error()
+
+
+# ---- Fused small ops (hip/fused_ops.hip) ------------------------------------------------------
+
+# The tolerance is tests/gpu/fused_cases.py's (FUSED_ULPS on FUSED_FLIPS of the elements).
+# Measured here: every element equal (0 ulps), in both flavours.
+
+
+@pytest.mark.parametrize("hidden", [100, 1000, 5120])
+def test_add_rms_norm_matches_rmsnorm(lib, hidden):
+    """residual <- residual + x exactly (bf16), out = RMSNorm(that sum) within FUSED_ULPS; with
+    residual null, RMSNorm(x) written over x itself. hidden 100 and 1000: a block's last warp
+    part-filled; 5120: Scout's (several elements a thread)."""
+    tokens = 3
+    x = bf16_randn(tokens, hidden, seed=hidden)
+    residual = bf16_randn(tokens, hidden, seed=hidden + 1, scale=8.0)
+    norm = RMSNorm(hidden, EPS).to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_(bf16_randn(hidden, seed=hidden + 2).abs() + 0.5)
+        total = residual + x
+        ref = norm(total)
+        ref_plain = norm(x)
+    weight = norm.weight.detach()
+    res_buffer, res = guarded(tokens * hidden, torch.bfloat16, 4096.0)
+    res.copy_(residual.view(-1))
+    out_buffer, out = guarded(tokens * hidden, torch.bfloat16, 4096.0)
+    args = (x.data_ptr(), weight.data_ptr(), tokens, hidden, EPS, None)
+    assert lib.add_rms_norm(out.data_ptr(), res.data_ptr(), *args) == 0, lib.last_error()
+    assert torch.equal(res.view(tokens, hidden), total)
+    assert_bf16_close(out.view(tokens, hidden), ref, f"add + norm, hidden {hidden}")
+    assert_guard_intact(res_buffer, res.numel(), 4096.0, "residual")
+    assert_guard_intact(out_buffer, out.numel(), 4096.0, "out")
+    y_buffer, y = guarded(tokens * hidden, torch.bfloat16, 4096.0)
+    y.copy_(x.view(-1))
+    args = (y.data_ptr(), None, y.data_ptr(), weight.data_ptr(), tokens, hidden, EPS, None)
+    assert lib.add_rms_norm(*args) == 0, lib.last_error()
+    assert_bf16_close(y.view(tokens, hidden), ref_plain, f"norm in place, hidden {hidden}")
+    assert_guard_intact(y_buffer, y.numel(), 4096.0, "out (in place)")
+
+
+# name -> (q heads, kv heads, head_dim); d96: head-dim pairs cut short in a warp
+ROPE_LAYOUTS = {"scout": (40, 8, 128), "d64": (8, 2, 64), "d96": (4, 1, 96), "d256": (8, 8, 256)}
+# name -> (rope, qk-norm, temperature): the model's RoPE and NoPE layers, and all at once
+ROPE_MODES = {
+    "rope-qknorm": (True, True, False),
+    "rope": (True, False, False),
+    "nope-temperature": (False, False, True),
+    "nope": (False, False, False),
+    "all": (True, True, True),
+}
+POSITIONS = [0, 7, 8191, 131071, (1 << 20) - 1]  # the last two: large fp32 angles
+
+
+@pytest.mark.parametrize("mode", list(ROPE_MODES))
+@pytest.mark.parametrize("layout", list(ROPE_LAYOUTS))
+def test_rope_qk_norm_kv_write_matches_attention(lib, layout, mode):
+    """q and the cached k within FUSED_ULPS of the reference, v's bits in the cache, at
+    scattered slots of a cache of garbage; token 1's slot is -1 (nothing written for it); every
+    other slot, and the guards after q_out and the caches, untouched. q, k, v are row-strided
+    views of one fused projection output; the temperature is StepContext's formula (Scout's
+    floor_scale 8192, attn_scale 0.1)."""
+    q_heads, kv_heads, dim = ROPE_LAYOUTS[layout]
+    rope, qk_norm, use_temperature = ROPE_MODES[mode]
+    tokens, pool = len(POSITIONS), 64
+    qkv = bf16_randn(tokens, (q_heads + 2 * kv_heads) * dim, seed=dim, scale=2.0)
+    q, k, v = (
+        part.view(tokens, -1, dim) for part in qkv.split([q_heads * dim, *[kv_heads * dim] * 2], 1)
+    )
+    positions = torch.tensor(POSITIONS)
+    inv_freq = inv_frequencies(dim, SCOUT_THETA, SCOUT_ROPE)
+    scale = temperature(positions) if use_temperature else None
+    slots = torch.randperm(pool, generator=torch.Generator().manual_seed(dim))[:tokens]
+    slots[1] = -1
+    row = qkv.shape[1]
+    cache_numel = pool * kv_heads * dim
+    q_buffer, q_out = guarded(tokens * q_heads * dim, torch.bfloat16, 4096.0)
+    k_buffer, k_cache = guarded(cache_numel, torch.bfloat16, 4096.0)
+    v_buffer, v_cache = guarded(cache_numel, torch.bfloat16, 4096.0)
+    k_cache.copy_(bf16_randn(cache_numel, seed=1))
+    v_cache.copy_(bf16_randn(cache_numel, seed=2))
+    k_cache, v_cache = k_cache.view(pool, kv_heads, dim), v_cache.view(pool, kv_heads, dim)
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    code = lib.rope(
+        q_out.data_ptr(),
+        q.data_ptr(),
+        k.data_ptr(),
+        v.data_ptr(),
+        row,
+        row,
+        row,
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        slots.data_ptr(),
+        positions.data_ptr(),
+        inv_freq.data_ptr() if rope else None,
+        None if scale is None else scale.data_ptr(),
+        tokens,
+        q_heads,
+        kv_heads,
+        dim,
+        rope,
+        qk_norm,
+        EPS,
+        None,
+    )
+    assert code == 0, lib.last_error()
+    ref_q, ref_k = rope_reference(q, k, positions, inv_freq if rope else None, qk_norm, scale)
+    written = slots >= 0
+    assert_bf16_close(q_out.view(tokens, q_heads, dim), ref_q, "q")
+    assert_bf16_close(k_cache[slots[written]], ref_k[written], "k in the cache")
+    assert torch.equal(v_cache[slots[written]], v[written])
+    others = torch.ones(pool, dtype=torch.bool)
+    others[slots[written]] = False
+    assert torch.equal(k_cache[others], k_before[others]), "k written at a slot not given"
+    assert torch.equal(v_cache[others], v_before[others]), "v written at a slot not given"
+    assert_guard_intact(q_buffer, q_out.numel(), 4096.0, "q_out")
+    assert_guard_intact(k_buffer, cache_numel, 4096.0, "k_cache")
+    assert_guard_intact(v_buffer, cache_numel, 4096.0, "v_cache")
+
+
+@pytest.mark.parametrize("inter", [100, 1000, 8192])
+def test_silu_mul_matches_swiglu(lib, inter):
+    """F.silu(gate) * up within FUSED_ULPS, on the two halves of a fused gate_up output (rows
+    2 * inter apart) and on separate tensors; gates include 0, +-88 and +-100 (exp overflows)."""
+    tokens = 4
+    gate_up = bf16_randn(tokens, 2 * inter, seed=inter, scale=3.0)
+    gate_up[0, :6] = torch.tensor([0.0, 88.0, -88.0, 100.0, -100.0, -0.0])
+    gate, up = gate_up[:, :inter], gate_up[:, inter:]
+    ref = F.silu(gate) * up
+    for what, g, u in (("fused gate_up", gate, up), ("separate", gate.clone(), up.clone())):
+        out_buffer, out = guarded(tokens * inter, torch.bfloat16, 4096.0)
+        args = (g.data_ptr(), u.data_ptr(), g.stride(0), u.stride(0), tokens, inter, None)
+        assert lib.silu_mul(out.data_ptr(), *args) == 0, lib.last_error()
+        assert_bf16_close(out.view(tokens, inter), ref, f"{what}, intermediate {inter}")
+        assert_guard_intact(out_buffer, out.numel(), 4096.0, "out")
+
+
+def test_fused_ops_refuse_bad_arguments(lib):
+    """Each bad argument: nonzero, and pyllama4_last_error() names it (pointers are never
+    dereferenced: the checks come before any launch)."""
+    p = 16
+    norm = [32, p, p, p, 2, 64, EPS, None]  # out, residual, x, weight, ...
+    for changes, message in [
+        ({2: None}, "a pointer argument is null"),
+        ({5: 0}, "num_tokens and hidden must be positive"),
+        ({1: 32}, "out must not be residual"),
+    ]:
+        args = [*norm]
+        for index, value in changes.items():
+            args[index] = value
+        assert lib.add_rms_norm(*args) != 0, message
+        assert message in lib.last_error()
+    rope = [p] * 4 + [5 * 128, 128, 128] + [p] * 6 + [2, 4, 1, 128, 1, 1, EPS, None]
+    for changes, message in [
+        ({8: None}, "a pointer argument is null"),
+        ({11: None}, "use_rope needs positions and inv_freq"),
+        ({15: 0}, "num_tokens and the head counts must be positive"),
+        ({16: 127}, "head_dim 127 must be even, 2 to 256"),
+        ({16: 258, 4: 9999, 5: 999, 6: 999}, "head_dim 258 must be even"),
+        ({5: 127}, "a row stride is shorter than its heads"),
+    ]:
+        args = [*rope]
+        for index, value in changes.items():
+            args[index] = value
+        assert lib.rope(*args) != 0, message
+        assert message in lib.last_error()
+    assert lib.silu_mul(p, p, p, 100, 99, 2, 100, None) != 0
+    assert "a row stride is shorter than intermediate" in lib.last_error()
+    assert lib.silu_mul(p, p, p, 100, 100, 2, 0, None) != 0
+    assert "num_tokens and intermediate must be positive" in lib.last_error()
+
+
+def test_the_model_through_the_emulated_fused_ops_is_the_torch_path(lib, monkeypatch):
+    """pyllama4.kernels.fused's own wrappers, on this library (CPU tensors, null stream), wired
+    into a tiny bf16 Llama 4 (RoPE + QK-norm layers, a NoPE layer with temperature tuning,
+    chunk-local attention, dense and MoE feed-forwards): decode logits over a few steps, and a
+    prefill's final hidden states and the residual streams captured entering layers 0 and 2
+    (forward_with_aux), are those of the torch path, bit for bit."""
+    from transformers import Llama4ForCausalLM as HFLlama4
+    from transformers import Llama4TextConfig
+
+    from pyllama4.config import TextConfig
+    from pyllama4.model.llama4 import Llama4ForCausalLM
+    from pyllama4.runner import ModelRunner, prefill_capture
+
+    torch.manual_seed(0)
+    cfg = Llama4TextConfig(
+        **TINY_TEXT,
+        vocab_size=128,
+        interleave_moe_layer_step=2,
+        attention_chunk_size=16,
+        floor_scale=4,
+        max_position_embeddings=256,
+    )
+    model = Llama4ForCausalLM(TextConfig.from_dict(cfg.to_dict()))
+    model.load_state_dict(HFLlama4(cfg).state_dict(), strict=False)
+    model = model.to(torch.bfloat16).eval()
+
+    def outputs() -> list[torch.Tensor]:
+        runner = ModelRunner(model, context_len=128, kv_tokens=1024, page_size=16)
+        sched = runner.scheduler
+        for i in range(3):
+            sched.add_request(i, np.arange(5 + 13 * i, dtype=np.int32) % 100, max_new_tokens=6)
+        logits = []
+        while sched.has_work():
+            plan = sched.schedule()
+            logits.append(runner.forward(plan))
+            sched.commit(np.full(plan.num_samples, 7, dtype=np.int32))
+        [(aux, hidden)] = prefill_capture(runner, [list(range(3, 40))], (0, 2))
+        return [torch.cat(logits), aux, hidden]
+
+    calls = {"add_rms_norm": 0, "rope": 0, "silu_mul": 0}
+
+    def counted(name: str, fn: Any) -> Any:
+        def call(*args: Any) -> int:
+            calls[name] += 1
+            return fn(*args)
+
+        return call
+
+    launchers = tuple(counted(n, getattr(lib, n)) for n in calls)
+    monkeypatch.setattr(fused, "_functions", lambda: launchers)
+    monkeypatch.setattr(fused, "_stream", lambda tensor: None)
+    monkeypatch.setattr(fused, "usable", lambda *ts: all(t.dtype == torch.bfloat16 for t in ts))
+    with_fused = outputs()
+    assert all(calls.values()), calls
+    monkeypatch.setattr(fused, "usable", lambda *ts: False)
+    without = outputs()
+    for name, a, b in zip(("logits", "aux", "hidden"), with_fused, without, strict=True):
+        assert torch.equal(a, b), f"{name}: {(a.float() - b.float()).abs().max():.3g}"

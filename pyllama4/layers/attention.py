@@ -192,10 +192,13 @@ def paged_attention(
     slots: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    kv_written: bool = False,
 ) -> torch.Tensor:
-    """q [T, Hq, D], k/v [T, Hkv, D] of this step; writes k/v at `slots`, returns [T, Hq, D]."""
-    k_cache.index_copy_(0, slots, k)
-    v_cache.index_copy_(0, slots, v)
+    """q [T, Hq, D], k/v [T, Hkv, D] of this step; writes k/v at `slots`, returns [T, Hq, D].
+    kv_written: the caller wrote them already (pyllama4.kernels.fused); k/v give shapes only."""
+    if not kv_written:
+        k_cache.index_copy_(0, slots, k)
+        v_cache.index_copy_(0, slots, v)
     out = torch.empty_like(q)
     hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
     if meta.decode is not None:

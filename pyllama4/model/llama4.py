@@ -6,6 +6,11 @@ tests/test_llama4_model.py). Per layer: pre-norm attention (RoPE + optional QK-n
 layers, temperature tuning on NoPE layers, chunk-local or full causal attention, GQA), then a
 dense SwiGLU or MoE feed-forward.
 
+On a GPU with the kernel library, bf16 (pyllama4.kernels.fused): RoPE, QK-norm, temperature and
+the KV cache write run as one kernel per layer, and each residual add runs fused with the norm
+that follows it; the layers then pass the residual stream as (residual, the block output still
+to add). The bf16 roundings are the same as on the torch path.
+
 Tensor parallelism (`tp`, pyllama4.distributed; Megatron style, activations replicated between
 blocks): attention splits its query heads and KV heads (pyllama4.distributed.attention_heads;
 KV heads replicated when tp.size > KV heads), q/k/v column-parallel, o_proj row-parallel, then one
@@ -25,6 +30,7 @@ from torch import nn
 from pyllama4.batch import StepBatch
 from pyllama4.config import TextConfig
 from pyllama4.distributed.parallel import SINGLE, TensorParallel, attention_heads
+from pyllama4.kernels import fused
 from pyllama4.kv_cache import PagedKVCache
 from pyllama4.layers import attention
 from pyllama4.layers.ffn import MoE, SwiGLU
@@ -41,6 +47,7 @@ class StepContext:
     ):
         self.batch = batch
         self.cache = cache
+        self.inv_freq = inv_freq
         self.rotation = rotation(batch.positions, inv_freq)
         # Temperature tuning of NoPE layers: 1 + attn_scale * ln(1 + floor((p + 1) / floor_scale)).
         pos = batch.positions.float()
@@ -80,23 +87,33 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(t, self.heads, self.head_dim)
         k = self.k_proj(x).view(t, self.kv_heads, self.head_dim)
         v = self.v_proj(x).view(t, self.kv_heads, self.head_dim)
-        if self.use_rope:
-            q, k = apply_rope(q, ctx.rotation), apply_rope(k, ctx.rotation)
-        if self.qk_norm:
-            q, k = l2_norm(q, self.eps), l2_norm(k, self.eps)
-        if self.temperature_tuning:
-            q = (q * ctx.temperature).to(q.dtype)
         local = ctx.cache.local_layers[self.layer]
         slots = ctx.batch.local_slots if local else ctx.batch.global_slots
+        k_cache, v_cache = ctx.cache.k[self.layer], ctx.cache.v[self.layer]
+        kv_written = fused.usable(q, k, v, k_cache, v_cache)
+        if kv_written:  # one kernel: the steps below, then k and v into the cache
+            q = fused.rope_qk_norm_kv_write(
+                q,
+                k,
+                v,
+                k_cache,
+                v_cache,
+                slots,
+                ctx.batch.positions,
+                ctx.inv_freq if self.use_rope else None,
+                self.qk_norm,
+                self.eps,
+                ctx.temperature.view(-1) if self.temperature_tuning else None,
+            )
+        else:
+            if self.use_rope:
+                q, k = apply_rope(q, ctx.rotation), apply_rope(k, ctx.rotation)
+            if self.qk_norm:
+                q, k = l2_norm(q, self.eps), l2_norm(k, self.eps)
+            if self.temperature_tuning:
+                q = (q * ctx.temperature).to(q.dtype)
         out = attention.paged_attention(
-            q,
-            k,
-            v,
-            ctx.cache.k[self.layer],
-            ctx.cache.v[self.layer],
-            slots,
-            ctx.meta[local],
-            self.scale,
+            q, k, v, k_cache, v_cache, slots, ctx.meta[local], self.scale, kv_written=kv_written
         )
         return self.tp.all_reduce(self.o_proj(out.reshape(t, -1)))
 
@@ -131,9 +148,26 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(h, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(h, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), ctx)
-        return h + self.feed_forward(self.post_attention_layernorm(h))
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None, ctx: StepContext
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer on the residual stream residual + x (residual None: x): returns (the
+        feed-forward output, the stream before it), whose sum is the stream after the layer."""
+        normed, residual = add_norm(self.input_layernorm, x, residual)
+        attn = self.self_attn(normed, ctx)
+        normed, residual = add_norm(self.post_attention_layernorm, attn, residual)
+        return self.feed_forward(normed), residual
+
+
+def add_norm(
+    norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(h), h) for h = residual + x (residual None: h = x). bf16 on a GPU with the kernel
+    library: one kernel, which writes h into residual (pyllama4.kernels.fused.add_rms_norm)."""
+    if fused.usable(x, norm.weight) and (residual is None or fused.usable(residual)):
+        return fused.add_rms_norm(x, residual, norm.weight, norm.eps)
+    h = x if residual is None else residual + x
+    return norm(h), h
 
 
 class VocabParallelEmbedding(nn.Embedding):
@@ -218,17 +252,17 @@ class Llama4ForCausalLM(nn.Module):
         if self.inv_freq.device != batch.positions.device:
             self.inv_freq = self.inv_freq.to(batch.positions.device)
         ctx = StepContext(self.config, self.inv_freq, batch, cache)
-        x = self.embed(batch)
+        x, residual = self.embed(batch), None
         captured: dict[int, torch.Tensor] = {}
         for i, layer in enumerate(self.model.layers):
-            if i in capture:
-                captured[i] = x
-            x = layer(x, ctx)
+            if i in capture:  # a copy: the fused add_norm updates the residual in place
+                captured[i] = x.clone() if residual is None else residual + x
+            x, residual = layer(x, residual, ctx)
         missing = [i for i in capture if i not in captured]
         if missing:
             raise ValueError(f"capture layers {missing} outside 0..{len(self.model.layers) - 1}")
         aux = [captured[i] for i in capture]
-        return self.model.norm(x), torch.cat(aux, dim=-1) if aux else None
+        return add_norm(self.model.norm, x, residual)[0], torch.cat(aux, dim=-1) if aux else None
 
     def embed(self, batch: StepBatch) -> torch.Tensor:
         """Token embeddings, with image features in place at the batch's image positions."""
