@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import Llama4TextConfig
 from transformers import Llama4ForCausalLM as HFLlama4
+from transformers import Llama4TextConfig
 
 from pyllama4.config import TextConfig
 from pyllama4.graphs import EagerReplay, capture_sizes

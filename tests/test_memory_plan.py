@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import Llama4TextConfig
 from transformers import Llama4ForCausalLM as HFLlama4
+from transformers import Llama4TextConfig
 
 from pyllama4 import memory
 from pyllama4.config import TextConfig
