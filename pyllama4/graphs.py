@@ -110,7 +110,7 @@ class StaticInputs:
         for i, name in enumerate(self.FIELDS):
             host[i, :n] = getattr(plan, name)
         host[:, n:size] = self.padding[:, None]
-        self.data[:, :size].copy_(self.host[:, :size], non_blocking=True)
+        self.data.copy_(self.host, non_blocking=True)  # all of it: one contiguous copy
 
     def batch(self, size: int, max_keys: int) -> StepBatch:
         """The StepBatch a captured step of `size` rows reads (views of the buffers)."""
