@@ -234,18 +234,19 @@ def test_bf16_logits_stay_close_to_transformers_bf16():
 
 
 def test_moe_dispatch_is_sparse():
-    """Each expert computes exactly the tokens routed to it, scaled by their sigmoid scores."""
+    """Each expert computes exactly the tokens routed to it, scaled by their sigmoid scores: the
+    rows the grouped matmul gives expert e (offsets[e - 1]..offsets[e]) are its tokens."""
     hf = random_hf_model("scout", seed=4)
     model = ours_from(hf)
     moe = model.model.layers[0].feed_forward
-    calls: list[tuple[int, torch.Tensor]] = []
-    original = moe.experts.expert
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+    original = moe.experts.grouped
 
-    def recording(e: int, x: torch.Tensor) -> torch.Tensor:
-        calls.append((e, x.clone()))
-        return original(e, x)
+    def recording(x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor | None:
+        calls.append((x.clone(), offsets.clone()))
+        return original(x, offsets)
 
-    moe.experts.expert = recording
+    moe.experts.grouped = recording
     x = torch.randn(37, 64)
     with torch.no_grad():
         out = moe(x)
@@ -253,13 +254,32 @@ def test_moe_dispatch_is_sparse():
         chosen = hf.model.layers[0].feed_forward.router(x)[0]  # [N, E] scores, 0 if unrouted
     assert (out - ref).abs().max().item() <= 1e-5
     routed = chosen.argmax(-1)
-    assert sum(len(xs) for _, xs in calls) == 37, "every token reaches exactly one expert"
-    for e, xs in calls:
+    ((rows, offsets),) = calls
+    assert offsets.dtype == torch.int32 and offsets[-1].item() == 37
+    starts = [0, *offsets.tolist()[:-1]]
+    for e, (lo, hi) in enumerate(zip(starts, offsets.tolist(), strict=True)):
         mine = (routed == e).nonzero().flatten()
-        assert len(xs) == len(mine) > 0
+        assert hi - lo == len(mine)
         expected = x[mine] * chosen[mine, e : e + 1]
-        assert torch.equal(xs, expected), f"expert {e} got rows that are not its tokens"
-    assert len({e for e, _ in calls}) == len(calls), "one call per expert"
+        assert torch.equal(rows[lo:hi], expected), f"expert {e} got rows that are not its tokens"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_experts_equal_expert_by_expert(dtype, monkeypatch):
+    """The grouped matmuls give the per-expert loop's output bit for bit (CPU), also when an
+    expert gets no token."""
+    from pyllama4.layers import ffn
+
+    hf = random_hf_model("scout", seed=5)
+    moe = ours_from(hf).model.layers[0].feed_forward.to(dtype)
+    x = torch.randn(9, 64, dtype=dtype)
+    with torch.no_grad():
+        experts = moe.router(x).argmax(-1)
+        assert len(set(experts.tolist())) < moe.experts.gate_up_proj.shape[0]  # one idle
+        grouped = moe(x)
+        monkeypatch.setitem(ffn._GROUPED_MM, ("cpu", dtype), False)
+        one_by_one = moe(x)
+    assert torch.equal(grouped, one_by_one)
 
 
 @pytest.mark.parametrize("kind", ["scout", "maverick"])

@@ -3,7 +3,9 @@
 Invariants (as in transformers): the router score is sigmoid(top-k logit), computed in float32,
 cast to the activation dtype, and multiplies the expert INPUT; the shared expert sees the
 unscaled input; expert weights are input-major (`gate_up_proj` [E, H, 2I]: gate then up;
-`down_proj` [E, I, H]). Dispatch is sparse: each expert computes only the tokens routed to it.
+`down_proj` [E, I, H]). Dispatch is sparse: each expert computes only the tokens routed to it,
+all experts in two grouped matmuls (torch._grouped_mm: no host sync for the counts), or expert
+by expert (fp8 experts; a torch without the grouped matmul for the dtype).
 Small bf16 batches on a GPU use the fused MoE kernels instead (pyllama4.kernels.moe), which
 compute the same in fp32 with one bf16 rounding at the end.
 
@@ -16,6 +18,8 @@ added locally first). The router is replicated. With tp.size == 1 everything is 
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,6 +28,9 @@ from pyllama4.distributed.parallel import SINGLE, TensorParallel
 from pyllama4.kernels import fused
 from pyllama4.kernels import moe as moe_gpu
 from pyllama4.weights import Shard
+
+log = logging.getLogger("pyllama4.layers")
+_GROUPED_MM: dict[tuple[str, torch.dtype], bool] = {}  # False: torch._grouped_mm failed there
 
 
 class SwiGLU(nn.Module):
@@ -101,6 +108,24 @@ class Experts(nn.Module):
         """What the fused MoE kernels read (pyllama4.kernels.moe): these bf16 weights."""
         return self
 
+    def grouped(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor | None:
+        """Every expert on its rows of x (rows sorted by expert; offsets [E] int32: the end of
+        each expert's rows) in two grouped matmuls, equal to expert() run expert by expert (bit
+        for bit on the CPU), with no host sync for the counts; None where this device's torch
+        has no grouped matmul for x's dtype (logged once; the caller loops over experts)."""
+        key = (x.device.type, x.dtype)
+        if not _GROUPED_MM.get(key, True):
+            return None
+        try:
+            gate, up = torch._grouped_mm(x, self.gate_up_proj, offs=offsets).chunk(2, dim=-1)
+            return torch._grouped_mm(up * F.silu(gate), self.down_proj, offs=offsets)
+        except RuntimeError as error:
+            _GROUPED_MM[key] = False
+            log.info(
+                "grouped matmul unavailable for %s %s (%s); experts run one by one", *key, error
+            )
+            return None
+
 
 class Router(nn.Linear):
     def __init__(self, hidden_size: int, num_experts: int):
@@ -152,11 +177,16 @@ class MoE(nn.Module):
         tokens = order // self.top_k
         routed_in = x[tokens] * scores.reshape(-1, 1)[order]
         counts = torch.bincount(flat_experts, minlength=self.experts.gate_up_proj.shape[0])
-        routed_out = torch.empty_like(routed_in)
-        start = 0
-        for e, n in enumerate(counts.tolist()):
-            if n:
-                routed_out[start : start + n] = self.experts.expert(e, routed_in[start : start + n])
-                start += n
+        routed_out = None
+        if isinstance(self.experts, Experts):
+            routed_out = self.experts.grouped(routed_in, counts.cumsum(0).to(torch.int32))
+        if routed_out is None:  # fp8 experts, or no grouped matmul here: expert by expert
+            routed_out = torch.empty_like(routed_in)
+            start = 0
+            for e, n in enumerate(counts.tolist()):
+                if n:
+                    rows = routed_in[start : start + n]
+                    routed_out[start : start + n] = self.experts.expert(e, rows)
+                    start += n
         out = self.shared_expert.partial(x)
         return self.tp.all_reduce(out.index_add_(0, tokens, routed_out))
