@@ -2,10 +2,12 @@
 
 For batch sizes 16 and 64 on the demo model (greedy, 64 new tokens per prompt, ignore_eos), with
 overlap on and off: the model thread's time per step (forward + sampling), the event loop's time
-per step making text (detokenizer, stop strings, emitting: Engine._deliver) and the output
-tokens/s. With overlap the text of step N is made while step N+1 computes, so on a GPU (where
-the CPU otherwise waits for the step) a step saves up to the delivery time; on a CPU both compete
-for the same cores and the difference is within noise.
+per step making text (detokenizer, stop strings, emitting: Engine._deliver), the gap between one
+step's end on the model thread and the next step's start (on a GPU: the time it idles between
+steps) and the output tokens/s. With overlap the text of step N is made while step N+1
+computes, so the gap shrinks by the delivery time: on a GPU (where the CPU otherwise waits for
+the step) that is time saved per step; on a CPU both compete for the same cores and the
+throughput difference is within noise.
 
 Run: python bench/overlap.py [--batches 16 64] [--max-tokens 64]
 """
@@ -32,8 +34,8 @@ def prompts(engine: Engine, batch: int) -> list[list[int]]:
     ]
 
 
-def timed(engine: Engine, name: str, totals: dict[str, float]) -> None:
-    """Wraps engine.<name> to add its wall time to totals[name] and count its calls."""
+def timed(engine: Engine, name: str, spans: list[tuple[float, float]]) -> None:
+    """Wraps engine.<name> to append the (start, end) of each call to spans."""
     inner = getattr(engine, name)
 
     def wrapper(*args: Any) -> Any:
@@ -41,25 +43,31 @@ def timed(engine: Engine, name: str, totals: dict[str, float]) -> None:
         try:
             return inner(*args)
         finally:
-            totals[name] += time.perf_counter() - start
-            totals[name + "_calls"] += 1
+            spans.append((start, time.perf_counter()))
 
     setattr(engine, name, wrapper)
 
 
-def run(engine: Engine, batch: int, max_tokens: int) -> tuple[float, float, float]:
-    """(forward ms per step, delivery ms per step, output tok/s)."""
-    totals = {"_forward": 0.0, "_forward_calls": 0, "_deliver": 0.0, "_deliver_calls": 0}
-    timed(engine, "_forward", totals)
-    timed(engine, "_deliver", totals)
+def run(engine: Engine, batch: int, max_tokens: int) -> tuple[float, float, float, float]:
+    """(forward ms per step, delivery ms per step, gap ms between steps, output tok/s)."""
+    forwards: list[tuple[float, float]] = []
+    deliveries: list[tuple[float, float]] = []
+    timed(engine, "_forward", forwards)
+    timed(engine, "_deliver", deliveries)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     start = time.perf_counter()
     outputs = engine.generate(prompts(engine, batch), params)
     seconds = time.perf_counter() - start
     del engine._forward, engine._deliver  # the instance wrappers
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    steps = max(totals["_forward_calls"], 1)
-    return totals["_forward"] / steps * 1e3, totals["_deliver"] / steps * 1e3, tokens / seconds
+    steps = len(forwards)
+    gaps = [b[0] - a[1] for a, b in zip(forwards, forwards[1:], strict=False)]
+    return (
+        sum(e - s for s, e in forwards) / steps * 1e3,
+        sum(e - s for s, e in deliveries) / steps * 1e3,
+        sum(gaps) / max(len(gaps), 1) * 1e3,
+        tokens / seconds,
+    )
 
 
 def main() -> None:
@@ -78,14 +86,19 @@ def main() -> None:
         f"demo model, float32, {platform.machine()}, {torch.get_num_threads()} torch threads; "
         f"{args.max_tokens} new tokens per prompt, greedy"
     )
-    print(f"{'batch':>5} {'overlap':>7} {'forward ms/step':>15} {'text ms/step':>12} {'tok/s':>7}")
+    print(
+        f"{'batch':>5} {'overlap':>7} {'forward ms/step':>15} {'text ms/step':>12} "
+        f"{'gap ms':>7} {'tok/s':>7}"
+    )
     for engine in engines.values():
         run(engine, 1, 4)  # warm-up
     for batch in args.batches:
         for overlap, engine in engines.items():
-            forward, deliver, rate = run(engine, batch, args.max_tokens)
+            forward, deliver, gap, rate = run(engine, batch, args.max_tokens)
             mode = "on" if overlap else "off"
-            print(f"{batch:>5} {mode:>7} {forward:>15.1f} {deliver:>12.2f} {rate:>7.1f}")
+            print(
+                f"{batch:>5} {mode:>7} {forward:>15.1f} {deliver:>12.2f} {gap:>7.2f} {rate:>7.1f}"
+            )
 
 
 if __name__ == "__main__":
