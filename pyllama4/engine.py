@@ -11,8 +11,8 @@ Invariants:
 - Outputs of a request never depend on what else is in the batch (batch invariance is a tested
   property on CPU fp32), nor on chunked prefill, prefix reuse or retraction, nor on overlap.
 - Overlap (on by default): a committed step's token ids are recorded at once (the next step's
-  penalties read them); their text is made and streamed while the next step computes. The
-  only wait on the device per step is for its sampled tokens.
+  penalties read them); their text is made and streamed once the next step is queued on the
+  device, while it computes. The only wait on the device per step is for its sampled tokens.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import math
 import os
 import time
 from collections.abc import AsyncIterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -415,14 +415,19 @@ class Engine:
             # A grammar advances on the model thread; its state must not move under _deliver.
             self._deliver(previous)
             previous = None
+        launched: Future[None] = Future()
         future = self._model_thread.submit(
-            self._forward, plan, requests, completions, feed, next_prompt
+            self._forward, plan, requests, completions, feed, next_prompt, launched
         )
-        self._deliver(previous)  # the CPU's share of the last step, while this one computes
         try:
             # A step always completes and commits, even when the loop is being cancelled:
             # otherwise the core would keep a plan in flight and its requests forever.
             with anyio.CancelScope(shield=True):
+                if previous is not None:
+                    # The last step's text, once this step is queued on the device: made any
+                    # earlier, it would hold the GIL the model thread needs to launch the step.
+                    await anyio.to_thread.run_sync(launched.result)
+                    self._deliver(previous)
                 tokens, counts, verified, logprobs = await anyio.to_thread.run_sync(future.result)
         except Exception as e:  # noqa: BLE001 - any failure of a step fails its requests only
             log.exception("step failed")
@@ -508,23 +513,31 @@ class Engine:
         completions: list[_Completion],
         feed: ImageFeed | None,
         next_prompt: np.ndarray | None,
+        launched: Future[None],
     ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, list[Any]]:
         """On the model thread: encode images, forward, sample, bring the results to the host.
         Returns (tokens, counts, verified, logprob rows): counts / verified (per sample row: the
-        tokens it commits, and whether it verified drafts) are None without speculation."""
-        embeds = None
-        if feed is not None:
-            assert self.images is not None  # only image prompts have features to feed
-            embeds = feed.gather(self.images.tower, self.runner.device)
-        if self.speculative is not None:
-            assert next_prompt is not None
-            result = self.speculative.step(plan, requests, self.sampler, next_prompt, embeds)
-            out, tokens, counts = result.sampled, result.tokens, result.counts
-            verified = result.verified
-        else:
-            out = self.sampler(self.runner.forward(plan, embeds), requests)
-            tokens = out.tokens.to(torch.int32).cpu().numpy()
-            counts = verified = None
+        tokens it commits, and whether it verified drafts) are None without speculation.
+        `launched` is set once the step's device work is queued (on a GPU, before the wait for
+        its tokens; always, also when the step fails)."""
+        try:
+            embeds = None
+            if feed is not None:
+                assert self.images is not None  # only image prompts have features to feed
+                embeds = feed.gather(self.images.tower, self.runner.device)
+            if self.speculative is not None:
+                assert next_prompt is not None
+                result = self.speculative.step(plan, requests, self.sampler, next_prompt, embeds)
+                out, tokens, counts = result.sampled, result.tokens, result.counts
+                verified = result.verified
+            else:
+                out = self.sampler(self.runner.forward(plan, embeds), requests)
+                launched.set_result(None)
+                tokens = out.tokens.to(torch.int32).cpu().numpy()
+                counts = verified = None
+        finally:
+            if not launched.done():
+                launched.set_result(None)
         grammar_rows = [row for row, r in enumerate(requests) if r.constraint is not None]
         if grammar_rows:  # grammar rows never speculate: their token is the sampled one
             sampled = out.tokens.cpu().tolist()

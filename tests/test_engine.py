@@ -304,15 +304,16 @@ def test_overlap_changes_no_output(weights, tokenizer):
 @pytest.mark.parametrize("overlap", [True, False])
 def test_text_is_made_while_the_next_step_computes(weights, tokenizer, monkeypatch, overlap):
     """With overlap, outputs are delivered (detokenized, streamed) while the model thread has
-    the next step in flight (submitted, not done); without, never."""
+    the next step in flight (queued, its tokens not back); without, never."""
     engine = make_engine(weights, tokenizer, overlap=overlap)
     state = {"in_flight": False}
     during: list[bool] = []
     forward, deliver, thread = engine._forward, engine._deliver, engine._model_thread
 
     def slow_forward(*args):
-        time.sleep(0.005)  # a step that takes a while, as on a GPU
-        return forward(*args)
+        result = forward(*args)  # sets its `launched` once the step is queued
+        time.sleep(0.005)  # the device still computing the queued step, as on a GPU
+        return result
 
     class WatchedThread:
         def submit(self, fn, *args):
