@@ -176,7 +176,9 @@ class MoE(nn.Module):
         order = torch.argsort(flat_experts, stable=True)
         tokens = order // self.top_k
         routed_in = x[tokens] * scores.reshape(-1, 1)[order]
-        counts = torch.bincount(flat_experts, minlength=self.experts.gate_up_proj.shape[0])
+        # Tokens per expert by a scatter: torch.bincount would wait for the device (its size).
+        counts = torch.zeros(self.experts.gate_up_proj.shape[0], dtype=torch.int64, device=x.device)
+        counts.scatter_add_(0, flat_experts, torch.ones_like(flat_experts))
         routed_out = None
         if isinstance(self.experts, Experts):
             routed_out = self.experts.grouped(routed_in, counts.cumsum(0).to(torch.int32))
