@@ -32,7 +32,8 @@ log = logging.getLogger("pyllama4.serve")
 PROG = "pyllama4-serve"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 30000  # SGLang's default
-DEFAULT_GRAPH_MAX_BS = 64  # pyllama4.kernels.moe.MAX_TOKENS: larger MoE batches cannot be captured
+# pyllama4.kernels.moe.MAX_TOKENS: above it the MoE runs grouped matmuls, not tried in a graph yet
+DEFAULT_GRAPH_MAX_BS = 64
 # In-flight requests get this long to finish after SIGTERM / SIGINT; then they are aborted.
 SHUTDOWN_TIMEOUT_S = 30.0
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32", "half", "float")
