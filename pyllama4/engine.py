@@ -35,6 +35,7 @@ import torch.distributed as dist
 from anyio.streams.memory import MemoryObjectSendStream
 from PIL.Image import Image as PILImage
 
+from pyllama4 import kernels
 from pyllama4.config import TextConfig
 from pyllama4.detokenizer import IncrementalDetokenizer, StopStrings
 from pyllama4.distributed.parallel import (
@@ -329,6 +330,7 @@ class Engine:
                     dist.destroy_process_group()
             raise
         log.debug(runner.memory.describe())
+        log.info("GPU kernels: %s", kernels.describe(next(runner.model.parameters()).device))
         engine = cls(
             runner,
             tokenizer,

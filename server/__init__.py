@@ -1,5 +1,8 @@
-"""The HTTP layer over pyllama4.Engine: the OpenAI-compatible (and SGLang-native) server.
+"""pyllama4.server: the HTTP layer over pyllama4.Engine, the OpenAI-compatible (and SGLang-native)
+server.
 
-`server.cli` is the command line (`pyllama4-serve`, `pyllama4 serve`,
-`python -m pyllama4.launch_server`); `server.app` is the ASGI app it serves with hypercorn.
+The wheel installs this folder (server/ in the repository) as the `pyllama4.server` package, so
+pyllama4 puts no other top-level name into site-packages. `pyllama4.server.cli` is the command
+line (`pyllama4-serve`, `pyllama4 serve`, `python -m pyllama4.launch_server`);
+`pyllama4.server.app` is the ASGI app it serves with hypercorn.
 """

@@ -28,9 +28,9 @@ from pyllama4.grammar import GrammarError, GrammarSpec
 from pyllama4.multimodal.inputs import ImageInput, ImagePrompt
 from pyllama4.multimodal.media import MediaError, MediaPolicy, load_image
 from pyllama4.outputs import RequestOutput
-from server import protocol as p
-from server.tool_parser import ToolCall, ToolCallStream, parse_tool_calls
-from server.tools import (
+from pyllama4.server import protocol as p
+from pyllama4.server.tool_parser import ToolCall, ToolCallStream, parse_tool_calls
+from pyllama4.server.tools import (
     RequestError,
     ToolPlan,
     grammar_of,

@@ -251,7 +251,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         type=_int_in(1),
         metavar="N",
         help="the KV cache's size in tokens (default: from --mem-fraction-static on a GPU; on "
-        "the CPU a quarter of RAM, at most 4 GiB)",
+        "the CPU a quarter of RAM, at most 1 GiB)",
     )
     hw.add_argument(
         "--page-size", type=_int_in(1), metavar="N", help="tokens per KV page (default 16)"
@@ -642,7 +642,7 @@ def notes(args: argparse.Namespace) -> list[tuple[int, str]]:
             (
                 logging.INFO,
                 f"--mem-fraction-static {args.mem_fraction_static}: no effect on the CPU "
-                "(the KV cache there gets a quarter of RAM, at most 4 GiB)",
+                "(the KV cache there gets a quarter of RAM, at most 1 GiB)",
             )
         )
     return out
@@ -745,7 +745,7 @@ def _start_and_serve(args: argparse.Namespace) -> None:
     from pyllama4.config import ConfigError, TextConfig, VisionConfig
     from pyllama4.engine import Engine
     from pyllama4.multimodal.media import MediaPolicy
-    from server.app import create_app  # before minutes of loading: a broken install fails now
+    from pyllama4.server.app import create_app  # a broken install fails before loading
 
     device = resolve_device(args)
     dtype = resolve_dtype(args, device)

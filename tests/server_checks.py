@@ -16,9 +16,10 @@ def metric(server: str, name: str) -> float:
 
 
 def assert_idle(server: str) -> None:
-    """Within 10 s nothing runs and no request holds a KV page."""
-    deadline = time.monotonic() + 10
-    while metric(server, "pyllama4_num_running_reqs") and time.monotonic() < deadline:
+    """Soon nothing runs and no request holds a KV page (a wide deadline, 60 s, for a loaded
+    machine: an abort takes effect at the next step)."""
+    names = ("pyllama4_num_running_reqs", "pyllama4_pages_held_by_requests")
+    deadline = time.monotonic() + 60
+    while any(metric(server, n) for n in names) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert metric(server, "pyllama4_num_running_reqs") == 0
-    assert metric(server, "pyllama4_pages_held_by_requests") == 0
+    assert [metric(server, n) for n in names] == [0, 0]

@@ -189,16 +189,6 @@ def test_random_range_ratio_has_sglangs_meaning():
     assert bs.random_lengths(10, 1.0, 20, rng) == [10] * 20
 
 
-def test_truncated_sharegpt_keeps_complete_conversations(tmp_path):
-    convs = [
-        {"id": str(i), "conversations": [{"from": "human", "value": f"q{i}"}]} for i in range(3)
-    ]
-    text = json.dumps(convs, indent=2)
-    cut = text[: text.rindex('"q2"')]  # the third conversation is cut off
-    assert [c["id"] for c in bs.iter_json_list(cut)] == ["0", "1"]
-    assert len(list(bs.iter_json_list(text))) == 3
-
-
 class WordTokenizer:
     def encode(self, text, add_special_tokens=True):
         return text.split()

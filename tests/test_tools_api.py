@@ -8,8 +8,8 @@ import json
 import msgspec
 import pytest
 
-from server import protocol as p
-from server.tools import RequestError, grammar_of, plan_tools, template_message
+from pyllama4.server import protocol as p
+from pyllama4.server.tools import RequestError, grammar_of, plan_tools, template_message
 
 WEATHER = {
     "type": "function",

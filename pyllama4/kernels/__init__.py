@@ -3,7 +3,7 @@
 Invariant: library() returns the loaded library only when torch sees a GPU, the file loads, it
 was built for torch's GPU runtime (hip or cuda) and its pyllama4_abi_version() is ABI_VERSION;
 otherwise None, with reason() saying why (the callers then use the torch reference ops). The
-outcome is decided on the first call, logged in one line ("pyllama4.kernels") and cached.
+outcome is decided on the first call and cached; describe() is the line the engine logs at start.
 
 The file is `PYLLAMA4_KERNELS` (a path) when that is set, else libpyllama4_kernels.so in the
 pyllama4 package directory, where the wheel installs it when a GPU toolchain was found.
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,8 +22,6 @@ import torch
 
 ABI_VERSION = 3  # hip/abi.hip's kAbiVersion: bump both on any change of the C ABI
 LIBRARY_NAME = "libpyllama4_kernels.so"
-
-log = logging.getLogger("pyllama4.kernels")
 
 
 def library_path() -> Path:
@@ -61,13 +58,7 @@ def _open(path: Path) -> tuple[ctypes.CDLL | None, str | None]:
 
 @functools.cache
 def _load() -> tuple[ctypes.CDLL | None, str | None]:
-    path = library_path()
-    lib, why = _open(path)
-    if lib is not None:
-        log.info("GPU kernels: %s", path)
-    else:
-        log.info("GPU kernels not used: %s; torch reference ops", why)
-    return lib, why
+    return _open(library_path())
 
 
 def library() -> ctypes.CDLL | None:
@@ -78,6 +69,20 @@ def library() -> ctypes.CDLL | None:
 def reason() -> str | None:
     """Why library() is None ("no GPU", "library not built (...)", ...); None when loaded."""
     return _load()[1]
+
+
+def describe(device: torch.device) -> str:
+    """The kernel path of a model on device, for the start-up log: the library's file, or
+    "not used (why); torch reference ops"."""
+    if device.type == "cuda":
+        lib, why = _load()
+        if lib is not None:
+            return str(library_path())
+    elif torch.cuda.is_available():
+        why = f"the model runs on the {device.type}"
+    else:
+        why = "no GPU"
+    return f"not used ({why}); torch reference ops"
 
 
 def declare(

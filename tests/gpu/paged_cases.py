@@ -1,4 +1,4 @@
-"""Random paged KV caches for the GPU kernel tests and bench/kernels.py: the query tokens of
+"""Random paged KV caches for the GPU kernel tests and bench/kernel_timings.py: the query tokens of
 a batch of requests (one each for decode, several for prefill / extend) over their pages, laid
 out through block tables as the core lays them out (global: column = page index; chunk-local:
 column = page index % table width, only the current chunk's pages), with pages drawn at random

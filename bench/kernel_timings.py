@@ -32,8 +32,8 @@ Times: per call with device events after warm-up (median of --iters). The copy b
 measured in the same run (a 1 GiB device-to-device copy: read + write bytes / time).
 Correctness is tests/gpu's job; this script only times.
 
-Run: python bench/kernels.py [--section attention|moe|fp8|fused]  (needs a GPU and the built kernel
-library; prints markdown tables for docs/benchmarks.md with the card's name).
+Run: python bench/kernel_timings.py [--section attention|moe|fp8|fused]  (needs a GPU and the
+built kernel library; prints markdown tables for docs/benchmarks.md with the card's name).
 """
 
 from __future__ import annotations
