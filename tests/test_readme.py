@@ -12,6 +12,7 @@ import importlib.metadata
 import importlib.util
 import json
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -77,6 +78,15 @@ def test_only_the_entry_point_imports_the_http_layer():
             if any(n.startswith(("pyllama4.server", "server")) for n in names):
                 offenders.append(f"{rel}:{node.lineno}")
     assert offenders == []
+
+
+def test_the_source_folder_alone_says_to_install():
+    """In the repository root with no installed pyllama4 in sight (python -S: no site-packages),
+    `import pyllama4` finds only the source folder, which has no compiled core."""
+    out = run([sys.executable, "-S", "-c", "import pyllama4"])
+    assert out.returncode != 0
+    last = out.stderr.strip().splitlines()[-1]
+    assert "compiled core is not built" in last and "pip install ." in last
 
 
 @pytest.mark.parametrize("script", BENCH_SCRIPTS)
@@ -183,3 +193,24 @@ def test_quickstart_serves_the_demo_model_as_typed(demo_dir, tmp_path):
 
     named = "GPU kernels: " if torch.cuda.is_available() else "GPU kernels: not used (no GPU)"
     assert named in log.read_text()
+
+
+def _readme_serve_commands() -> list[list[str]]:
+    """Every `pyllama4-serve ...` line of README's bash blocks, continuations joined."""
+    commands = []
+    for block in code_blocks(README, "bash"):
+        for line in block.replace("\\\n", " ").splitlines():
+            if line.startswith("pyllama4-serve"):
+                commands.append(shlex.split(line, comments=True)[1:])
+    return commands
+
+
+def test_readmes_serve_commands_use_real_flags():
+    """The commands for hardware or files this machine lacks (MI300, a downloaded checkpoint, a
+    trained draft) at least parse: every flag they show exists and takes the value shown."""
+    from pyllama4.server import cli
+
+    commands = _readme_serve_commands()
+    assert len(commands) >= 4  # the quickstart, MI300, EAGLE3 on MI300 and on the demo model
+    for argv in commands:
+        cli.parse_args(argv)  # argparse exits (status 2) on an unknown flag or a bad value
