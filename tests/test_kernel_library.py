@@ -58,15 +58,28 @@ def open_abi(path: Path) -> ctypes.CDLL:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
-def test_no_gpu_means_no_library(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level("INFO", logger="pyllama4.kernels"):
-        assert kernels.library() is None
-        assert kernels.library() is None  # cached: decided and logged once
+def test_no_gpu_means_no_library() -> None:
+    assert kernels.library() is None
+    assert kernels.library() is None  # cached: decided once
     assert kernels.reason() == "no GPU"
-    assert [r.getMessage() for r in caplog.records] == [
-        "GPU kernels not used: no GPU; torch reference ops"
-    ]
+    assert kernels.describe(torch.device("cpu")) == "not used (no GPU); torch reference ops"
     assert kernels.last_error() == ""
+
+
+def test_describe_names_the_library_or_why_not(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The start-up log line: on a GPU the reason the library is not used; a model kept on the
+    CPU of a GPU machine does not use it either."""
+    missing = tmp_path / kernels.LIBRARY_NAME
+    monkeypatch.setenv("PYLLAMA4_KERNELS", str(missing))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert kernels.describe(torch.device("cuda")) == (
+        f"not used (library not built (no {missing})); torch reference ops"
+    )
+    assert kernels.describe(torch.device("cpu")) == (
+        "not used (the model runs on the cpu); torch reference ops"
+    )
 
 
 def test_missing_file_is_named(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
