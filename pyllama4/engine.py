@@ -68,7 +68,7 @@ from pyllama4.outputs import (
     RequestOutput,
     TokenLogprob,
 )
-from pyllama4.runner import MAX_RUNNING, MAX_STEP_TOKENS, ModelRunner
+from pyllama4.runner import MAX_RUNNING, MAX_STEP_TOKENS, MemoryPlan, ModelRunner
 from pyllama4.sampler import SampleOutput, Sampler, SampleRequest
 from pyllama4.sampling_params import SamplingParams
 from pyllama4.speculative.eagle import (
@@ -802,6 +802,11 @@ class Engine:
             self.abort(request_id)
         return len(request_ids)
 
+    @property
+    def memory(self) -> MemoryPlan:
+        """The KV cache's plan: page counts, bytes per token, the most tokens it holds."""
+        return self.runner.memory
+
     def stats(self) -> EngineStats:
         s = self.scheduler.stats()
         spec = self.speculative.stats if self.speculative else None
@@ -809,6 +814,7 @@ class Engine:
             num_running=s.num_running,
             num_waiting=s.num_waiting,
             global_pages_used=s.global_total - s.global_free,
+            global_pages_held=s.global_total - s.global_free - s.global_cached,
             global_pages_total=s.global_total,
             local_pages_used=s.local_total - s.local_free,
             local_pages_total=s.local_total,

@@ -113,6 +113,7 @@ class EngineStats:
     num_running: int
     num_waiting: int
     global_pages_used: int  # held by requests or cached
+    global_pages_held: int  # held by requests (not counting pages only the prefix cache keeps)
     global_pages_total: int
     local_pages_used: int
     local_pages_total: int

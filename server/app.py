@@ -89,9 +89,7 @@ class _EngineCollector:
                 s.spec_accept_length,
             ),
         }
-        sched = self.engine.scheduler.stats()
-        held = (sched.global_total - sched.global_free) - sched.global_cached
-        gauges["pages_held_by_requests"] = ("Global KV pages held by requests", held)
+        gauges["pages_held_by_requests"] = ("Global KV pages held by requests", s.global_pages_held)
         for name, (doc, value) in gauges.items():
             yield GaugeMetricFamily(f"pyllama4_{name}", doc, value=value)
         counters = {
@@ -442,7 +440,7 @@ class App:
 
     async def server_info(self, body: bytes, send: Send, receive: Receive) -> None:
         s = self.engine.stats()
-        mem = self.engine.runner.memory
+        mem = self.engine.memory
         info = {
             "served_model_name": self.model,
             "context_length": self.context_length,
