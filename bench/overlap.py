@@ -34,9 +34,9 @@ def prompts(engine: Engine, batch: int) -> list[list[int]]:
     ]
 
 
-def timed(engine: Engine, name: str, spans: list[tuple[float, float]]) -> None:
-    """Wraps engine.<name> to append the (start, end) of each call to spans."""
-    inner = getattr(engine, name)
+def timed(owner: object, name: str, spans: list[tuple[float, float]]) -> None:
+    """Wraps owner.<name> to append the (start, end) of each call to spans."""
+    inner = getattr(owner, name)
 
     def wrapper(*args: Any) -> Any:
         start = time.perf_counter()
@@ -45,20 +45,20 @@ def timed(engine: Engine, name: str, spans: list[tuple[float, float]]) -> None:
         finally:
             spans.append((start, time.perf_counter()))
 
-    setattr(engine, name, wrapper)
+    setattr(owner, name, wrapper)
 
 
 def run(engine: Engine, batch: int, max_tokens: int) -> tuple[float, float, float, float]:
     """(forward ms per step, delivery ms per step, gap ms between steps, output tok/s)."""
     forwards: list[tuple[float, float]] = []
     deliveries: list[tuple[float, float]] = []
-    timed(engine, "_forward", forwards)
+    timed(engine.executor, "execute", forwards)
     timed(engine, "_deliver", deliveries)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     start = time.perf_counter()
     outputs = engine.generate(prompts(engine, batch), params)
     seconds = time.perf_counter() - start
-    del engine._forward, engine._deliver  # the instance wrappers
+    del engine.executor.execute, engine._deliver  # the instance wrappers
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     steps = len(forwards)
     gaps = [b[0] - a[1] for a, b in zip(forwards, forwards[1:], strict=False)]

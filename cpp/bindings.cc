@@ -32,6 +32,13 @@ const char* reason_name(FinishReason r) {
   return "?";
 }
 
+FinishReason parse_reason(const std::string& name) {
+  if (name == "stop") return FinishReason::kStop;
+  if (name == "length") return FinishReason::kLength;
+  if (name == "abort") return FinishReason::kAbort;
+  throw std::invalid_argument("unknown finish reason '" + name + "' (expected stop, length or abort)");
+}
+
 Policy parse_policy(const std::string& name) {
   if (name == "fcfs") return Policy::kFcfs;
   if (name == "lpm") return Policy::kLpm;
@@ -218,6 +225,9 @@ table.view(-1)[global_table_index] = global_table_values, and the same for the l
       .def_readonly("cached_tokens", &SchedulerStats::cached_tokens)
       .def_readonly("num_retractions", &SchedulerStats::num_retractions)
       .def_readonly("num_steps", &SchedulerStats::num_steps)
+      .def_readonly("num_finished_stop", &SchedulerStats::num_finished_stop)
+      .def_readonly("num_finished_length", &SchedulerStats::num_finished_length)
+      .def_readonly("num_aborted", &SchedulerStats::num_aborted)
       .def_readonly("new_token_ratio", &SchedulerStats::new_token_ratio);
 
   py::class_<Scheduler>(m, "Scheduler", R"doc(
@@ -271,6 +281,15 @@ owned twice; reference counts equal holders; locked tree pages are never evicted
           "Queues a request; ValueError names the problem when it can never run.")
       .def("abort", &Scheduler::abort, py::arg("request_id"),
            "Ends a request in any state, caching its computed prefix; False if unknown.")
+      .def(
+          "finish",
+          [](Scheduler& s, int64_t id, const std::string& reason) {
+            return s.end(id, parse_reason(reason));
+          },
+          py::arg("request_id"), py::arg("reason"),
+          "Ends a request whose caller saw it finish ('stop': a stop string, a completed "
+          "grammar) or abandoned it ('abort'); as abort() otherwise, counted under its reason. "
+          "False if unknown or already ended.")
       .def("schedule", [](Scheduler& s) { return std::const_pointer_cast<StepPlan>(s.schedule()); },
            "Builds the next step (empty when there is nothing to run).")
       .def(

@@ -17,7 +17,7 @@ struct Request {
   int32_t reserve = 0;
   bool running = false;
   bool in_plan = false;
-  bool aborted = false;         // aborted while in the plan in flight; released at commit
+  bool ended = false;           // ended while in the plan in flight; released at commit
   int32_t num_computed = 0;
   int32_t cached_tokens = 0;
   int32_t num_retractions = 0;
@@ -561,9 +561,18 @@ void Scheduler::release_old_local_pages(Request& r) {
 }
 
 void Scheduler::finish(Request& r, FinishReason reason) {
-  if (reason != FinishReason::kAbort) finished_.push_back({r.id, reason, r.output_len()});
+  finished_.push_back({r.id, reason, r.output_len()});
+  count(reason);
   release(r, /*cache_prefix=*/true);
   r.running = false;
+}
+
+void Scheduler::count(FinishReason reason) {
+  switch (reason) {
+    case FinishReason::kStop: ++counters_.num_finished_stop; break;
+    case FinishReason::kLength: ++counters_.num_finished_length; break;
+    case FinishReason::kAbort: ++counters_.num_aborted; break;
+  }
 }
 
 std::vector<Finished> Scheduler::commit(const int32_t* tokens, int32_t num_tokens,
@@ -607,7 +616,7 @@ std::vector<Finished> Scheduler::commit(const int32_t* tokens, int32_t num_token
     }
     const int32_t* fresh = tokens + cursor;
     cursor += k;
-    if (r.aborted) {
+    if (r.ended) {
       release(r, /*cache_prefix=*/true);
       r.running = false;
       any_done = true;
@@ -650,17 +659,18 @@ std::vector<Finished> Scheduler::commit(const int32_t* tokens, int32_t num_token
   return finished_;
 }
 
-bool Scheduler::abort(int64_t request_id) {
+bool Scheduler::end(int64_t request_id, FinishReason reason) {
   auto it = requests_.find(request_id);
-  if (it == requests_.end() || it->second->aborted) return false;
+  if (it == requests_.end() || it->second->ended) return false;
   Request& r = *it->second;
+  count(reason);
   if (!r.running) {
     waiting_.erase(std::find(waiting_.begin(), waiting_.end(), &r));
     requests_.erase(it);
     return true;
   }
   if (r.in_plan) {
-    r.aborted = true;
+    r.ended = true;
     return true;
   }
   release(r, /*cache_prefix=*/true);

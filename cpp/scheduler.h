@@ -37,7 +37,9 @@
 // Invariants (check() verifies them): for each pool free + held_by_requests + cached_in_tree ==
 // total; a page is in at most one of {free list, tree, one request}, except that requests may share
 // tree pages on locked paths; every page's reference count equals its holders; every request that
-// add_request() accepted ends through commit() (FinishReason) or abort().
+// add_request() accepted ends exactly once: in commit() (a stop token or the length limit), or by
+// end() (its caller saw a stop the core cannot: a stop string, a completed grammar; or abandoned
+// it), and is counted once under its FinishReason.
 #pragma once
 
 #include <cstdint>
@@ -130,6 +132,9 @@ struct SchedulerStats {
   int64_t cached_tokens = 0;      // of which taken from the radix cache
   int64_t num_retractions = 0;
   int64_t num_steps = 0;
+  int64_t num_finished_stop = 0;    // requests ended by a stop (a stop token, or end(kStop))
+  int64_t num_finished_length = 0;  // requests ended by max_new_tokens or the context length
+  int64_t num_aborted = 0;          // requests abandoned (abort(), end(kAbort))
   double new_token_ratio = 0;
 };
 
@@ -150,9 +155,11 @@ class Scheduler {
   // or leaves 1 + reserve above max_step_tokens.
   void add_request(int64_t request_id, const std::vector<int32_t>& prompt, int32_t max_new_tokens,
                    const std::vector<int32_t>& stop_token_ids, uint64_t extra_key, int32_t reserve);
-  // Removes a request in any state and releases its pages (caching its computed prefix). A request
-  // in the plan in flight is released at commit(), which skips it. Returns false if unknown.
-  bool abort(int64_t request_id);
+  // Ends a request in any state for `reason` and releases its pages (caching its computed prefix).
+  // A request in the plan in flight is released at commit(), which skips it (and does not report
+  // it as finished). Returns false if unknown or already ended.
+  bool end(int64_t request_id, FinishReason reason);
+  bool abort(int64_t request_id) { return end(request_id, FinishReason::kAbort); }
 
   // Builds the next step. Throws std::logic_error if the previous plan was not committed.
   // The returned plan stays valid (and unchanged) after later steps for whoever holds it.
@@ -206,7 +213,8 @@ class Scheduler {
   void release_old_local_pages(Request& r);
   void log_pages(const Request& r, int32_t global_from, int32_t local_from);
   void resolve_table_writes();
-  void finish(Request& r, FinishReason reason);
+  void finish(Request& r, FinishReason reason);  // in commit(): reports r as Finished
+  void count(FinishReason reason);
   void order_waiting();
 
   SchedulerConfig config_;

@@ -308,10 +308,10 @@ def test_text_is_made_while_the_next_step_computes(weights, tokenizer, monkeypat
     engine = make_engine(weights, tokenizer, overlap=overlap)
     state = {"in_flight": False}
     during: list[bool] = []
-    forward, deliver, thread = engine._forward, engine._deliver, engine._model_thread
+    execute, deliver, thread = engine.executor.execute, engine._deliver, engine._model_thread
 
-    def slow_forward(*args):
-        result = forward(*args)  # sets its `launched` once the step is queued
+    def slow_execute(*args):
+        result = execute(*args)  # sets its `launched` once the step is queued
         time.sleep(0.005)  # the device still computing the queued step, as on a GPU
         return result
 
@@ -327,7 +327,7 @@ def test_text_is_made_while_the_next_step_computes(weights, tokenizer, monkeypat
             during.append(state["in_flight"])
         deliver(outputs)
 
-    monkeypatch.setattr(engine, "_forward", slow_forward)
+    monkeypatch.setattr(engine.executor, "execute", slow_execute)
     monkeypatch.setattr(engine, "_deliver", watched_deliver)
     monkeypatch.setattr(engine, "_model_thread", WatchedThread())
     params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)

@@ -193,6 +193,37 @@ void test_scheduler_errors() {
   EXPECT_OK(s.check());
 }
 
+// Each request is counted once under the reason it ended with, whoever ended it and when.
+void test_finish_reasons_are_counted() {
+  SchedulerConfig c;
+  c.page_size = 4;
+  c.global_pages = 64;
+  c.context_len = 64;
+  Scheduler s(c);
+  s.add_request(1, {1, 2, 3}, 2, {9}, 0, 0);  // ends in commit on its stop token
+  s.add_request(2, {1, 2, 3}, 1, {}, 0, 0);   // ends in commit at max_new_tokens
+  s.add_request(3, {1, 2, 3}, 8, {}, 0, 0);   // its caller sees a stop string while in flight
+  s.add_request(4, {1, 2, 3}, 8, {}, 0, 0);   // abandoned while in flight
+  s.add_request(5, {4, 5, 6}, 8, {}, 0, 0);   // its caller ends it between steps
+  auto plan = s.schedule();
+  EXPECT(plan->num_requests() == 5);
+  EXPECT(s.end(3, FinishReason::kStop));
+  EXPECT(!s.end(3, FinishReason::kStop));  // already ended: no second count
+  EXPECT(s.abort(4));
+  const int32_t tokens[5] = {9, 7, 7, 7, 7};
+  auto done = s.commit(tokens, 5, nullptr, 0);
+  EXPECT(done.size() == 2);  // 3 and 4 are released, not reported: their caller ended them
+  EXPECT(s.end(5, FinishReason::kStop));
+  EXPECT(!s.end(42, FinishReason::kStop));
+  const SchedulerStats st = s.stats();
+  EXPECT(st.num_finished_stop == 3);
+  EXPECT(st.num_finished_length == 1);
+  EXPECT(st.num_aborted == 1);
+  EXPECT(!s.has_work());
+  EXPECT(s.global_pool().num_free() + s.cache().cached_global_pages() == c.global_pages);
+  EXPECT_OK(s.check());
+}
+
 void test_random_operations() {
   std::mt19937 rng(1234);
   for (int config = 0; config < 4; ++config) {
@@ -265,6 +296,7 @@ int main() {
   test_radix_match_insert_split();
   test_radix_local_coverage();
   test_scheduler_errors();
+  test_finish_reasons_are_counted();
   test_scheduler_outputs_do_not_depend_on_memory();
   test_random_operations();
   if (failures) {

@@ -1,0 +1,14 @@
+"""The engine, one room per concern:
+
+- loop: Engine, the step loop (schedule → launch → commit → deliver, overlapped) and the
+  requests' way in and out (submit, abort, stats, generate);
+- output: a committed step's tokens → text, stop decisions, outputs (never the scheduler);
+- executor: running a planned step on the model thread (plain, or EAGLE3);
+- build: building an engine from an EngineConfig (tensor-parallel bootstrap, KV budget);
+- config: EngineConfig; records: what the engine keeps per request.
+"""
+
+from pyllama4.engine.config import EngineConfig
+from pyllama4.engine.loop import Engine
+
+__all__ = ["Engine", "EngineConfig"]

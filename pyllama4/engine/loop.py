@@ -1,0 +1,531 @@
+"""Engine: the step loop that turns requests into tokens (schedule → launch → commit →
+deliver), and the requests' way in and out (submit, abort, stats).
+
+Invariants:
+- One task runs the loop; only the event-loop thread touches the core scheduler (submit, abort,
+  finish and commit all run there). The step executor runs the forward pass and the sampler on
+  the model thread, on a plan that never changes, so the event loop keeps serving meanwhile.
+- An idle engine waits on an event; it never spins.
+- Every submitted request ends: with its output (finish_reason stop / length), with "abort" when
+  the caller aborts it, or with "error" and a message if the step that carried it failed.
+  A failing step fails only the requests it carried; the engine keeps running. The core is told
+  each end with its true reason.
+- Outputs of a request never depend on what else is in the batch (batch invariance is a tested
+  property on CPU fp32), nor on chunked prefill, prefix reuse or retraction, nor on overlap.
+- Overlap (on by default): a committed step's token ids are recorded at once (the next step's
+  penalties read them); their text is made and streamed once the next step is queued on the
+  device, while it computes. The only wait on the device per step is for its sampled tokens.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import anyio
+import numpy as np
+from PIL.Image import Image as PILImage
+
+from pyllama4.detokenizer import IncrementalDetokenizer, StopStrings
+from pyllama4.distributed.runtime import Workers
+from pyllama4.engine import output
+from pyllama4.engine.config import EngineConfig
+from pyllama4.engine.executor import StepExecutor, StepResult
+from pyllama4.engine.records import Completion, Request, StepOutputs, StepRow
+from pyllama4.grammar import GrammarCompiler, GrammarSpec
+from pyllama4.memory import MemoryReport
+from pyllama4.multimodal.features import ImageFeed, PromptFeatures
+from pyllama4.multimodal.inputs import ImageInput, ImagePrompt
+from pyllama4.multimodal.support import ImageSupport
+from pyllama4.outputs import EngineStats, RequestMetrics, RequestOutput
+from pyllama4.runner import MemoryPlan, ModelRunner
+from pyllama4.sampler import Sampler, SampleRequest
+from pyllama4.sampling_params import SamplingParams
+from pyllama4.speculative.eagle import EagleWorker
+
+log = logging.getLogger("pyllama4.engine")
+
+
+class Engine:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        tokenizer: Any,
+        *,
+        executor: StepExecutor | None = None,
+        eos_token_ids: Sequence[int] = (),
+        model_thread: ThreadPoolExecutor | None = None,
+        images: ImageSupport | None = None,
+        speculative: EagleWorker | None = None,
+        workers: Workers | None = None,
+        overlap: bool = True,
+    ):
+        """executor: runs the steps (default: a plain StepExecutor on this runner).
+        model_thread: the one thread that runs all of the model's torch work (built by
+        from_checkpoint, which also loads the model there). On the CPU, torch's OpenMP threads
+        are per calling thread: switching threads costs ~1.5x per step on 2 cores, measured.
+        images: the vision tower and tiling settings; None for a text-only engine.
+        speculative: the EAGLE3 worker the executor drafts with (its settings and statistics).
+        workers: the tensor-parallel worker processes of a ShardedRunner (from_checkpoint's tp),
+        stopped by close(). overlap: make a step's text (detokenizing, stop strings, streaming)
+        while the next step computes (SGLang's overlap schedule; a request that a stop string
+        ends then computes one token more, discarded); False: one after the other."""
+        self.runner = runner
+        self.images = images
+        self.speculative = speculative
+        self.workers = workers
+        self.overlap = overlap
+        self.failure: str | None = None  # set by fail(): the engine can no longer serve
+        self.memory_report: MemoryReport | None = None  # the measured GPU plan (from_checkpoint)
+        self.scheduler = runner.scheduler
+        self.tokenizer = tokenizer
+        self.vocab_size = runner.model.config.vocab_size
+        eos = set(eos_token_ids) | set(runner.model.config.eos_token_ids)
+        if getattr(tokenizer, "eos_token_id", None) is not None:
+            eos.add(tokenizer.eos_token_id)
+        self.eos_token_ids = frozenset(eos)
+        self.executor = executor or StepExecutor(
+            runner, Sampler(self.vocab_size, runner.device), images
+        )
+        self._core_ids = itertools.count(1)
+        self._request_ids = itertools.count(1)
+        self._by_core: dict[int, Completion] = {}
+        self._requests: dict[str, Request] = {}
+        self._wake = anyio.Event()
+        self._generation_tokens = 0
+        self._images_encoded = 0
+        self._grammars: GrammarCompiler | None = None
+        self._running = False
+        self._model_thread = model_thread or ThreadPoolExecutor(1, "pyllama4-model")
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint_dir: str | Path, **options: Any) -> Engine:
+        """Loads a checkpoint and its tokenizer; options are EngineConfig's fields (dtype,
+        device, context_len, kv_tokens, tp, ...)."""
+        from pyllama4.engine.build import build_engine
+
+        return build_engine(EngineConfig(Path(checkpoint_dir), **options))
+
+    def fail(self, message: str) -> None:
+        """Marks the engine unable to serve (a tensor-parallel worker died): health checks
+        report it; the server exits."""
+        self.failure = message
+
+    def close(self) -> None:
+        """Stops the tensor-parallel workers (after the last step); a no-op without them."""
+        if self.workers is None:
+            return
+        workers, self.workers = self.workers, None
+        if self.failure is None:
+            channel = self.runner.channel  # a ShardedRunner's
+            self._model_thread.submit(channel.send, None).result()
+        workers.stop()
+
+    @property
+    def memory(self) -> MemoryPlan:
+        """The KV cache's plan: page counts, bytes per token, the most tokens it holds."""
+        return self.runner.memory
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Engine:
+        self._task_group = anyio.create_task_group()
+        await self._task_group.__aenter__()
+        self._task_group.start_soon(self.run)
+        return self
+
+    async def __aexit__(self, *exc: object) -> bool | None:
+        self._task_group.cancel_scope.cancel()
+        return await self._task_group.__aexit__(*exc)
+
+    async def run(self) -> None:
+        """The step loop. Run it in a task group (or use `async with engine:`)."""
+        if self._running:
+            raise RuntimeError("the engine loop is already running")
+        self._running = True
+        pending: StepOutputs | None = None  # the last step's outputs, their text not made yet
+        try:
+            while True:
+                await anyio.lowlevel.checkpoint()  # cancellation lands between steps
+                if not self.scheduler.has_work():
+                    if pending is not None:
+                        self._deliver(pending)
+                        pending = None
+                        continue  # delivering may release requests (n > 1 siblings)
+                    await self._wake.wait()
+                    self._wake = anyio.Event()
+                    continue
+                outputs = await self._step(pending)
+                pending = None
+                if self.overlap:
+                    pending = outputs
+                else:
+                    self._deliver(outputs)
+        finally:
+            self._running = False
+            if pending is not None:
+                self._deliver(pending)
+
+    async def _step(self, previous: StepOutputs | None) -> StepOutputs | None:
+        """Runs one step; returns its tokens recorded, their text not made yet. previous: the
+        last step's outputs, whose text is made (and streamed) while this step computes."""
+        plan = self.scheduler.schedule()
+        if plan.num_requests == 0:
+            self._deliver(previous)
+            return None
+        completions = [self._by_core[i] for i in plan.request_ids[plan.sample_requests].tolist()]
+        requests = [_sample_request(c) for c in completions]
+        for c in completions:  # the cache hit is known once the request is admitted
+            if c.index == 0 and not c.token_ids:
+                c.request.cached_tokens = self.scheduler.request_info(c.core_id).cached_tokens
+        feed = self._image_feed(plan)
+        prepared = self.executor.prepare(plan, self._by_core.get)
+        if any(r.constraint is not None for r in requests):
+            # A grammar advances on the model thread; its state must not move under _deliver.
+            self._deliver(previous)
+            previous = None
+        launched: Future[None] = Future()
+        future = self._model_thread.submit(
+            self.executor.execute, plan, requests, feed, prepared, launched
+        )
+        try:
+            # A step always completes and commits, even when the loop is being cancelled:
+            # otherwise the core would keep a plan in flight and its requests forever.
+            with anyio.CancelScope(shield=True):
+                if previous is not None:
+                    # The last step's text, once this step is queued on the device: made any
+                    # earlier, it would hold the GIL the model thread needs to launch the step.
+                    await anyio.to_thread.run_sync(launched.result)
+                    self._deliver(previous)
+                result = await anyio.to_thread.run_sync(future.result)
+        except Exception as e:  # noqa: BLE001 - any failure of a step fails its requests only
+            log.exception("step failed")
+            self.scheduler.commit(np.zeros(plan.num_samples, dtype=np.int32))
+            for core_id in plan.request_ids.tolist():
+                c = self._by_core.get(core_id)
+                if c is not None:
+                    self._fail_request(c.request, f"{type(e).__name__}: {e}")
+            return None
+        if feed is not None:
+            self._images_encoded += feed.encoded
+        return self._commit(completions, result)
+
+    def _commit(self, completions: list[Completion], result: StepResult) -> StepOutputs:
+        """Commits a step's tokens to the core and records them in their completions."""
+        finished = {f.request_id: f for f in self.scheduler.commit(result.tokens, result.counts)}
+        outputs = StepOutputs(time.monotonic())
+        counts = result.counts
+        sizes = np.ones(len(result.tokens), dtype=np.int64) if counts is None else counts
+        ends = np.cumsum(sizes).tolist()
+        flat = result.tokens.tolist()
+        for row, c in enumerate(completions):
+            outputs.requests[c.request.request_id] = c.request
+            if c.finished:  # aborted while in flight
+                continue
+            fresh = flat[ends[row] - int(sizes[row]) : ends[row]]
+            c.verify_steps += bool(result.verified is not None and result.verified[row])
+            done = finished.get(c.core_id)
+            if done is not None:  # the core stopped at a stop token or the length limit
+                fresh = fresh[: done.num_output_tokens - len(c.token_ids)]
+            # Token ids now (the next step's penalties and min_tokens read them), text later.
+            c.token_ids.extend(fresh)
+            outputs.rows.append(StepRow(c, fresh, result.logprobs[row], done))
+        return outputs
+
+    def _deliver(self, outputs: StepOutputs | None) -> None:
+        """Makes the text of a step's tokens and emits each touched request's output; tells the
+        core about requests that output processing ended."""
+        if outputs is None:
+            return
+        processed, ended_by_core, ended_here = output.process(outputs)
+        self._generation_tokens += processed
+        for c in ended_by_core:
+            self._release(c)
+        for c, reason in ended_here:
+            self.scheduler.finish(c.core_id, reason)
+            self._release(c)
+        for request in outputs.requests.values():
+            self._start_siblings(request)
+            self._drop_features(request)
+            self._emit(request)
+
+    def _image_feed(self, plan: Any) -> ImageFeed | None:
+        """The image positions the plan's prefill chunks compute (decodes never hold any)."""
+        feed = ImageFeed()
+        request_ids, starts = plan.request_ids, plan.query_start
+        for r in range(plan.num_decodes, plan.num_requests):
+            c = self._by_core.get(int(request_ids[r]))
+            if c is not None and c.request.images is not None:
+                start = int(plan.context_lens[r])
+                end = start + int(starts[r + 1] - starts[r])
+                feed.add(c.request.images, start, end, int(starts[r]) - start)
+        return feed or None
+
+    def _release(self, c: Completion) -> None:
+        """Forgets a finished completion on the engine's side (the core has ended it)."""
+        c.in_core = False
+        self._by_core.pop(c.core_id, None)
+        if c.request.finished:
+            c.request.metrics.finish_time = time.monotonic()
+
+    def _end(self, request: Request, reason: str) -> None:
+        """Ends every unfinished completion of a request with `reason` and emits it."""
+        for c in request.completions:
+            if not c.finished:
+                if c.in_core:
+                    self.scheduler.finish(c.core_id, "abort")
+                c.finish_reason = reason
+                self._release(c)
+        request.deferred.clear()
+        self._emit(request)
+
+    def _start_siblings(self, request: Request) -> None:
+        """n > 1: the other completions start once the first has its prompt in the cache."""
+        if request.deferred and request.completions[0].token_ids:
+            for c in request.deferred:
+                self._add_to_core(c)
+            request.deferred.clear()
+
+    def _drop_features(self, request: Request) -> None:
+        """Image features are dropped once every completion has its prompt computed."""
+        if request.images is None or request.deferred:
+            return
+        if all(c.token_ids or c.finished for c in request.completions):
+            request.images.drop()
+
+    def _emit(self, request: Request) -> None:
+        try:
+            request.send.send_nowait(request.output())
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            pass  # the caller stopped listening; abort() cleans up
+        if request.finished:
+            request.send.close()
+            self._requests.pop(request.request_id, None)
+
+    def _fail_request(self, request: Request, message: str) -> None:
+        """Ends a request whose step failed, with finish_reason "error" and the message."""
+        request.error = message
+        self._end(request, "error")
+
+    # ---- requests ---------------------------------------------------------------------------
+
+    def tokenize(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return list(self.tokenizer(prompt)["input_ids"])
+        return [int(t) for t in prompt]
+
+    def image_prompt(
+        self, prompt: str | Sequence[int], images: Sequence[ImageInput | PILImage]
+    ) -> ImagePrompt:
+        """A prompt with one `<|image|>` per image, expanded for submit(); PIL images are tiled
+        here. ValueError if this engine takes no images or placeholders and images differ."""
+        if self.images is None:
+            raise ValueError(
+                "this engine takes no images: load a multimodal checkpoint with "
+                "enable_multimodal=True (the server's --enable-multimodal)"
+            )
+        config = self.images.processor
+        tiled = [
+            i if isinstance(i, ImageInput) else ImageInput.from_image(i, config) for i in images
+        ]
+        return self.images.expand(self.tokenize(prompt), tiled)
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        """The structured-output grammar compiler (built on first use; its cache is shared)."""
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(
+                self.tokenizer, self.vocab_size, sorted(self.eos_token_ids)
+            )
+        return self._grammars
+
+    async def compile_grammar(self, spec: GrammarSpec) -> None:
+        """Compiles (and caches) a grammar in a worker thread, so that submit() finds it ready.
+        Raises GrammarError (a ValueError) for an invalid schema, regex or grammar."""
+        await anyio.to_thread.run_sync(self.grammars.compile, spec)
+
+    def submit(
+        self,
+        prompt: str | Sequence[int] | ImagePrompt,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Queues a request; returns the stream of its outputs (the last has finished=True).
+        Image + text prompts come from image_prompt().
+
+        Raises ValueError at once for a request that can never run (empty prompt, unknown token
+        ids, too long for the context, a duplicate request id, an invalid grammar). A grammar
+        not compiled yet (see compile_grammar) is compiled here, blocking."""
+        params = params or SamplingParams()
+        params.validate()
+        compiled = self.grammars.compile(params.grammar) if params.grammar else None
+        prompt_ids, key_ids = self._prompt_ids(prompt)
+        self._check_token_ids(params)
+        request_id = request_id or f"req-{next(self._request_ids)}"
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        send, receive = anyio.create_memory_object_stream[RequestOutput](math.inf)
+        request = Request(
+            request_id, prompt_ids, params, send, RequestMetrics(time.monotonic()), key_ids
+        )
+        if isinstance(prompt, ImagePrompt) and prompt.images:
+            request.images = PromptFeatures(prompt)
+        stop_ids = frozenset(params.stop_token_ids) | (
+            frozenset() if params.ignore_eos else self.eos_token_ids
+        )
+        for index in range(params.n):
+            c = Completion(
+                core_id=next(self._core_ids),
+                index=index,
+                request=request,
+                params=params,
+                detokenizer=IncrementalDetokenizer(
+                    self.tokenizer, prompt_ids, params.skip_special_tokens
+                ),
+                stops=StopStrings(params.stop, params.include_stop_str_in_output),
+                logprobs=[] if params.logprobs is not None else None,
+                stop_ids=stop_ids,
+                constraint=None if compiled is None else self.grammars.constraint(compiled),
+            )
+            request.completions.append(c)
+        self._add_to_core(request.completions[0])  # raises ValueError before anything is kept
+        request.deferred = request.completions[1:]
+        self._requests[request_id] = request
+        return _stream(receive, self, request_id)
+
+    def _prompt_ids(self, prompt: str | Sequence[int] | ImagePrompt) -> tuple[list[int], Any]:
+        """The prompt's token ids and its radix-cache key; ValueError for an unusable prompt."""
+        if isinstance(prompt, ImagePrompt):
+            if self.images is None:
+                raise ValueError("this engine takes no images (enable_multimodal is off)")
+            prompt_ids, key_ids = prompt.token_ids, prompt.key_ids
+        else:
+            prompt_ids = self.tokenize(prompt)
+            key_ids = np.asarray(prompt_ids, dtype=np.int32)
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(
+                f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})"
+            )
+        return prompt_ids, key_ids
+
+    def _check_token_ids(self, params: SamplingParams) -> None:
+        for name, ids in (
+            ("logit_bias", params.logit_bias),
+            ("stop_token_ids", params.stop_token_ids),
+        ):
+            if any(t >= self.vocab_size for t in ids):
+                raise ValueError(
+                    f"{name}: token ids must be below the vocabulary size {self.vocab_size}"
+                )
+
+    def _add_to_core(self, c: Completion) -> None:
+        self.scheduler.add_request(
+            c.core_id,
+            c.request.key_ids,
+            max_new_tokens=c.params.max_tokens,
+            stop_token_ids=sorted(c.stop_ids),
+            reserve=self.executor.reserve(c.params, c.constraint is not None),
+        )
+        c.in_core = True
+        self._by_core[c.core_id] = c
+        self._wake.set()
+
+    def abort(self, request_id: str) -> bool:
+        """Ends a request at once (finish_reason "abort"); its pages are released now or, if
+        its step is running, when that step commits. Returns False for an unknown request."""
+        request = self._requests.get(request_id)
+        if request is None:
+            return False
+        self._end(request, "abort")
+        return True
+
+    def abort_all(self) -> int:
+        """Aborts every request (a server shutting down); returns how many there were."""
+        request_ids = list(self._requests)
+        for request_id in request_ids:
+            self.abort(request_id)
+        return len(request_ids)
+
+    def stats(self) -> EngineStats:
+        s = self.scheduler.stats()
+        spec = self.speculative.stats if self.speculative else None
+        return EngineStats(
+            num_running=s.num_running,
+            num_waiting=s.num_waiting,
+            global_pages_used=s.global_total - s.global_free,
+            global_pages_held=s.global_total - s.global_free - s.global_cached,
+            global_pages_total=s.global_total,
+            local_pages_used=s.local_total - s.local_free,
+            local_pages_total=s.local_total,
+            prompt_tokens=s.prompt_tokens,
+            cached_prompt_tokens=s.cached_tokens,
+            generation_tokens=self._generation_tokens,
+            num_retractions=s.num_retractions,
+            num_steps=s.num_steps,
+            images_encoded=self._images_encoded,
+            spec_verify_steps=spec.verify_steps if spec else 0,
+            spec_accepted_tokens=spec.accepted_tokens if spec else 0,
+        )
+
+    # ---- offline ----------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: Sequence[str | Sequence[int] | ImagePrompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Runs a batch to completion (no event loop of the caller's needed); final outputs in
+        prompt order. Image + text prompts come from image_prompt()."""
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+
+        async def main() -> list[RequestOutput]:
+            results: list[RequestOutput | None] = [None] * len(prompts)
+            streams = [self.submit(p, sp) for p, sp in zip(prompts, params, strict=True)]
+
+            async def collect(i: int) -> None:
+                async for out in streams[i]:
+                    results[i] = out
+
+            async with self:
+                async with anyio.create_task_group() as tg:
+                    for i in range(len(prompts)):
+                        tg.start_soon(collect, i)
+            return [r for r in results if r is not None]
+
+        return anyio.run(main)
+
+
+def _sample_request(c: Completion) -> SampleRequest:
+    return SampleRequest(
+        params=c.params,
+        prompt_ids=c.request.prompt_ids,
+        output_ids=c.token_ids,
+        stop_ids=c.stop_ids,
+        seed_offset=c.index,
+        constraint=c.constraint,
+    )
+
+
+async def _stream(receive: Any, engine: Engine, request_id: str) -> AsyncIterator[RequestOutput]:
+    """The caller's view of a request; leaving it early (or being cancelled) aborts the request."""
+    finished = False
+    try:
+        async with receive:
+            async for out in receive:
+                finished = out.finished
+                yield out
+    finally:
+        if not finished:
+            engine.abort(request_id)
