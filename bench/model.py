@@ -37,9 +37,8 @@ def bench_ours(model, batch: list[list[int]], steps: int) -> tuple[float, float]
         kv_tokens=len(batch) * (n + steps + 16),
         context_len=n + steps + 16,
         max_step_tokens=len(batch) * n,
-        enable_prefix_cache=False,
     )
-    sched = runner.scheduler
+    sched = runner.new_scheduler(enable_prefix_cache=False)
     for i, p in enumerate(batch):
         sched.add_request(i, np.asarray(p, dtype=np.int32), max_new_tokens=steps + 1)
     plan = sched.schedule()

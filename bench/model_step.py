@@ -387,7 +387,7 @@ def _materialize(module: torch.nn.Module, device: torch.device) -> None:
 
 
 def fp8_format(device: torch.device) -> str:
-    """e4m3fnuz on an MI300 (gfx942), else e4m3fn: the server's choice (server/cli.py)."""
+    """e4m3fnuz on an MI300 (gfx942), else e4m3fn: the server's choice (server/checks.py)."""
     if device.type == "cuda" and torch.version.hip:
         if "gfx942" in torch.cuda.get_device_properties(device).gcnArchName:
             return "e4m3fnuz"
@@ -456,18 +456,19 @@ def default_layers(
 
 
 class Requests:
-    """Request ids and random token ids for one runner."""
+    """Request ids and random token ids for one runner, and the scheduler that plans them."""
 
-    def __init__(self, vocab: int, seed: int = 0):
+    def __init__(self, runner: ModelRunner, seed: int = 0):
         self.rng = np.random.default_rng(seed)
-        self.vocab = vocab
+        self.vocab = runner.model.config.vocab_size
+        self.sched = runner.new_scheduler(enable_prefix_cache=False)
         self.next_id = 0
 
     def tokens(self, n: int) -> np.ndarray:
         return self.rng.integers(0, self.vocab, size=n, dtype=np.int32)
 
-    def add(self, runner: ModelRunner, prompt_len: int, max_new_tokens: int) -> None:
-        runner.scheduler.add_request(self.next_id, self.tokens(prompt_len), max_new_tokens)
+    def add(self, prompt_len: int, max_new_tokens: int) -> None:
+        self.sched.add_request(self.next_id, self.tokens(prompt_len), max_new_tokens)
         self.next_id += 1
 
 
@@ -478,9 +479,9 @@ def fill_contexts(
     without computing it (block tables written, KV left as allocated), committing random tokens
     (the requests admitted first may decode a few, uncomputed, while the later ones prefill);
     returns the first plan that decodes all of them."""
-    sched = runner.scheduler
+    sched = requests.sched
     for _ in range(batch):
-        requests.add(runner, context, max_new_tokens)
+        requests.add(context, max_new_tokens)
     while True:
         plan = sched.schedule()
         if plan.num_decodes == batch and plan.num_tokens == batch:
@@ -496,7 +497,7 @@ def time_decode(
 ) -> tuple[float, float]:
     """(median seconds of runner.forward over `steps` decode steps after `warmup`, the mean KV
     tokens per request before the middle timed step); aborts the requests at the end."""
-    sched, batch = runner.scheduler, plan.num_decodes
+    sched, batch = requests.sched, plan.num_decodes
     times, contexts = [], []
     for step in range(warmup + steps):
         assert plan.num_decodes == batch == plan.num_tokens, "not a pure decode step"
@@ -525,11 +526,11 @@ def time_prefill(
     """Median seconds of one request's `tokens`-token prefill in one chunk, after `warmup`."""
     times = []
     for _ in range(warmup + repeats):
-        requests.add(runner, tokens, 1)
-        plan = runner.scheduler.schedule()
+        requests.add(tokens, 1)
+        plan = requests.sched.schedule()
         assert plan.num_tokens == tokens, "the prefill did not fit one chunk"
         times.append(timed(lambda p=plan: runner.forward(p), runner.device))
-        runner.scheduler.commit(requests.tokens(1))
+        requests.sched.commit(requests.tokens(1))
     return statistics.median(times[warmup:])
 
 
@@ -550,7 +551,6 @@ def make_runner(
         page_size=page,
         max_running=max_batch,
         max_step_tokens=step_tokens(max_batch, prefill),
-        enable_prefix_cache=False,
     )
     if graph_bs > 0:
         runner.capture_graphs(graph_bs)
@@ -910,7 +910,7 @@ def main(argv: list[str] | None = None) -> None:
         setup.prefill,
         setup.args.cuda_graph_max_bs,
     )
-    requests = Requests(setup.config.vocab_size)
+    requests = Requests(runner)
     results = [measure_decode(setup, model, runner, requests, b) for b in setup.batches]
     warmup = setup.prefill_warmup
     log(f"prefill, {setup.prefill} tokens in one chunk: {warmup} + {setup.repeats} runs ...")

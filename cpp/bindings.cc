@@ -304,6 +304,21 @@ owned twice; reference counts equal holders; locked tree pages are never evicted
           py::arg("tokens"), py::arg("counts") = py::none(),
           "Applies the plan's sampled tokens (one per sample, or counts[i] each for speculative "
           "requests); returns the requests that finished.")
+      .def_static(
+          "table_widths",
+          [](int32_t page_size, int32_t chunk_size, int32_t context_len, int32_t max_step_tokens) {
+            if (page_size <= 0) throw std::invalid_argument("page_size must be > 0");
+            SchedulerConfig c;
+            c.page_size = page_size;
+            c.chunk_size = chunk_size;
+            c.context_len = context_len;
+            c.max_step_tokens = max_step_tokens;
+            return Scheduler::table_widths(c);
+          },
+          py::arg("page_size"), py::arg("chunk_size"), py::arg("context_len"),
+          py::arg("max_step_tokens"),
+          "(global, local) block-table widths a scheduler so configured uses: what the KV "
+          "cache's tables are allocated with.")
       .def("has_work", &Scheduler::has_work)
       .def_property_readonly("plan_in_flight", &Scheduler::plan_in_flight)
       .def("has_request", &Scheduler::has_request, py::arg("request_id"))

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <stdexcept>
+#include <tuple>
 
 namespace pyllama4 {
 
@@ -73,6 +74,16 @@ void StepPlan::reserve_like(const StepPlan& o) {
   sample_requests.reserve(R);
 }
 
+std::pair<int32_t, int32_t> Scheduler::table_widths(const SchedulerConfig& c) {
+  const int32_t global = ceil_div(c.context_len, c.page_size);
+  // Local pages held at once span [chunk start of num_computed, end of this step's tokens): fewer
+  // than C/P + ceil(extend/P) page indices, extend <= max_step_tokens. A ring of that many
+  // columns never maps two held pages to one column.
+  const int32_t local =
+      c.chunk_size > 0 ? c.chunk_size / c.page_size + ceil_div(c.max_step_tokens, c.page_size) : 0;
+  return {global, local};
+}
+
 Scheduler::Scheduler(const SchedulerConfig& config) : config_(config) {
   const SchedulerConfig& c = config_;
   if (c.page_size <= 0) throw std::invalid_argument("page_size must be > 0");
@@ -96,11 +107,7 @@ Scheduler::Scheduler(const SchedulerConfig& config) : config_(config) {
   global_ = std::make_unique<KVPool>(c.global_pages, c.page_size);
   if (c.chunk_size > 0) local_ = std::make_unique<KVPool>(c.local_pages, c.page_size);
   cache_ = std::make_unique<RadixCache>(global_.get(), local_.get(), c.chunk_size);
-  global_width_ = ceil_div(c.context_len, c.page_size);
-  // Local pages held at once span [chunk start of num_computed, end of this step's tokens): fewer
-  // than C/P + ceil(extend/P) page indices, extend <= max_step_tokens. A ring of that many
-  // columns never maps two held pages to one column.
-  local_width_ = c.chunk_size > 0 ? c.chunk_size / c.page_size + ceil_div(c.max_step_tokens, c.page_size) : 0;
+  std::tie(global_width_, local_width_) = table_widths(c);
   row_owner_.assign(c.max_running, nullptr);
   for (int32_t row = c.max_running - 1; row >= 0; --row) free_rows_.push_back(row);
   new_token_ratio_ = c.init_new_token_ratio;

@@ -47,6 +47,7 @@
 #include <memory>
 #include <string>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "kv_pool.h"
@@ -180,6 +181,9 @@ class Scheduler {
   // Block table shapes: max_running rows of these widths (local: 0 without chunk-local layers).
   int32_t global_table_width() const { return global_width_; }
   int32_t local_table_width() const { return local_width_; }
+  // The widths a scheduler with this configuration uses (whoever allocates the tables needs them
+  // before, or without, a scheduler): {global, local}.
+  static std::pair<int32_t, int32_t> table_widths(const SchedulerConfig& c);
 
   KVPool& global_pool() { return *global_; }
   KVPool* local_pool() { return local_.get(); }

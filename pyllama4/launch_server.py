@@ -3,7 +3,7 @@
 The command-line entry point, above every other layer: it only hands over to pyllama4.server.
 """
 
-from pyllama4.server.cli import main
+from pyllama4.server.launch import main
 
 if __name__ == "__main__":
     main()

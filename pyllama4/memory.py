@@ -109,7 +109,7 @@ def warm_up(runner: ModelRunner, step_tokens: int, rows: int) -> None:
     """Runs the largest step shapes once on an idle runner, leaving it idle: one request's
     prefill of step_tokens tokens (at most the context less one), then the sampler over `rows`
     rows of logits with top-k, top-p and penalties."""
-    sched = runner.scheduler
+    sched = runner.new_scheduler(enable_prefix_cache=False)
     vocab = runner.model.config.vocab_size
     length = max(1, min(step_tokens, runner.context_len - 1))
     prompt = (np.arange(length, dtype=np.int64) % vocab).astype(np.int32)
@@ -118,7 +118,6 @@ def warm_up(runner: ModelRunner, step_tokens: int, rows: int) -> None:
         plan = sched.schedule()
         runner.forward(plan)
         sched.commit(np.zeros(plan.num_samples, dtype=np.int32))
-    sched.flush_cache()
     params = SamplingParams(temperature=0.7, top_p=0.9, top_k=50, repetition_penalty=1.1)
     request = SampleRequest(params=params, prompt_ids=[0], output_ids=[1])
     logits = torch.zeros(rows, vocab, dtype=runner.cache.k[0].dtype, device=runner.device)

@@ -1,7 +1,9 @@
-"""ModelRunner: the model, its paged KV cache and the core scheduler that plans for them.
+"""ModelRunner: the model, its paged KV cache and its decode graphs; it runs the plans of a core
+scheduler it makes (new_scheduler) but does not own.
 
 Invariant: the scheduler's pools and the cache's tensors describe the same pages (same page
-size, page counts, chunk size and block table shapes), and every plan's block table writes are
+size, page counts, chunk size and block table shapes: new_scheduler and the cache take them from
+one MemoryPlan and one table-width rule, the core's), and every plan's block table writes are
 applied before the forward that reads them. Under tensor parallelism each rank's runner plans the
 same pages (the same plans run on every rank) for its own KV heads (`model.kv_heads`), so `memory`
 is this rank's KV memory.
@@ -128,8 +130,6 @@ class ModelRunner:
         page_size: int = 16,
         max_running: int = MAX_RUNNING,
         max_step_tokens: int = MAX_STEP_TOKENS,
-        enable_prefix_cache: bool = True,
-        policy: str = "fcfs",
         extra_global_bytes_per_token: int = 0,
         kv_pages: tuple[int, int] | None = None,
     ):
@@ -153,16 +153,8 @@ class ModelRunner:
             kv_pages=kv_pages,
         )
         mem = self.memory
-        self.scheduler = Scheduler(
-            mem.global_pages,
-            page_size=page_size,
-            local_pages=mem.local_pages,
-            chunk_size=mem.chunk_size,
-            context_len=context_len,
-            max_running=max_running,
-            max_step_tokens=max_step_tokens,
-            enable_prefix_cache=enable_prefix_cache,
-            policy=policy,
+        global_width, local_width = Scheduler.table_widths(
+            page_size, mem.chunk_size, context_len, max_step_tokens
         )
         self.cache = PagedKVCache(
             config,
@@ -171,15 +163,33 @@ class ModelRunner:
             local_pages=mem.local_pages,
             local_layers=local_layers(config, context_len),
             max_rows=max_running,
-            global_table_width=self.scheduler.global_table_width,
-            local_table_width=self.scheduler.local_table_width,
+            global_table_width=global_width,
+            local_table_width=local_width,
             dtype=dtype,
             device=device,
             kv_heads=model.kv_heads,
         )
         self.device = device
         self.context_len = context_len
+        self.max_running = max_running
+        self.max_step_tokens = max_step_tokens
         self.graphs: DecodeGraphs | None = None
+
+    def new_scheduler(self, *, enable_prefix_cache: bool = True, policy: str = "fcfs") -> Scheduler:
+        """A scheduler over this runner's KV cache (its pools' page counts, its block tables'
+        shapes); whoever drives the runner owns it."""
+        mem = self.memory
+        return Scheduler(
+            mem.global_pages,
+            page_size=mem.page_size,
+            local_pages=mem.local_pages,
+            chunk_size=mem.chunk_size,
+            context_len=self.context_len,
+            max_running=self.max_running,
+            max_step_tokens=self.max_step_tokens,
+            enable_prefix_cache=enable_prefix_cache,
+            policy=policy,
+        )
 
     def capture_graphs(self, max_bs: int, capture: Capture | None = None) -> None:
         """Captures decode graphs for batch sizes up to max_bs (at most max_running; see

@@ -23,7 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from pyllama4.server import cli
+from pyllama4.server import checks, cli
+from pyllama4.server import flags as cli_flags
+from pyllama4.server import launch as server_launch
 from tiny_models import TINY_TEXT, make_tiny_eagle3_draft
 
 SCOUT = "meta-llama/Llama-4-Scout-17B-16E-Instruct"
@@ -238,9 +240,9 @@ def drop(command: list[str], flag: str) -> list[str]:
 
 @pytest.mark.parametrize("command", SEED_COMMANDS, ids=_command_id)
 def test_every_seed_command_parses(command, tiny):
-    args = cli.parse_args(for_test(command, tiny, 8000))
+    args = cli_flags.parse_args(for_test(command, tiny, 8000))
     if "--speculative-algorithm" in command:
-        assert cli.speculative_config(args) == (3, 1, 4)
+        assert checks.speculative_config(args) == (3, 1, 4)
     assert args.tp == 8
     assert args.model_path == tiny
     assert args.trust_remote_code
@@ -272,10 +274,10 @@ def test_each_unsupported_flag_of_a_seed_command_is_named_in_turn(
     expected = unsupported(remaining)
     named = []
     while True:
-        args = cli.parse_args(remaining)
+        args = cli_flags.parse_args(remaining)
         try:
             with caplog.at_level(logging.INFO, logger="pyllama4.serve"):
-                cli.check_supported(args)
+                checks.check_supported(args)
         except SystemExit as stop:
             line = str(stop.code)
             assert "\n" not in line and line.startswith("pyllama4-serve: --")
@@ -290,18 +292,18 @@ def test_each_unsupported_flag_of_a_seed_command_is_named_in_turn(
     assert "--trust-remote-code: accepted" in logged
     if "--cuda-graph-max-bs" in remaining:
         assert "--cuda-graph-max-bs 2:" in logged
-    if "--mem-fraction-static" in remaining and cli.resolve_device(args) == "cpu":
+    if "--mem-fraction-static" in remaining and checks.resolve_device(args) == "cpu":
         assert "--mem-fraction-static 0.75: no effect on the CPU" in logged
 
 
 def test_unsupported_flags_are_named_in_the_order_typed(tiny):
     line = f"--model-path {tiny} --chat-template /nonexistent --quantization awq --tp 2".split()
     with pytest.raises(SystemExit, match=r"^pyllama4-serve: --chat-template /nonexistent: cannot"):
-        cli.check_supported(cli.parse_args(line))
-    args = cli.parse_args(line)
+        checks.check_supported(cli_flags.parse_args(line))
+    args = cli_flags.parse_args(line)
     del args.given  # a namespace not made by parse_args: the seed's order
     with pytest.raises(SystemExit, match=r"^pyllama4-serve: --quantization awq: 'awq' is not"):
-        cli.check_supported(args)
+        checks.check_supported(args)
 
 
 @pytest.mark.parametrize(
@@ -341,7 +343,7 @@ def test_unsupported_flags_are_named_in_the_order_typed(tiny):
 )
 def test_each_unsupported_flag_alone_stops_with_its_reason(flags, message, tiny):
     with pytest.raises(SystemExit) as stop:
-        cli.check_supported(cli.parse_args(["--model-path", tiny, *flags]))
+        checks.check_supported(cli_flags.parse_args(["--model-path", tiny, *flags]))
     assert str(stop.value.code).startswith(f"pyllama4-serve: {message}")
     assert "\n" not in str(stop.value.code)
 
@@ -353,21 +355,21 @@ def test_model_path_must_be_a_local_checkpoint(tmp_path):
         (str(tmp_path), "no config.json in it"),
     ]:
         with pytest.raises(SystemExit) as stop:
-            cli.check_supported(cli.parse_args(["--model-path", path]))
+            checks.check_supported(cli_flags.parse_args(["--model-path", path]))
         assert str(stop.value.code).startswith(f"pyllama4-serve: --model-path {path}: ")
         assert why in str(stop.value.code)
 
 
-@pytest.mark.skipif(cli._cuda_available(), reason="a GPU is visible")
+@pytest.mark.skipif(checks._cuda_available(), reason="a GPU is visible")
 def test_device_cuda_without_a_gpu_stops(tiny):
     with pytest.raises(SystemExit, match=r"^pyllama4-serve: --device cuda: no GPU is visible"):
-        cli.check_supported(cli.parse_args(["--model-path", tiny, "--device", "cuda"]))
+        checks.check_supported(cli_flags.parse_args(["--model-path", tiny, "--device", "cuda"]))
 
 
 def test_a_command_with_only_supported_flags_passes(tiny, tmp_path, caplog):
     template = tmp_path / "t.jinja"
     template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
-    args = cli.parse_args(
+    args = cli_flags.parse_args(
         ["--model-path", tiny, "--tp", "1", "--dtype", "auto", "--device", "cpu"]
         + ["--context-length", "256", "--mem-fraction-static", "0.8", "--cuda-graph-max-bs", "8"]
         + ["--chunked-prefill-size", "64", "--max-running-requests", "4", "--page-size", "8"]
@@ -377,8 +379,8 @@ def test_a_command_with_only_supported_flags_passes(tiny, tmp_path, caplog):
         + ["--chat-template", str(template), "--trust-remote-code", "--host", "::1", "--port", "0"]
     )
     with caplog.at_level(logging.INFO, logger="pyllama4.serve"):
-        cli.check_supported(args)
-    assert cli.resolve_dtype(args, cli.resolve_device(args)) == "float32"
+        checks.check_supported(args)
+    assert checks.resolve_dtype(args, checks.resolve_device(args)) == "float32"
     assert (args.chunked_prefill_size, args.max_running_requests, args.page_size) == (64, 4, 8)
     assert args.schedule_policy == "lpm" and args.disable_radix_cache and args.log_level == "debug"
     notes = [r.getMessage() for r in caplog.records]
@@ -389,14 +391,14 @@ def test_a_command_with_only_supported_flags_passes(tiny, tmp_path, caplog):
 
 def test_tool_call_parsers_and_the_builtin_chat_template_are_accepted(tiny):
     for name in ("pythonic", "llama4_pythonic"):
-        args = cli.parse_args(["--model-path", tiny, "--tool-call-parser", name])
-        cli.check_supported(args)
-        assert cli.TOOL_CALL_PARSERS[args.tool_call_parser] == "pythonic"
-    cli.check_supported(
-        cli.parse_args(["--model-path", tiny, "--chat-template", "llama4_pythonic"])
+        args = cli_flags.parse_args(["--model-path", tiny, "--tool-call-parser", name])
+        checks.check_supported(args)
+        assert checks.TOOL_CALL_PARSERS[args.tool_call_parser] == "pythonic"
+    checks.check_supported(
+        cli_flags.parse_args(["--model-path", tiny, "--chat-template", "llama4_pythonic"])
     )
-    assert "<|python_start|>" not in cli.chat_template_text("llama4_pythonic")
-    assert "ipython" in cli.chat_template_text("llama4_pythonic")
+    assert "<|python_start|>" not in checks.chat_template_text("llama4_pythonic")
+    assert "ipython" in checks.chat_template_text("llama4_pythonic")
 
 
 def test_enable_multimodal_on_a_text_only_checkpoint_stops_with_one_line(tiny):
@@ -407,12 +409,12 @@ def test_enable_multimodal_on_a_text_only_checkpoint_stops_with_one_line(tiny):
 
 
 def test_image_flags_without_enable_multimodal_are_logged_as_ignored(tiny, tmp_path, caplog):
-    args = cli.parse_args(
+    args = cli_flags.parse_args(
         ["--model-path", tiny, "--max-image-tiles", "4", "--allowed-local-media-path"]
         + [str(tmp_path), "--disable-image-url-fetch"]
     )
     with caplog.at_level(logging.INFO, logger="pyllama4.serve"):
-        cli.check_supported(args)
+        checks.check_supported(args)
     notes = [r.getMessage() for r in caplog.records]
     for flag in ("--max-image-tiles", "--allowed-local-media-path", "--disable-image-url-fetch"):
         assert f"{flag}: no effect without --enable-multimodal" in notes
@@ -421,18 +423,18 @@ def test_image_flags_without_enable_multimodal_are_logged_as_ignored(tiny, tmp_p
 def test_allowed_local_media_path_must_be_a_directory(tiny, tmp_path):
     line = ["--model-path", tiny, "--enable-multimodal", "--allowed-local-media-path"]
     with pytest.raises(SystemExit, match="--allowed-local-media-path .*: not a directory"):
-        cli.check_supported(cli.parse_args([*line, str(tmp_path / "missing")]))
-    cli.check_supported(cli.parse_args([*line, str(tmp_path)]))
+        checks.check_supported(cli_flags.parse_args([*line, str(tmp_path / "missing")]))
+    checks.check_supported(cli_flags.parse_args([*line, str(tmp_path)]))
 
 
 def test_defaults_follow_sglang_and_the_demo_runs_on_the_cpu_in_float32():
-    args = cli.parse_args([])
+    args = cli_flags.parse_args([])
     assert (args.host, args.port, args.tp, args.model_path) == ("127.0.0.1", 30000, 1, None)
-    assert cli.resolve_device(args) == "cpu"
-    assert cli.resolve_dtype(args, "cpu") == "float32"
-    assert cli.resolve_dtype(args, "cuda") == "bfloat16"
-    assert cli.parse_args(["--dtype", "half"]).dtype == "float16"
-    cli.check_supported(args)
+    assert checks.resolve_device(args) == "cpu"
+    assert checks.resolve_dtype(args, "cpu") == "float32"
+    assert checks.resolve_dtype(args, "cuda") == "bfloat16"
+    assert cli_flags.parse_args(["--dtype", "half"]).dtype == "float16"
+    checks.check_supported(args)
 
 
 # --------------------------------------------------------------------------------------------
@@ -469,7 +471,7 @@ def test_defaults_follow_sglang_and_the_demo_runs_on_the_cpu_in_float32():
 )
 def test_bad_values_give_one_line_naming_the_flag(flags, capsys):
     with pytest.raises(SystemExit) as stop:
-        cli.parse_args(flags)
+        cli_flags.parse_args(flags)
     assert stop.value.code == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1, err
@@ -510,8 +512,8 @@ def test_pyllama4_serve_takes_the_same_flags(tiny):
 def test_launch_server_module_is_sglangs_spelling():
     import pyllama4.launch_server as launch_server
 
-    assert launch_server.main is cli.main
-    assert isinstance(cli.build_parser(), argparse.ArgumentParser)
+    assert launch_server.main is server_launch.main
+    assert isinstance(cli_flags.build_parser(), argparse.ArgumentParser)
 
 
 # --------------------------------------------------------------------------------------------

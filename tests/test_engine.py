@@ -54,13 +54,16 @@ def weights():
     return TextConfig.from_dict(cfg.to_dict()), hf.state_dict()
 
 
-def make_engine(weights, tokenizer, overlap: bool = True, **runner) -> Engine:
+def make_engine(
+    weights, tokenizer, overlap: bool = True, enable_prefix_cache: bool = True, **runner
+) -> Engine:
     config, state = weights
     model = Llama4ForCausalLM(config)
     model.load_state_dict(state, strict=False)
     options = {"kv_tokens": 4096, "page_size": 4, "max_step_tokens": 256, **runner}
     runner = ModelRunner(model.eval(), context_len=CONTEXT, **options)
-    return Engine(runner, tokenizer, overlap=overlap)
+    scheduler = runner.new_scheduler(enable_prefix_cache=enable_prefix_cache)
+    return Engine(runner, tokenizer, scheduler=scheduler, overlap=overlap)
 
 
 def prompts(count: int, seed: int = 0) -> list[list[int]]:
@@ -260,6 +263,42 @@ def test_abort_all_ends_every_request(weights, tokenizer):
             assert engine.abort_all() == 0
 
     anyio.run(main)
+    assert_nothing_held(engine)
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_the_core_counts_each_request_under_its_finish_reason(weights, tokenizer, overlap):
+    """A stop string ends a request in the core as a stop, not an abort: the core's counters
+    match the finish reasons the caller sees, each request counted once."""
+    reference = make_engine(weights, tokenizer).generate(
+        prompts(1, seed=31), SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    )
+    text = reference[0].outputs[0].text
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    assert stop.strip(), "the reference text has no usable stop string"
+    engine = make_engine(weights, tokenizer, overlap=overlap)
+    common = {"temperature": 0.0, "ignore_eos": True}
+    params = [
+        SamplingParams(max_tokens=20, stop=[stop], **common),  # the stop string
+        SamplingParams(max_tokens=5, **common),  # the length limit
+        SamplingParams(max_tokens=7, n=2, **common),
+    ]
+    outputs = engine.generate(prompts(1, seed=31) + prompts(2, seed=32), params)
+    reasons = [c.finish_reason for o in outputs for c in o.outputs]
+    assert reasons == ["stop", "length", "length", "length"]
+    assert outputs[0].outputs[0].stop_reason == stop
+
+    async def abort_one() -> None:
+        async with engine:
+            params = SamplingParams(max_tokens=100, ignore_eos=True)
+            stream = engine.submit(prompts(1, seed=33)[0], params, request_id="gone")
+            await stream.__anext__()
+            assert engine.abort("gone")
+            assert [o async for o in stream][-1].outputs[0].finish_reason == "abort"
+
+    anyio.run(abort_one)
+    s = engine.scheduler.stats()
+    assert (s.num_finished_stop, s.num_finished_length, s.num_aborted) == (1, 3, 1)
     assert_nothing_held(engine)
 
 

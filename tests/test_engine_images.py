@@ -29,10 +29,12 @@ def parts(tiny_mm_dir):
     return model, tokenizer, support
 
 
-def make_engine(parts, **runner) -> Engine:
+def make_engine(parts, enable_prefix_cache: bool = True, **runner) -> Engine:
     model, tokenizer, support = parts
     options = {"kv_tokens": 4096, "page_size": 8, "max_step_tokens": 256, **runner}
-    return Engine(ModelRunner(model, context_len=512, **options), tokenizer, images=support)
+    runner = ModelRunner(model, context_len=512, **options)
+    scheduler = runner.new_scheduler(enable_prefix_cache=enable_prefix_cache)
+    return Engine(runner, tokenizer, scheduler=scheduler, images=support)
 
 
 def image(grid: tuple[int, int], seed: int) -> ImageInput:

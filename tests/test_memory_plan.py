@@ -64,6 +64,7 @@ class LedgerMeter:
 def test_the_plan_measures_after_a_warm_up_of_the_largest_step(model, monkeypatch):
     meter = LedgerMeter()
     built: list[ModelRunner] = []
+    schedulers: list = []  # the warm-up's
     sampled: list[int] = []
 
     class RecordingSampler(memory.Sampler):
@@ -83,15 +84,21 @@ def test_the_plan_measures_after_a_warm_up_of_the_largest_step(model, monkeypatc
             meter.calls.append(f"capture {max_bs}")
             meter.in_use += 5 * MIB
 
+        def new_scheduler(**options):
+            schedulers.append(ModelRunner.new_scheduler(r, **options))
+            return schedulers[-1]
+
         r.capture_graphs = capture
+        r.new_scheduler = new_scheduler
         built.append(r)
         return r
 
     report = measure(build, meter, fraction=0.9, step_tokens=48, rows=12, graph_max_bs=8)
     (runner,) = built
-    stats = runner.scheduler.stats()
+    (sched,) = schedulers
+    stats = sched.stats()
     assert stats.prompt_tokens == 48  # one prefill of the largest step
-    assert not runner.scheduler.has_work() and stats.global_free == stats.global_total
+    assert not sched.has_work() and stats.global_free == stats.global_total
     assert sampled == [12]  # the sampler over the most running rows
     # In use measured before the trial runner; the peak around the warm-up only; the graphs'
     # memory as the difference around their capture.

@@ -208,9 +208,9 @@ def _readme_serve_commands() -> list[list[str]]:
 def test_readmes_serve_commands_use_real_flags():
     """The commands for hardware or files this machine lacks (MI300, a downloaded checkpoint, a
     trained draft) at least parse: every flag they show exists and takes the value shown."""
-    from pyllama4.server import cli
+    from pyllama4.server import flags
 
     commands = _readme_serve_commands()
     assert len(commands) >= 4  # the quickstart, MI300, EAGLE3 on MI300 and on the demo model
     for argv in commands:
-        cli.parse_args(argv)  # argparse exits (status 2) on an unknown flag or a bad value
+        flags.parse_args(argv)  # argparse exits (status 2) on an unknown flag or a bad value

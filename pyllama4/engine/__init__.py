@@ -5,10 +5,14 @@
 - output: a committed step's tokens → text, stop decisions, outputs (never the scheduler);
 - executor: running a planned step on the model thread (plain, or EAGLE3);
 - build: building an engine from an EngineConfig (tensor-parallel bootstrap, KV budget);
+- intake: what a request must satisfy before it is queued;
 - config: EngineConfig; records: what the engine keeps per request.
+
+What lies above (the server, training) imports only this package's names below.
 """
 
+from pyllama4.engine.build import build_engine, spawn_node_ranks
 from pyllama4.engine.config import EngineConfig
 from pyllama4.engine.loop import Engine
 
-__all__ = ["Engine", "EngineConfig"]
+__all__ = ["Engine", "EngineConfig", "build_engine", "spawn_node_ranks"]

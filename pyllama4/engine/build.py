@@ -36,14 +36,12 @@ from pyllama4.distributed.runtime import (
     free_init_method,
 )
 from pyllama4.engine.config import EngineConfig
-from pyllama4.engine.executor import EagleExecutor, StepExecutor
 from pyllama4.memory import CudaMeter, MemoryReport
 from pyllama4.memory import measure as measure_memory
 from pyllama4.model.eagle3 import Eagle3Draft, load_eagle3
 from pyllama4.model.load import load_model
 from pyllama4.multimodal.support import ImageSupport
 from pyllama4.runner import ModelRunner
-from pyllama4.sampler import Sampler
 from pyllama4.speculative.eagle import EagleWorker, SpecConfig, draft_kv_bytes_per_token
 
 if TYPE_CHECKING:
@@ -54,10 +52,9 @@ log = logging.getLogger("pyllama4.engine")
 
 @dataclass
 class Built:
-    """What the model thread builds: the runner and the executor that drives it."""
+    """What the model thread builds."""
 
     runner: ModelRunner
-    executor: StepExecutor
     images: ImageSupport | None
     speculative: EagleWorker | None
     memory_report: MemoryReport | None
@@ -88,7 +85,9 @@ def build_engine(config: EngineConfig) -> Engine:
     engine = Engine(
         built.runner,
         tokenizer,
-        executor=built.executor,
+        scheduler=built.runner.new_scheduler(
+            enable_prefix_cache=config.enable_prefix_cache, policy=config.policy
+        ),
         model_thread=model_thread,
         images=built.images,
         speculative=built.speculative,
@@ -135,11 +134,10 @@ def _build_on_model_thread(config: EngineConfig, tokenizer: Any, sharded: _Shard
     runner = build_runner(budget)
     if runner.device.type == "cuda" and config.cuda_graph_max_bs:
         runner.capture_graphs(config.cuda_graph_max_bs)
-    sampler = Sampler(model.config.vocab_size, runner.device)
-    if draft is None:
-        return Built(runner, StepExecutor(runner, sampler, images), images, None, report)
-    worker = EagleWorker(runner, draft, config.speculative or SpecConfig())
-    return Built(runner, EagleExecutor(runner, sampler, images, worker), images, worker, report)
+    worker = None
+    if draft is not None:
+        worker = EagleWorker(runner, draft, config.speculative or SpecConfig())
+    return Built(runner, images, worker, report)
 
 
 def _load_draft(config: EngineConfig, model: torch.nn.Module) -> Eagle3Draft:

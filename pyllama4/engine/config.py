@@ -61,6 +61,4 @@ class EngineConfig:
             "page_size": self.page_size,
             "max_running": self.max_running,
             "max_step_tokens": self.max_step_tokens,
-            "enable_prefix_cache": self.enable_prefix_cache,
-            "policy": self.policy,
         }

@@ -32,11 +32,12 @@ import anyio
 import numpy as np
 from PIL.Image import Image as PILImage
 
+from pyllama4._core import Scheduler
 from pyllama4.detokenizer import IncrementalDetokenizer, StopStrings
 from pyllama4.distributed.runtime import Workers
-from pyllama4.engine import output
+from pyllama4.engine import intake, output
 from pyllama4.engine.config import EngineConfig
-from pyllama4.engine.executor import StepExecutor, StepResult
+from pyllama4.engine.executor import EagleExecutor, StepExecutor, StepResult
 from pyllama4.engine.records import Completion, Request, StepOutputs, StepRow
 from pyllama4.grammar import GrammarCompiler, GrammarSpec
 from pyllama4.memory import MemoryReport
@@ -58,7 +59,7 @@ class Engine:
         runner: ModelRunner,
         tokenizer: Any,
         *,
-        executor: StepExecutor | None = None,
+        scheduler: Scheduler | None = None,
         eos_token_ids: Sequence[int] = (),
         model_thread: ThreadPoolExecutor | None = None,
         images: ImageSupport | None = None,
@@ -66,12 +67,13 @@ class Engine:
         workers: Workers | None = None,
         overlap: bool = True,
     ):
-        """executor: runs the steps (default: a plain StepExecutor on this runner).
+        """scheduler: the core scheduler the engine owns (default: runner.new_scheduler()).
         model_thread: the one thread that runs all of the model's torch work (built by
         from_checkpoint, which also loads the model there). On the CPU, torch's OpenMP threads
         are per calling thread: switching threads costs ~1.5x per step on 2 cores, measured.
         images: the vision tower and tiling settings; None for a text-only engine.
-        speculative: the EAGLE3 worker the executor drafts with (its settings and statistics).
+        speculative: EAGLE3 drafting (pyllama4.speculative.eagle), built on this runner: the
+        steps then run on an EagleExecutor.
         workers: the tensor-parallel worker processes of a ShardedRunner (from_checkpoint's tp),
         stopped by close(). overlap: make a step's text (detokenizing, stop strings, streaming)
         while the next step computes (SGLang's overlap schedule; a request that a stop string
@@ -83,15 +85,18 @@ class Engine:
         self.overlap = overlap
         self.failure: str | None = None  # set by fail(): the engine can no longer serve
         self.memory_report: MemoryReport | None = None  # the measured GPU plan (from_checkpoint)
-        self.scheduler = runner.scheduler
+        self.scheduler = scheduler or runner.new_scheduler()
         self.tokenizer = tokenizer
         self.vocab_size = runner.model.config.vocab_size
         eos = set(eos_token_ids) | set(runner.model.config.eos_token_ids)
         if getattr(tokenizer, "eos_token_id", None) is not None:
             eos.add(tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
-        self.executor = executor or StepExecutor(
-            runner, Sampler(self.vocab_size, runner.device), images
+        sampler = Sampler(self.vocab_size, runner.device)
+        self.executor: StepExecutor = (
+            StepExecutor(runner, sampler, images)
+            if speculative is None
+            else EagleExecutor(runner, sampler, images, speculative)
         )
         self._core_ids = itertools.count(1)
         self._request_ids = itertools.count(1)
@@ -131,6 +136,17 @@ class Engine:
     def memory(self) -> MemoryPlan:
         """The KV cache's plan: page counts, bytes per token, the most tokens it holds."""
         return self.runner.memory
+
+    @property
+    def weight_bytes(self) -> int:
+        """The bytes of the weights this rank holds (the vision tower's included)."""
+        modules = [self.runner.model] + ([self.images.tower] if self.images else [])
+        return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+
+    @property
+    def graph_sizes(self) -> list[int]:
+        """The decode batch sizes that replay captured graphs (none on the CPU)."""
+        return [] if self.runner.graphs is None else list(self.runner.graphs.sizes)
 
     # ---- the loop ---------------------------------------------------------------------------
 
@@ -365,8 +381,8 @@ class Engine:
         params = params or SamplingParams()
         params.validate()
         compiled = self.grammars.compile(params.grammar) if params.grammar else None
-        prompt_ids, key_ids = self._prompt_ids(prompt)
-        self._check_token_ids(params)
+        prompt_ids, key_ids = intake.prompt_ids(prompt, self.tokenize, self.vocab_size, self.images)
+        intake.check_token_ids(params, self.vocab_size)
         request_id = request_id or f"req-{next(self._request_ids)}"
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -398,34 +414,6 @@ class Engine:
         request.deferred = request.completions[1:]
         self._requests[request_id] = request
         return _stream(receive, self, request_id)
-
-    def _prompt_ids(self, prompt: str | Sequence[int] | ImagePrompt) -> tuple[list[int], Any]:
-        """The prompt's token ids and its radix-cache key; ValueError for an unusable prompt."""
-        if isinstance(prompt, ImagePrompt):
-            if self.images is None:
-                raise ValueError("this engine takes no images (enable_multimodal is off)")
-            prompt_ids, key_ids = prompt.token_ids, prompt.key_ids
-        else:
-            prompt_ids = self.tokenize(prompt)
-            key_ids = np.asarray(prompt_ids, dtype=np.int32)
-        if not prompt_ids:
-            raise ValueError("the prompt is empty")
-        bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(
-                f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})"
-            )
-        return prompt_ids, key_ids
-
-    def _check_token_ids(self, params: SamplingParams) -> None:
-        for name, ids in (
-            ("logit_bias", params.logit_bias),
-            ("stop_token_ids", params.stop_token_ids),
-        ):
-            if any(t >= self.vocab_size for t in ids):
-                raise ValueError(
-                    f"{name}: token ids must be below the vocabulary size {self.vocab_size}"
-                )
 
     def _add_to_core(self, c: Completion) -> None:
         self.scheduler.add_request(

@@ -1,0 +1,354 @@
+"""The flag table of `pyllama4-serve`: every flag, its type, default and help, and parse_args.
+
+Every flag of the SGLang command lines our users type for Llama 4 is accepted with SGLang's
+spelling and meaning. This module only parses (one-line argparse errors); what a flag may be set
+to on this machine is checked in pyllama4.server.checks. It is long because it is a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Callable, Sequence
+from typing import NoReturn
+
+PROG = "pyllama4-serve"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 30000  # SGLang's default
+# pyllama4.kernels.moe.MAX_TOKENS: above it the MoE runs grouped matmuls, not tried in a graph yet
+DEFAULT_GRAPH_MAX_BS = 64
+# In-flight requests get this long to finish after SIGTERM / SIGINT; then they are aborted.
+SHUTDOWN_TIMEOUT_S = 30.0
+DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32", "half", "float")
+DTYPE_ALIASES = {"half": "float16", "float": "float32"}  # SGLang's (and vLLM's) spellings
+SPEC_DEFAULTS = (3, 1)  # --speculative-num-steps, --speculative-eagle-topk (Llama 4's, PEERS.md)
+SPEC_DEFAULT_TREE_TOKENS = 8
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+# The order check_supported uses when a namespace does not say in which order the flags were
+# typed (it was not made by parse_args): the order of the seed's command lines.
+CHECK_ORDER = (
+    "model_path",
+    "tp",
+    "quantization",
+    "tool_call_parser",
+    "speculative_algorithm",
+    "speculative_draft_model_path",
+    "speculative_num_steps",
+    "speculative_eagle_topk",
+    "speculative_num_draft_tokens",
+    "device",
+    "chat_template",
+    "allowed_local_media_path",
+)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one line, without the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _int_in(low: int, high: int | None = None) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low or (high is not None and value > high):
+            expected = f"{low}..{high}" if high is not None else f"an integer >= {low}"
+            raise argparse.ArgumentTypeError(f"{value} is out of range (expected {expected})")
+        return value
+
+    return parse
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and 0.0 < value <= 1.0):
+        raise argparse.ArgumentTypeError(f"{text} is out of range (expected 0 < value <= 1)")
+    return value
+
+
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    p = OneLineParser(
+        prog=prog,
+        description="Serve a Llama 4 checkpoint over the OpenAI API (and SGLang's native API). "
+        "Flags follow SGLang's launch_server; with no --model-path the built-in demo model is "
+        "served on the CPU.",
+        allow_abbrev=False,  # a flag is spelled out, as in SGLang's documented command lines
+    )
+    model = p.add_argument_group("model")
+    model.add_argument(
+        "--model-path",
+        metavar="DIR",
+        help="a local Hugging Face Llama 4 checkpoint directory (default: the built-in demo "
+        "model, SmolLM2-135M-Instruct as a Llama 4 text checkpoint, on the CPU in float32)",
+    )
+    model.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default="auto",
+        help="weights and KV cache dtype; auto = bfloat16 on a GPU, float32 on the CPU "
+        "(half = float16, float = float32)",
+    )
+    model.add_argument(
+        "--quantization",
+        metavar="METHOD",
+        help="fp8: quantize a bf16 checkpoint's weights to FP8 at load (per-channel weight "
+        "scales, dynamic per-token activation scales); FP8 checkpoints (fbgemm_fp8, "
+        "compressed-tensors) are detected from their config.json with or without this flag",
+    )
+    model.add_argument(
+        "--fp8-format",
+        choices=("auto", "e4m3fn", "e4m3fnuz"),
+        default="auto",
+        help="FP8 encoding of the weights: e4m3fnuz on MI300 (gfx942), else e4m3fn (auto)",
+    )
+    model.add_argument(
+        "--context-length",
+        type=_int_in(1),
+        metavar="N",
+        help="the longest prompt + completion in tokens (default: the model's "
+        "max_position_embeddings)",
+    )
+    model.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="accepted for SGLang compatibility; pyllama4 never runs code from a checkpoint",
+    )
+    model.add_argument(
+        "--chat-template",
+        metavar="FILE|NAME",
+        help="a Jinja chat template file that replaces the checkpoint's, or a built-in one: "
+        "llama4_pythonic (Meta's pythonic tool-call format)",
+    )
+
+    images = p.add_argument_group("images (with --enable-multimodal)")
+    images.add_argument(
+        "--enable-multimodal",
+        action="store_true",
+        help="take images (OpenAI image_url content parts, /generate image_data); needs a "
+        "multimodal checkpoint (config.json with a vision_config)",
+    )
+    images.add_argument(
+        "--max-image-tiles",
+        type=_int_in(1),
+        metavar="N",
+        help="the most tiles an image is cut into, besides its global tile (default: the "
+        "checkpoint's preprocessor_config.json max_patches, 16 for Llama 4)",
+    )
+    images.add_argument(
+        "--max-images-per-request",
+        type=_int_in(1),
+        default=10,
+        metavar="N",
+        help="more images in one request are refused with a 400 (default 10)",
+    )
+    images.add_argument(
+        "--max-image-pixels",
+        type=_int_in(1),
+        default=40_000_000,
+        metavar="N",
+        help="images with more pixels (width x height) are refused before decoding "
+        "(default 40000000)",
+    )
+    images.add_argument(
+        "--image-fetch-timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds allowed to fetch an http(s) image URL (default 10)",
+    )
+    images.add_argument(
+        "--disable-image-url-fetch",
+        action="store_true",
+        help="refuse http(s) image URLs (data: URLs still work)",
+    )
+    images.add_argument(
+        "--allowed-local-media-path",
+        metavar="DIR",
+        help="accept file:// image URLs and paths, only below DIR (default: refused)",
+    )
+
+    hw = p.add_argument_group("device and memory")
+    hw.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        help="cuda (also AMD GPUs under ROCm) or cpu (default: cuda when a GPU is visible, "
+        "else cpu; the demo model defaults to cpu)",
+    )
+    hw.add_argument(
+        "--tp",
+        "--tp-size",
+        dest="tp",
+        type=_int_in(1),
+        default=1,
+        metavar="N",
+        help="tensor parallel size: the model is sharded over N ranks (GPUs; processes on the "
+        "CPU), this process being rank 0 (default 1)",
+    )
+    hw.add_argument(
+        "--nnodes", type=_int_in(1), default=1, metavar="N", help="machines the ranks span"
+    )
+    hw.add_argument(
+        "--node-rank",
+        type=_int_in(0),
+        default=0,
+        metavar="R",
+        help="this machine's index; node 0 serves HTTP, the others only run their ranks",
+    )
+    hw.add_argument(
+        "--dist-init-addr",
+        metavar="HOST:PORT",
+        help="where the ranks meet (torch.distributed's TCP store); needed with --nnodes > 1",
+    )
+    hw.add_argument(
+        "--mem-fraction-static",
+        type=_fraction,
+        metavar="F",
+        help="fraction of GPU memory for weights + KV cache (default 0.85); no effect on the CPU",
+    )
+    hw.add_argument(
+        "--cuda-graph-max-bs",
+        type=_int_in(1),
+        metavar="N",
+        help="decode steps of up to N requests replay a captured CUDA/HIP graph, padded to the "
+        f"next captured size (default {DEFAULT_GRAPH_MAX_BS}, the fused MoE kernels' largest "
+        "batch; GPU only)",
+    )
+    hw.add_argument(
+        "--disable-cuda-graph",
+        action="store_true",
+        help="run every step eagerly (no decode graphs)",
+    )
+    hw.add_argument(
+        "--max-total-tokens",
+        type=_int_in(1),
+        metavar="N",
+        help="the KV cache's size in tokens (default: from --mem-fraction-static on a GPU; on "
+        "the CPU a quarter of RAM, at most 1 GiB)",
+    )
+    hw.add_argument(
+        "--page-size", type=_int_in(1), metavar="N", help="tokens per KV page (default 16)"
+    )
+
+    tools = p.add_argument_group("tool calling and structured outputs")
+    tools.add_argument(
+        "--tool-call-parser",
+        metavar="NAME",
+        help="turn tool-call outputs into OpenAI tool_calls: pythonic (Llama 4's format, also "
+        "parses JSON-style calls; alias llama4_pythonic); off by default",
+    )
+
+    sched = p.add_argument_group("scheduling")
+    sched.add_argument(
+        "--chunked-prefill-size",
+        type=_int_in(1),
+        metavar="N",
+        help="the most tokens one step computes; longer prompts are prefilled in chunks "
+        "(default 8192)",
+    )
+    sched.add_argument(
+        "--max-running-requests",
+        type=_int_in(1),
+        metavar="N",
+        help="the most requests in a batch (default 256)",
+    )
+    sched.add_argument(
+        "--max-queued-requests",
+        type=_int_in(1),
+        metavar="N",
+        help="the most requests waiting for a batch slot; more are answered 503 with "
+        "Retry-After (default: no bound)",
+    )
+    sched.add_argument(
+        "--schedule-policy",
+        choices=("fcfs", "lpm"),
+        help="fcfs: first come first served (default); lpm: longest cached prefix first",
+    )
+    sched.add_argument(
+        "--disable-radix-cache",
+        action="store_true",
+        help="do not reuse the KV cache of shared prompt prefixes",
+    )
+    sched.add_argument(
+        "--disable-overlap-schedule",
+        action="store_true",
+        help="make each step's text before the next step starts (by default it is made while "
+        "the next step computes)",
+    )
+
+    spec = p.add_argument_group("speculative decoding")
+    spec.add_argument(
+        "--speculative-algorithm",
+        metavar="NAME",
+        help="EAGLE3: draft tokens with an EAGLE3 draft model, verified exactly by the target",
+    )
+    spec.add_argument(
+        "--speculative-draft-model-path",
+        metavar="PATH",
+        help="the EAGLE3 draft checkpoint directory (SGLang's layout: config.json + safetensors)",
+    )
+    spec.add_argument(
+        "--speculative-num-steps",
+        type=int,
+        metavar="N",
+        help=f"draft forwards per step (default {SPEC_DEFAULTS[0]})",
+    )
+    spec.add_argument(
+        "--speculative-eagle-topk",
+        type=int,
+        metavar="N",
+        help=f"branching per draft step; 1 drafts a chain (default {SPEC_DEFAULTS[1]})",
+    )
+    spec.add_argument(
+        "--speculative-num-draft-tokens",
+        type=int,
+        metavar="N",
+        help="tree nodes verified per step, the root included (a chain: num-steps + 1; "
+        f"trees: default {SPEC_DEFAULT_TREE_TOKENS})",
+    )
+
+    http = p.add_argument_group("HTTP")
+    http.add_argument("--host", default=DEFAULT_HOST, help=f"default {DEFAULT_HOST}")
+    http.add_argument(
+        "--port",
+        type=_int_in(0, 65535),
+        default=DEFAULT_PORT,
+        help=f"default {DEFAULT_PORT}; 0 picks a free port (logged)",
+    )
+    http.add_argument(
+        "--served-model-name",
+        metavar="NAME",
+        help="the model name in the API (default: --model-path as given)",
+    )
+    http.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help="require `Authorization: Bearer KEY` on every endpoint except /health",
+    )
+    http.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, default="info")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None, *, prog: str = PROG) -> argparse.Namespace:
+    """The server's options. `args.given` lists the dests of the flags typed, in typed order."""
+    parser = build_parser(prog)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    args.dtype = DTYPE_ALIASES.get(args.dtype, args.dtype)
+    args.prog = prog
+    dests = {s: a.dest for a in parser._actions for s in a.option_strings}
+    given: list[str] = []
+    for token in argv:
+        dest = dests.get(token.split("=", 1)[0]) if token.startswith("--") else None
+        if dest is not None and dest not in given:
+            given.append(dest)
+    args.given = given
+    return args
