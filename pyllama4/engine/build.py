@@ -37,10 +37,11 @@ from pyllama4.distributed.runtime import (
 )
 from pyllama4.engine.config import EngineConfig
 from pyllama4.engine.executor import EagleExecutor, StepExecutor
+from pyllama4.loading.eagle3 import load_eagle3
+from pyllama4.loading.load import load_model
 from pyllama4.memory import CudaMeter, MemoryReport
 from pyllama4.memory import measure as measure_memory
-from pyllama4.model.eagle3 import Eagle3Draft, load_eagle3
-from pyllama4.model.load import load_model
+from pyllama4.model.eagle3 import Eagle3Draft
 from pyllama4.multimodal.support import ImageSupport
 from pyllama4.runner import ModelRunner
 from pyllama4.sampler import Sampler

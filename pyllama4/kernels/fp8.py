@@ -1,4 +1,4 @@
-"""GPU fp8 linear for decode (hip/fp8_gemm.hip) behind pyllama4.quant.fp8's Fp8Linear.
+"""GPU fp8 linear for decode (hip/fp8_gemm.hip) behind pyllama4.layers.fp8's Fp8Linear.
 
 Invariant: `fp8_linear_gpu(x, weight, weight_scale, fmt, ub, quantize_input)` gives what
 Fp8Linear.forward gives for x [T, in] bf16 (T <= MAX_TOKENS): y = bf16(fp32(x_q . W_q^T) *
@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
+from pyllama4 import fp8_format
 from pyllama4.kernels import check, declare, library
 from pyllama4.kernels import workspace as scratch
-from pyllama4.quant import fp8_bits
 
 MAX_TOKENS = 16  # hip/fp8_gemm.hip kMaxTokens
 ALIGN = 16  # in_features multiple, pointer alignment of x and weight
@@ -152,11 +152,11 @@ def fp8_linear_gpu(
 ) -> torch.Tensor:
     """x [T, in] bf16 (T <= 16), weight [out, in] float8 (or uint8 bits with fmt), weight_scale
     [out] fp32 -> y [T, out] bf16 (see the module's invariant). fmt defaults to the weight's
-    dtype's format code (fp8_bits.E4M3FN or E4M3FNUZ); ub None or <= 0: no upper clamp."""
+    dtype's format code (fp8_format.E4M3FN or E4M3FNUZ); ub None or <= 0: no upper clamp."""
     fns = _functions()
     assert fns is not None, "fp8_linear_gpu called without the kernel library"
     if fmt is None:
-        fmt = fp8_bits.format_of_dtype(weight.dtype)
+        fmt = fp8_format.format_of_dtype(weight.dtype)
     tokens, features = x.shape
     out_features = weight.shape[0]
     if weight.shape[1] != features or weight_scale.shape != (out_features,):
