@@ -158,7 +158,8 @@ def compiler_or_skip() -> str:
 
 @dataclass
 class Library:
-    """One emulated build, its launchers declared with pyllama4.kernels' own argtypes."""
+    """One emulated build, its launchers as pyllama4.kernels' wrappers declare them
+    (`launchers(lib)` of kernels.attention, moe, fp8 and fused)."""
 
     flavor: str
     path: Path
@@ -242,26 +243,25 @@ def lib(request, built) -> Library:
     declare(cdll, "pyllama4_abi_version", [], ctypes.c_int32)
     declare(cdll, "pyllama4_platform", [], ctypes.c_char_p)
     declare(cdll, "pyllama4_emu_warp_width", [], ctypes.c_int)
-    c = ctypes
+    workspace_bytes, route, experts = moe_gpu.launchers(cdll)
+    fp8_workspace_bytes, fp8_quantize, fp8_linear = fp8_gpu.launchers(cdll)
+    add_rms_norm, rope, silu_mul = fused.launchers(cdll)
+    selftest_args = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
     return Library(
         flavor=request.param,
         path=path,
         cdll=cdll,
-        attention=declare(cdll, "pyllama4_paged_attention", attention._ARGTYPES),
-        workspace_bytes=declare(
-            cdll, "pyllama4_moe_workspace_bytes", moe_gpu._WORKSPACE, c.c_int64
-        ),
-        route=declare(cdll, "pyllama4_moe_route", moe_gpu._ROUTE),
-        experts=declare(cdll, "pyllama4_moe_experts", moe_gpu._EXPERTS),
-        fp8_workspace_bytes=declare(
-            cdll, "pyllama4_fp8_linear_workspace_bytes", [c.c_int32] * 2, c.c_int64
-        ),
-        fp8_quantize=declare(cdll, "pyllama4_fp8_quantize_per_token", fp8_gpu._QUANTIZE),
-        fp8_linear=declare(cdll, "pyllama4_fp8_linear", fp8_gpu._LINEAR),
-        add_rms_norm=declare(cdll, "pyllama4_add_rms_norm", fused._ADD_RMS_NORM),
-        rope=declare(cdll, "pyllama4_rope_qk_norm_kv_write", fused._ROPE),
-        silu_mul=declare(cdll, "pyllama4_silu_mul", fused._SILU_MUL),
-        selftest=declare(cdll, "pyllama4_emu_selftest", [c.c_int, c.c_void_p, c.c_int, c.c_int]),
+        attention=attention.launcher(cdll),
+        workspace_bytes=workspace_bytes,
+        route=route,
+        experts=experts,
+        fp8_workspace_bytes=fp8_workspace_bytes,
+        fp8_quantize=fp8_quantize,
+        fp8_linear=fp8_linear,
+        add_rms_norm=add_rms_norm,
+        rope=rope,
+        silu_mul=silu_mul,
+        selftest=declare(cdll, "pyllama4_emu_selftest", selftest_args),
     )
 
 

@@ -36,17 +36,23 @@ def _fn(lib: ctypes.CDLL, name: str, argtypes: list[Any], restype: Any = _c.c_in
     return fn if fn.argtypes is not None else declare(lib, name, argtypes, restype)
 
 
-def _functions() -> tuple[Any, Any, Any] | None:
-    """(workspace_bytes, quantize_per_token, linear) of the loaded library, or None (no library,
-    or one built before the fp8 kernels)."""
-    lib = library()
-    if lib is None or not hasattr(lib, "pyllama4_fp8_linear"):
-        return None
+def launchers(lib: ctypes.CDLL) -> tuple[Any, Any, Any]:
+    """(workspace_bytes, quantize_per_token, linear): lib's fp8 functions, their C signatures
+    declared."""
     return (
         _fn(lib, "pyllama4_fp8_linear_workspace_bytes", [_c.c_int32] * 2, _c.c_int64),
         _fn(lib, "pyllama4_fp8_quantize_per_token", _QUANTIZE),
         _fn(lib, "pyllama4_fp8_linear", _LINEAR),
     )
+
+
+def _functions() -> tuple[Any, Any, Any] | None:
+    """launchers() of the loaded library, or None (no library, or one built before the fp8
+    kernels)."""
+    lib = library()
+    if lib is None or not hasattr(lib, "pyllama4_fp8_linear"):
+        return None
+    return launchers(lib)
 
 
 def usable(weight: torch.Tensor) -> bool:

@@ -157,17 +157,22 @@ def _fn(lib: ctypes.CDLL, name: str, argtypes: list[Any], restype: Any = _c.c_in
     return fn if fn.argtypes is not None else declare(lib, name, argtypes, restype)
 
 
-def _functions() -> tuple[Any, Any, Any] | None:
-    """(workspace_bytes, route, experts) of the loaded library, or None (no library, or one
-    built before the MoE kernels)."""
-    lib = library()
-    if lib is None or not hasattr(lib, "pyllama4_moe_experts"):
-        return None
+def launchers(lib: ctypes.CDLL) -> tuple[Any, Any, Any]:
+    """(workspace_bytes, route, experts): lib's MoE functions, their C signatures declared."""
     return (
         _fn(lib, "pyllama4_moe_workspace_bytes", _WORKSPACE, _c.c_int64),
         _fn(lib, "pyllama4_moe_route", _ROUTE),
         _fn(lib, "pyllama4_moe_experts", _EXPERTS),
     )
+
+
+def _functions() -> tuple[Any, Any, Any] | None:
+    """launchers() of the loaded library, or None (no library, or one built before the MoE
+    kernels)."""
+    lib = library()
+    if lib is None or not hasattr(lib, "pyllama4_moe_experts"):
+        return None
+    return launchers(lib)
 
 
 def _weights(
