@@ -221,7 +221,7 @@ def test_w8a8_experts_match_the_reference(tokens, fmt, ub):
 
 @pytest.mark.parametrize("fmt", FP8_FORMATS, ids=fp8_format.NAMES.get)
 def test_fp8_dequantization_agrees_with_torch(fmt):
-    """The reference's dequantization (fp8_bits's rule) is torch's own float8 conversion."""
+    """The reference's dequantization (fp8_format.decode) is torch's own float8 conversion."""
     experts = random_fp8_experts("small", fmt)
     gate_up, down = experts.dequantized(1)
     dtype = fp8_format.torch_dtype(fmt)
