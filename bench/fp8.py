@@ -18,7 +18,7 @@ import torch
 
 from pyllama4 import Engine, SamplingParams
 from pyllama4.demo import demo_checkpoint
-from pyllama4.quant.fp8 import weight_bytes
+from pyllama4.loading.quantize import weight_bytes
 
 TOPICS = [
     "the moon",

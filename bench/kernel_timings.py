@@ -49,7 +49,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the case builder
 from gpu.paged_cases import decode_case  # noqa: E402
 
-from pyllama4 import kernels  # noqa: E402
+from pyllama4 import (
+    fp8_format,  # noqa: E402
+    kernels,  # noqa: E402
+)
 from pyllama4.kernels import attention as gpu  # noqa: E402
 from pyllama4.kernels import fp8 as fp8_gpu  # noqa: E402
 from pyllama4.kernels import fused  # noqa: E402
@@ -57,7 +60,6 @@ from pyllama4.kernels import moe as moe_gpu  # noqa: E402
 from pyllama4.layers.ffn import MoE  # noqa: E402
 from pyllama4.layers.norm import RMSNorm, l2_norm  # noqa: E402
 from pyllama4.layers.rope import apply_rope, inv_frequencies, rotation  # noqa: E402
-from pyllama4.quant import fp8_bits as fp8  # noqa: E402
 
 SIZES = [(1, 1024), (1, 32768), (1, 131072), (8, 8192), (32, 32768), (64, 4096), (64, 16384)]
 
@@ -150,7 +152,7 @@ def bf16_moe(hidden: int, inter: int, num_experts: int) -> MoE:
 def fp8_experts(hidden: int, inter: int, num_experts: int, fmt: int) -> moe_gpu.Fp8ExpertWeights:
     def bits(*size: int) -> torch.Tensor:
         b = torch.randint(0, 256, size, dtype=torch.uint8, device="cuda")
-        b[fp8.is_nan(b, fmt)] = 0
+        b[fp8_format.is_nan(b, fmt)] = 0
         return b
 
     return moe_gpu.Fp8ExpertWeights(
@@ -196,7 +198,7 @@ def moe_rows(
             touched = logits.topk(1, dim=-1).indices.unique().numel()
             rows = [("bf16", moe.experts, 2)]
             if fp8_weights is not None:
-                rows.append((fp8.NAMES[fp8_weights.format], fp8_weights, 1))
+                rows.append((fp8_format.NAMES[fp8_weights.format], fp8_weights, 1))
             for weights, experts, nbytes in rows:
 
                 def routed(x=x, logits=logits, shared=shared, experts=experts):
@@ -221,7 +223,7 @@ def moe_rows(
 
 def moe_section(args: argparse.Namespace, copy: float) -> None:
     peak = matmul_tflops(args.iters)
-    fmt = fp8.E4M3FNUZ if torch.version.hip else fp8.E4M3FN
+    fmt = fp8_format.E4M3FNUZ if torch.version.hip else fp8_format.E4M3FN
     print(f"### Fused MoE (top-1; bf16 matmul {peak:.0f} TFLOP/s)\n")
     print(
         "| model | tokens | path | layer µs | torch path µs | routed weights | experts "
@@ -243,8 +245,8 @@ FP8_TOKENS = [1, 2, 4, 8, 16]
 
 def fp8_rows(features: int, out: int, fmt: int, copy: float, iters: int) -> None:
     bits = torch.randint(0, 256, (out, features), dtype=torch.uint8, device="cuda")
-    bits[fp8.is_nan(bits, fmt)] = 0
-    weight = bits.view(fp8.torch_dtype(fmt))
+    bits[fp8_format.is_nan(bits, fmt)] = 0
+    weight = bits.view(fp8_format.torch_dtype(fmt))
     scale = torch.full((out,), 1e-4, device="cuda")
     dense = torch.randn(out, features, device="cuda", dtype=torch.bfloat16)
     for tokens in FP8_TOKENS:
@@ -261,8 +263,8 @@ def fp8_rows(features: int, out: int, fmt: int, copy: float, iters: int) -> None
 
 
 def fp8_section(args: argparse.Namespace, copy: float) -> None:
-    fmt = fp8.E4M3FNUZ if torch.version.hip else fp8.E4M3FN
-    print(f"### FP8 linear ({fp8.NAMES[fmt]} weights, per-token activations, ub 1200)\n")
+    fmt = fp8_format.E4M3FNUZ if torch.version.hip else fp8_format.E4M3FN
+    print(f"### FP8 linear ({fp8_format.NAMES[fmt]} weights, per-token activations, ub 1200)\n")
     print("| in | out | tokens | µs | GB/s | % of copy | bf16 matmul µs |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for features, out in FP8_SHAPES:

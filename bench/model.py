@@ -21,7 +21,7 @@ from transformers import DynamicCache
 from transformers import Llama4ForCausalLM as HFLlama4
 
 from pyllama4.demo import demo_checkpoint
-from pyllama4.model.load import DTYPES, load_model
+from pyllama4.loading.load import DTYPES, load_model
 from pyllama4.runner import ModelRunner
 
 

@@ -53,8 +53,8 @@ import torch
 
 from pyllama4._core import StepPlan
 from pyllama4.config import TextConfig
+from pyllama4.loading.quantize import quantize_model
 from pyllama4.model.llama4 import Llama4ForCausalLM
-from pyllama4.quant.fp8 import quantize_model
 from pyllama4.runner import ModelRunner
 
 # ---- shapes ----------------------------------------------------------------------------------
@@ -174,7 +174,7 @@ def layer_weight_bytes(
 ) -> float:
     """Weight bytes of one decoder layer counting `experts` routed experts (None: all of them):
     attention, the two norms and, on MoE layers, the router, the shared and the routed experts,
-    else the dense MLP. Norms and routers stay bf16 (pyllama4.quant.fp8.fp8_targets)."""
+    else the dense MLP. Norms and routers stay bf16 (pyllama4.loading.quantize.fp8_targets)."""
     h, d = config.hidden_size, config.head_dim
     q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
     total = _linear_bytes(q, h, weights) + 2 * _linear_bytes(kv, h, weights)
@@ -748,7 +748,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--quantization",
         choices=("fp8",),
         default=None,
-        help="fp8: the repo's online FP8 (pyllama4.quant.fp8.quantize_model)",
+        help="fp8: the repo's online FP8 (pyllama4.loading.quantize.quantize_model)",
     )
     ap.add_argument("--batch", default="1,16,100", help="decode batch sizes, comma-separated")
     ap.add_argument("--context", type=int, default=1024, help="tokens in each request's KV")

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from pyllama4.config import VisionConfig
-from pyllama4.model.load import DTYPES
+from pyllama4.loading.load import DTYPES
 from pyllama4.model.vision import VisionTower
 from pyllama4.multimodal.image_processor import ImageProcessorConfig, process_image
 

@@ -47,7 +47,8 @@ from pyllama4.bench_data import SHAREGPT, iter_json_list
 from pyllama4.config import TextConfig
 from pyllama4.demo import demo_checkpoint
 from pyllama4.engine import Engine
-from pyllama4.model.eagle3 import Eagle3Config, Eagle3Draft, save_eagle3
+from pyllama4.loading.eagle3 import save_eagle3
+from pyllama4.model.eagle3 import Eagle3Config, Eagle3Draft
 from pyllama4.model.llama4 import Llama4ForCausalLM
 from pyllama4.runner import ModelRunner, prefill_capture
 from pyllama4.sampling_params import SamplingParams

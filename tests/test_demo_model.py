@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from pyllama4.model.load import load_model
+from pyllama4.loading.load import load_model
 from pyllama4.runner import ModelRunner, greedy_generate
 
 CHATS = [

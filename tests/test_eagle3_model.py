@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from oracles import dense_causal_attend
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -26,13 +27,8 @@ from transformers.models.llama.modeling_llama import (
     apply_rotary_pos_emb,
 )
 
-from pyllama4.model.eagle3 import (
-    Eagle3Config,
-    Eagle3Draft,
-    dense_causal_attend,
-    load_eagle3,
-    save_eagle3,
-)
+from pyllama4.loading.eagle3 import load_eagle3, save_eagle3
+from pyllama4.model.eagle3 import Eagle3Config, Eagle3Draft
 
 TARGET_LAYERS, TARGET_HIDDEN, VOCAB, DRAFT_VOCAB = 8, 48, 300, 50
 LLAMA3 = {

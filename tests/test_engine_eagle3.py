@@ -28,7 +28,8 @@ from transformers import Llama4ForCausalLM as HFLlama4
 
 from pyllama4 import Engine, SamplingParams
 from pyllama4.config import TextConfig
-from pyllama4.model.eagle3 import Eagle3Config, Eagle3Draft, save_eagle3
+from pyllama4.loading.eagle3 import save_eagle3
+from pyllama4.model.eagle3 import Eagle3Config, Eagle3Draft
 from pyllama4.model.llama4 import Llama4ForCausalLM
 from pyllama4.runner import ModelRunner
 from pyllama4.speculative.eagle import EagleWorker, SpecConfig, draft_kv_bytes_per_token
@@ -319,7 +320,8 @@ def test_drafting_equals_the_draft_run_densely(target_weights, tokenizer, draft)
     drafting keys kept step-local) equals the draft run densely over the whole history: inputs
     (token i+1, fused target state at i) for known positions, then its own pre-norm output for
     each drafted one, causal attention over all of them."""
-    from pyllama4.model.eagle3 import dense_causal_attend
+    from oracles import dense_causal_attend
+
     from pyllama4.runner import prefill_capture
 
     RecordingWorker.records = []

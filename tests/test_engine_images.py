@@ -11,7 +11,7 @@ import torch
 from transformers import AutoTokenizer
 
 from pyllama4 import Engine, SamplingParams
-from pyllama4.model.load import load_model
+from pyllama4.loading.load import load_model
 from pyllama4.multimodal.image_processor import TiledImage
 from pyllama4.multimodal.inputs import ImageInput, ImagePrompt
 from pyllama4.multimodal.support import ImageSupport

@@ -1,4 +1,5 @@
-"""FP8 weights (pyllama4.quant.fp8), the CPU reference, against definitions computed here.
+"""FP8 weights (pyllama4.quant.fp8, pyllama4.layers.fp8, pyllama4.loading.quantize), the CPU
+reference, against definitions computed here.
 
 Bounds and tolerances:
 - Weight quantization, per element, with v = w / scale: |w - dq| <= scale * h(v) + 2^-22 |w|,
@@ -31,23 +32,18 @@ from transformers import Llama4ForCausalLM as HFLlama4
 from transformers import Llama4TextConfig
 
 from pyllama4.config import TextConfig
+from pyllama4.fp8_format import FP8_FORMATS, FP8_MAX, dequantize
 from pyllama4.layers.ffn import Experts, MoE, Router
+from pyllama4.layers.fp8 import Fp8Experts, Fp8Linear
+from pyllama4.loading.load import load_model
+from pyllama4.loading.quantize import fp8_targets, quantize_model, weight_bytes
 from pyllama4.model.llama4 import Llama4ForCausalLM
-from pyllama4.model.load import load_model
 from pyllama4.quant.fp8 import (
-    FP8_FORMATS,
-    FP8_MAX,
-    Fp8Experts,
-    Fp8Linear,
-    _scaled_mm,
-    dequantize,
     fn_to_fnuz,
-    fp8_targets,
     quantize_activation,
-    quantize_model,
     quantize_weight,
+    scaled_mm,
     scaled_mm_device,
-    weight_bytes,
 )
 from tiny_models import LLAMA3_ROPE, TINY_TEXT, last_token_logits
 
@@ -118,7 +114,7 @@ def test_weight_quantization_error_is_within_half_an_ulp(fmt, kind):
     assert torch.equal(scale[nonzero], amax[nonzero] / FP8_MAX[fmt])
     assert (q.float().abs().amax(-1)[nonzero] == FP8_MAX[fmt]).all()  # row max -> +-fmax
 
-    dq = dequantize(q, scale)
+    dq = dequantize(q, scale[..., None])
     assert dq.dtype == torch.float32 and torch.equal(dq, q.float() * scale[:, None])
     w64, s64 = w.double(), scale.double()[:, None]
     v = w64 / s64
@@ -160,7 +156,9 @@ def test_fn_to_fnuz_keeps_quantized_weights_and_refuses_nan():
     q, scale = quantize_weight(w, "e4m3fn")
     assert (q.view(torch.uint8) == 0x80).any()
     fnuz, fnuz_scale = fn_to_fnuz(q, scale)
-    assert torch.equal(dequantize(fnuz, fnuz_scale), dequantize(q, scale))  # -0 == +0
+    assert torch.equal(
+        dequantize(fnuz, fnuz_scale[..., None]), dequantize(q, scale[..., None])
+    )  # -0 == +0
     nan = q.clone()
     nan.view(torch.uint8)[2, 3] = 0xFF
     with pytest.raises(ValueError, match="NaN"):
@@ -182,7 +180,7 @@ def test_activation_quantization(fmt):
     # scale = min(amax, ub) / fmax; a zero row gets 1e-12 / fmax, positive and finite.
     assert torch.equal(scale, amax.clamp(1e-12, UB) / fmax)
     assert scale[4] > 0 and torch.isfinite(scale).all() and not q[4].float().any()
-    dq = dequantize(q, scale)
+    dq = dequantize(q, scale[..., None])
     assert not dq.isnan().any()
     # ub clamps: values beyond +-ub saturate to +-ub, the rest keep the weight bound.
     assert scale[3] == UB / fmax
@@ -270,7 +268,7 @@ def test_the_device_path_equals_the_reference(fmt, dtype):
     x = (torch.randn(40, 96) * 3).to(dtype)
     tol = {"rtol": 2**-7, "atol": 1e-5} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-5}
     for quant in (True, False):
-        ref = _scaled_mm(x, q.T, scale, 1.0, quant).to(dtype)  # ub 1.0: saturation included
+        ref = scaled_mm(x, q.T, scale, 1.0, quant).to(dtype)  # ub 1.0: saturation included
         for weight in (q.T, q.T.contiguous()):  # column-major (Fp8Linear), row-major (experts)
             got = scaled_mm_device(x, weight, scale, 1.0, quant)
             torch.testing.assert_close(got.to(dtype), ref, **tol)

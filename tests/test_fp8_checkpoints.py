@@ -29,20 +29,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pyllama4.config import TextConfig, VisionConfig
+from pyllama4.fp8_format import dequantize
 from pyllama4.layers.ffn import Experts, MoE, Router
+from pyllama4.layers.fp8 import Fp8Experts, Fp8Linear
+from pyllama4.loading.fp8_checkpoint import parse_fp8_scheme
+from pyllama4.loading.load import load_model, load_vision_tower
+from pyllama4.loading.quantize import fp8_targets
+from pyllama4.loading.weights import CheckpointError, UnsupportedCheckpointError, load_weights
 from pyllama4.model.llama4 import Llama4ForCausalLM
-from pyllama4.model.load import load_model, load_vision_tower
 from pyllama4.model.vision import VisionTower
-from pyllama4.quant.checkpoint import parse_fp8_scheme
-from pyllama4.quant.fp8 import (
-    Fp8Experts,
-    Fp8Linear,
-    dequantize,
-    fn_to_fnuz,
-    fp8_targets,
-    quantize_weight,
-)
-from pyllama4.weights import CheckpointError, UnsupportedCheckpointError, load_weights
+from pyllama4.quant.fp8 import fn_to_fnuz, quantize_weight
 from tiny_models import LLAMA3_ROPE, TINY_TEXT, TINY_VISION, last_token_logits
 
 VOCAB = 256
@@ -366,11 +362,13 @@ def test_e4m3fnuz_loading_is_the_exact_conversion(checkpoints, case):
             scale_name = name + "_scale" if name.endswith("weight") else None
             if scale_name is None:  # fused experts: gate_up_proj -> gate_up_scale
                 scale_name = name.removesuffix("_proj") + "_scale"
-                values = dequantize(tensor.transpose(1, 2), fnuz_state[scale_name])
-                fn_values = dequantize(fn_state[name].transpose(1, 2), fn_state[scale_name])
+                values = dequantize(tensor.transpose(1, 2), fnuz_state[scale_name][..., None])
+                fn_values = dequantize(
+                    fn_state[name].transpose(1, 2), fn_state[scale_name][..., None]
+                )
             else:
-                values = dequantize(tensor, fnuz_state[scale_name])
-                fn_values = dequantize(fn_state[name], fn_state[scale_name])
+                values = dequantize(tensor, fnuz_state[scale_name][..., None])
+                fn_values = dequantize(fn_state[name], fn_state[scale_name][..., None])
             assert torch.equal(values, fn_values), name
             converted += 1
     assert converted > 0

@@ -1,7 +1,7 @@
-"""The fp8 decoding rule (fp8_bits.decode) against torch's float8 dtypes for every bit pattern,
+"""The fp8 decoding rule (fp8_format.decode) against torch's float8 dtypes for every bit pattern,
 the bit tricks of the device function that implements it (hip/fused_moe.hip decode_fp8x4,
 modelled here in numpy on packed 32-bit words), and the fp8 experts' torch reference
-(pyllama4.kernels.moe.moe_reference on Fp8ExpertWeights) against the MoE module. CPU only.
+(tests/oracles.py moe_reference on Fp8ExpertWeights) against the MoE module. CPU only.
 """
 
 from __future__ import annotations
@@ -11,13 +11,14 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from oracles import moe_reference
 
-from pyllama4.kernels.moe import Fp8ExpertWeights, moe_reference
+from pyllama4 import fp8_format
+from pyllama4.kernels.moe import Fp8ExpertWeights
 from pyllama4.layers.ffn import MoE
-from pyllama4.quant import fp8_bits as fp8
-from pyllama4.quant.fp8 import Fp8Experts
+from pyllama4.layers.fp8 import Fp8Experts
 
-FORMATS = [fp8.E4M3FN, fp8.E4M3FNUZ]
+FORMATS = [fp8_format.E4M3FN, fp8_format.E4M3FNUZ]
 ALL_BITS = torch.arange(256, dtype=torch.int32).to(torch.uint8)
 
 
@@ -29,23 +30,26 @@ def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a[~nan].view(torch.int32), b[~nan].view(torch.int32))
 
 
-@pytest.mark.parametrize("fmt", FORMATS, ids=fp8.NAMES.get)
+@pytest.mark.parametrize("fmt", FORMATS, ids=fp8_format.NAMES.get)
 def test_decode_matches_torch_for_all_256_bit_patterns(fmt):
-    ours = fp8.decode(ALL_BITS, fmt)
-    theirs = ALL_BITS.view(fp8.torch_dtype(fmt)).to(torch.float32)
+    ours = fp8_format.decode(ALL_BITS, fmt)
+    theirs = ALL_BITS.view(fp8_format.torch_dtype(fmt)).to(torch.float32)
     assert same_values(ours, theirs)
 
 
 def test_the_formats_special_values():
-    fn = fp8.decode(torch.tensor([0x00, 0x80, 0x7F, 0xFF, 0x7E, 0x01], dtype=torch.uint8), 1)
+    fn = fp8_format.decode(torch.tensor([0x00, 0x80, 0x7F, 0xFF, 0x7E, 0x01], dtype=torch.uint8), 1)
     assert fn[:1].item() == 0 and torch.signbit(fn[1]).item() and fn[1].item() == 0
     assert torch.isnan(fn[2:4]).all()
     assert fn[4].item() == 448 and fn[5].item() == 2.0**-9  # max, smallest subnormal
-    fnuz = fp8.decode(torch.tensor([0x00, 0x80, 0x7F, 0xFF, 0x01], dtype=torch.uint8), 2)
+    fnuz = fp8_format.decode(torch.tensor([0x00, 0x80, 0x7F, 0xFF, 0x01], dtype=torch.uint8), 2)
     assert fnuz[0].item() == 0 and not torch.signbit(fnuz[0]).item()
     assert torch.isnan(fnuz[1]).item() and fnuz[2].item() == 240 and fnuz[3].item() == -240
     assert fnuz[4].item() == 2.0**-10
-    assert fp8.is_nan(ALL_BITS, 1).sum().item() == 2 and fp8.is_nan(ALL_BITS, 2).sum().item() == 1
+    assert (
+        fp8_format.is_nan(ALL_BITS, 1).sum().item() == 2
+        and fp8_format.is_nan(ALL_BITS, 2).sum().item() == 1
+    )
 
 
 def device_rule(words: np.ndarray, fmt: int) -> tuple[np.ndarray, np.ndarray]:
@@ -57,7 +61,7 @@ def device_rule(words: np.ndarray, fmt: int) -> tuple[np.ndarray, np.ndarray]:
     halves = np.stack([even & 0xFFFF, odd & 0xFFFF, even >> 16, odd >> 16], axis=1)
     values = halves.astype(np.uint16).view(np.float16).astype(np.float32)
     low7 = w & 0x7F7F7F7F
-    if fmt == fp8.E4M3FN:
+    if fmt == fp8_format.E4M3FN:
         flags = (low7 + 0x01010101) & 0x80808080
     else:
         flags = w & ~(low7 + 0x7F7F7F7F) & 0x80808080
@@ -65,15 +69,15 @@ def device_rule(words: np.ndarray, fmt: int) -> tuple[np.ndarray, np.ndarray]:
     return values, nan
 
 
-@pytest.mark.parametrize("fmt", FORMATS, ids=fp8.NAMES.get)
+@pytest.mark.parametrize("fmt", FORMATS, ids=fp8_format.NAMES.get)
 def test_the_device_bit_tricks_implement_the_rule(fmt):
     """Words holding every pair of byte values in every two adjacent positions (other bytes
     random, so a carry or borrow between bytes would show), and random words: the fp16 reading
     times 2^(15 - bias) is the rule's value, and the NaN flags mark exactly the NaN bytes."""
     rng = np.random.default_rng(fmt)
-    unscale = np.float32(256.0 if fmt == fp8.E4M3FN else 128.0)
-    table = fp8.decode(ALL_BITS, fmt).numpy()
-    nan_table = fp8.is_nan(ALL_BITS, fmt).numpy()
+    unscale = np.float32(256.0 if fmt == fp8_format.E4M3FN else 128.0)
+    table = fp8_format.decode(ALL_BITS, fmt).numpy()
+    nan_table = fp8_format.is_nan(ALL_BITS, fmt).numpy()
     pairs = np.stack(np.meshgrid(np.arange(256), np.arange(256)), -1).reshape(-1, 2)
     blocks = [rng.integers(0, 256, size=(1 << 20, 4))]
     for position in range(3):
@@ -93,7 +97,7 @@ def random_fp8_experts(e: int, h: int, i: int, fmt: int, seed: int = 0) -> Fp8Ex
     gate_up = torch.randint(0, 256, (e, h, 2 * i), dtype=torch.uint8, generator=gen)
     down = torch.randint(0, 256, (e, i, h), dtype=torch.uint8, generator=gen)
     for bits in (gate_up, down):
-        bits[fp8.is_nan(bits, fmt)] = 0x01
+        bits[fp8_format.is_nan(bits, fmt)] = 0x01
     return Fp8ExpertWeights(
         gate_up,
         torch.rand(e, 2 * i, generator=gen) / (64 * h**0.5) + 1e-4,
@@ -103,7 +107,7 @@ def random_fp8_experts(e: int, h: int, i: int, fmt: int, seed: int = 0) -> Fp8Ex
     )
 
 
-@pytest.mark.parametrize("fmt", FORMATS, ids=fp8.NAMES.get)
+@pytest.mark.parametrize("fmt", FORMATS, ids=fp8_format.NAMES.get)
 def test_the_fp8_reference_is_the_module_on_dequantized_weights(fmt):
     """moe_reference (the GPU tests' reference) on fp8 experts equals MoE.forward (torch path,
     float32) with the dequantized weights loaded into its Experts: same routing, score on the
@@ -125,20 +129,22 @@ def test_the_fp8_reference_is_the_module_on_dequantized_weights(fmt):
 
 
 def test_fp8_experts_check_their_tensors():
-    good = random_fp8_experts(2, 16, 8, fp8.E4M3FN)
+    good = random_fp8_experts(2, 16, 8, fp8_format.E4M3FN)
     with pytest.raises(ValueError, match="format"):
-        Fp8ExpertWeights(good.gate_up, good.gate_up_scale, good.down, good.down_scale, fp8.BF16)
+        Fp8ExpertWeights(
+            good.gate_up, good.gate_up_scale, good.down, good.down_scale, fp8_format.BF16
+        )
     with pytest.raises(TypeError, match="uint8"):
         Fp8ExpertWeights(good.gate_up.float(), good.gate_up_scale, good.down, good.down_scale, 1)
     with pytest.raises(ValueError, match="down_scale"):
         Fp8ExpertWeights(good.gate_up, good.gate_up_scale, good.down, good.down_scale[:, :8], 1)
 
 
-@pytest.mark.parametrize("fmt", FORMATS, ids=fp8.NAMES.get)
+@pytest.mark.parametrize("fmt", FORMATS, ids=fp8_format.NAMES.get)
 def test_fp8_expert_weights_from_float8_tensors(fmt):
-    """torch float8 tensors (e.g. pyllama4.quant.fp8.Fp8Experts' parameters) are viewed as
+    """torch float8 tensors (e.g. pyllama4.layers.fp8.Fp8Experts' parameters) are viewed as
     their bytes, with the format taken from the dtype."""
-    dtype = fp8.torch_dtype(fmt)
+    dtype = fp8_format.torch_dtype(fmt)
     w = random_fp8_experts(2, 16, 8, fmt)
     got = Fp8ExpertWeights.from_float8(
         w.gate_up.view(dtype), w.gate_up_scale, w.down.view(dtype), w.down_scale
@@ -152,7 +158,7 @@ def test_fp8_expert_weights_from_float8_tensors(fmt):
 
 
 @pytest.mark.parametrize("ub", [None, 0.3])
-@pytest.mark.parametrize("fmt", FORMATS, ids=fp8.NAMES.get)
+@pytest.mark.parametrize("fmt", FORMATS, ids=fp8_format.NAMES.get)
 def test_the_w8a8_reference_is_the_fp8_experts_module(fmt, ub):
     """moe_reference on W8A8 experts (Fp8Experts.kernel_weights(): what the fused MoE kernels
     get) equals MoE.forward with the Fp8Experts module (torch path: per-row activation
@@ -162,7 +168,7 @@ def test_the_w8a8_reference_is_the_fp8_experts_module(fmt, ub):
     moe = MoE(h, i, e, k)
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=0.3)
-    name = "e4m3fn" if fmt == fp8.E4M3FN else "e4m3fnuz"
+    name = "e4m3fn" if fmt == fp8_format.E4M3FN else "e4m3fnuz"
     moe.experts = Fp8Experts.from_experts(moe.experts, name, activation_scale_ub=ub)
     weights = moe.experts.kernel_weights()
     assert weights.quantize_input and weights.activation_scale_ub == ub

@@ -27,7 +27,7 @@ Checked, on both libraries (small shapes, so the module takes well under a minut
   - fused MoE routing, exactly: torch.topk's experts, the fp32 sigmoid (as the GPU test:
     rtol 1e-6 and equal after bf16 rounding), counts, offsets, torch.argsort(stable=True), and
     the work list in the workspace (its layout, documented in fused_moe.hip); ties and NaN.
-  - fused MoE experts in bf16, e4m3fn and e4m3fnuz against pyllama4.kernels.moe.moe_reference
+  - fused MoE experts in bf16, e4m3fn and e4m3fnuz against oracles.moe_reference
     (fp32 from the same or dequantized weights), tolerance as the GPU test: per element
     2^-8 * |ref| + 1e-3 * max |ref|. Shapes: H 264, I 136 (column tiles cut short, 2 row chunks)
     and H 1040, I 520 (2 column tiles, 5 row chunks); 1, 2, 3 and 9 tokens, top-1, 2 and 4
@@ -37,7 +37,7 @@ Checked, on both libraries (small shapes, so the module takes well under a minut
     arguments are refused. W8A8 (per-row activation quantization in the kernels, with and
     without the upper clamp) against moe_reference's W8A8 computation, spread W8A8_SPREAD.
   - FP8 linear: both formats, W8A8 with and without ub and weight-only, 1, 3 and 16 tokens, two
-    shapes, against pyllama4.quant.fp8._scaled_mm (the GPU test's tolerance); the activation
+    shapes, against pyllama4.quant.fp8.scaled_mm (the GPU test's tolerance); the activation
     quantization byte for byte against torch's float8 cast (ties aside); bad arguments.
   - fused small ops (hip/fused_ops.hip) against their torch references in bf16, counted in bf16
     steps (tests/gpu/fused_cases.py: at most 1, on at most 0.1% of the elements, for fp32
@@ -90,8 +90,9 @@ from gpu.fused_cases import (
     temperature,
 )
 from gpu.paged_cases import DecodeCase, decode_case, reference
+from oracles import moe_reference
 
-from pyllama4 import kernels
+from pyllama4 import fp8_format, kernels
 from pyllama4.kernels import attention, declare, fused
 from pyllama4.kernels import fp8 as fp8_gpu
 from pyllama4.kernels import moe as moe_gpu
@@ -99,7 +100,6 @@ from pyllama4.layers.ffn import Experts
 from pyllama4.layers.norm import RMSNorm
 from pyllama4.layers.rope import inv_frequencies
 from pyllama4.quant import fp8 as fp8_ref
-from pyllama4.quant import fp8_bits as fp8
 from tiny_models import TINY_TEXT
 
 HIP_DIR = Path(__file__).resolve().parents[1] / "hip"
@@ -158,7 +158,8 @@ def compiler_or_skip() -> str:
 
 @dataclass
 class Library:
-    """One emulated build, its launchers declared with pyllama4.kernels' own argtypes."""
+    """One emulated build, its launchers as pyllama4.kernels' wrappers declare them
+    (`launchers(lib)` of kernels.attention, moe, fp8 and fused)."""
 
     flavor: str
     path: Path
@@ -242,26 +243,25 @@ def lib(request, built) -> Library:
     declare(cdll, "pyllama4_abi_version", [], ctypes.c_int32)
     declare(cdll, "pyllama4_platform", [], ctypes.c_char_p)
     declare(cdll, "pyllama4_emu_warp_width", [], ctypes.c_int)
-    c = ctypes
+    workspace_bytes, route, experts = moe_gpu.launchers(cdll)
+    fp8_workspace_bytes, fp8_quantize, fp8_linear = fp8_gpu.launchers(cdll)
+    add_rms_norm, rope, silu_mul = fused.launchers(cdll)
+    selftest_args = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
     return Library(
         flavor=request.param,
         path=path,
         cdll=cdll,
-        attention=declare(cdll, "pyllama4_paged_attention", attention._ARGTYPES),
-        workspace_bytes=declare(
-            cdll, "pyllama4_moe_workspace_bytes", moe_gpu._WORKSPACE, c.c_int64
-        ),
-        route=declare(cdll, "pyllama4_moe_route", moe_gpu._ROUTE),
-        experts=declare(cdll, "pyllama4_moe_experts", moe_gpu._EXPERTS),
-        fp8_workspace_bytes=declare(
-            cdll, "pyllama4_fp8_linear_workspace_bytes", [c.c_int32] * 2, c.c_int64
-        ),
-        fp8_quantize=declare(cdll, "pyllama4_fp8_quantize_per_token", fp8_gpu._QUANTIZE),
-        fp8_linear=declare(cdll, "pyllama4_fp8_linear", fp8_gpu._LINEAR),
-        add_rms_norm=declare(cdll, "pyllama4_add_rms_norm", fused._ADD_RMS_NORM),
-        rope=declare(cdll, "pyllama4_rope_qk_norm_kv_write", fused._ROPE),
-        silu_mul=declare(cdll, "pyllama4_silu_mul", fused._SILU_MUL),
-        selftest=declare(cdll, "pyllama4_emu_selftest", [c.c_int, c.c_void_p, c.c_int, c.c_int]),
+        attention=attention.launcher(cdll),
+        workspace_bytes=workspace_bytes,
+        route=route,
+        experts=experts,
+        fp8_workspace_bytes=fp8_workspace_bytes,
+        fp8_quantize=fp8_quantize,
+        fp8_linear=fp8_linear,
+        add_rms_norm=add_rms_norm,
+        rope=rope,
+        silu_mul=silu_mul,
+        selftest=declare(cdll, "pyllama4_emu_selftest", selftest_args),
     )
 
 
@@ -583,7 +583,7 @@ def fp8_experts(
 
     def bits(*size: int) -> torch.Tensor:
         b = torch.randint(0, 256, size, dtype=torch.uint8, generator=g)
-        b[fp8.is_nan(b, fmt)] = 0x3C
+        b[fp8_format.is_nan(b, fmt)] = 0x3C
         return b
 
     def scales(rows: int, *size: int) -> torch.Tensor:
@@ -599,7 +599,7 @@ def fp8_experts(
 
 
 def reference_experts(experts: Experts | moe_gpu.Fp8ExpertWeights) -> Experts:
-    """What moe_reference computes with: fp8 experts dequantized by pyllama4.quant.fp8_bits (as
+    """What moe_reference computes with: fp8 experts dequantized by pyllama4.fp8_format (as
     it does per expert and call; here once, into a float32 Experts), bf16 ones as they are."""
     if not isinstance(experts, moe_gpu.Fp8ExpertWeights):
         return experts
@@ -607,10 +607,10 @@ def reference_experts(experts: Experts | moe_gpu.Fp8ExpertWeights) -> Experts:
     out = Experts(num_experts, hidden, two_inter // 2)
     with torch.no_grad():
         out.gate_up_proj.copy_(
-            fp8.dequantize(experts.gate_up, experts.gate_up_scale[:, None], experts.format)
+            fp8_format.dequantize(experts.gate_up, experts.gate_up_scale[:, None], experts.format)
         )
         out.down_proj.copy_(
-            fp8.dequantize(experts.down, experts.down_scale[:, None], experts.format)
+            fp8_format.dequantize(experts.down, experts.down_scale[:, None], experts.format)
         )
     return out
 
@@ -645,14 +645,16 @@ def assert_kernel_close(out: torch.Tensor, ref: torch.Tensor, what: str, spread=
     )
 
 
-@pytest.mark.parametrize("fmt", [fp8.BF16, fp8.E4M3FN, fp8.E4M3FNUZ], ids=fp8.NAMES.get)
+@pytest.mark.parametrize(
+    "fmt", [fp8_format.BF16, fp8_format.E4M3FN, fp8_format.E4M3FNUZ], ids=fp8_format.NAMES.get
+)
 @pytest.mark.parametrize("shape", list(MOE_SHAPES))
 def test_experts_match_the_reference(lib, shape, fmt):
     """Every run of MOE_RUNS against moe_reference (fp32 on the same bf16 / dequantized fp8
     weights, see reference_experts); the first run twice, bit-identical (the workspace is
     re-zeroed each call)."""
     hidden, inter, num_experts = MOE_SHAPES[shape]
-    if fmt == fp8.BF16:
+    if fmt == fp8_format.BF16:
         experts = bf16_experts(num_experts, hidden, inter, seed=hidden)
     else:
         experts = fp8_experts(num_experts, hidden, inter, fmt, seed=fmt)
@@ -660,14 +662,14 @@ def test_experts_match_the_reference(lib, shape, fmt):
     for tokens, top_k, splits, hot in MOE_RUNS:
         x, logits, shared = moe_inputs(tokens, hidden, num_experts, seed=tokens, hot_expert=hot)
         out = fused_moe(lib, x, logits, experts, top_k, shared, splits)
-        ref = moe_gpu.moe_reference(x, logits, weights, top_k, shared)
+        ref = moe_reference(x, logits, weights, top_k, shared)
         assert_kernel_close(out, ref, f"{tokens} tokens, top-{top_k}, splits {splits}")
         if tokens == 1:
             assert torch.equal(out, fused_moe(lib, x, logits, experts, top_k, shared, splits))
 
 
 @pytest.mark.parametrize("ub", [None, 0.5], ids=["no-ub", "ub0.5"])
-@pytest.mark.parametrize("fmt", [fp8.E4M3FN, fp8.E4M3FNUZ], ids=fp8.NAMES.get)
+@pytest.mark.parametrize("fmt", [fp8_format.E4M3FN, fp8_format.E4M3FNUZ], ids=fp8_format.NAMES.get)
 def test_w8a8_experts_match_the_reference(lib, fmt, ub):
     """W8A8 (Fp8Experts' default: each expert input row quantized per row) against
     moe_reference's W8A8 computation, every run of MOE_RUNS on the larger shape; ub 0.5 clamps
@@ -685,26 +687,26 @@ def test_w8a8_experts_match_the_reference(lib, fmt, ub):
         x, logits, shared = moe_inputs(tokens, hidden, num_experts, seed=tokens, hot_expert=hot)
         shared = torch.zeros_like(shared)
         out = fused_moe(lib, x, logits, experts, top_k, shared, splits)
-        ref = moe_gpu.moe_reference(x, logits, experts, top_k, shared)
-        weight_only = moe_gpu.moe_reference(x, logits, reference_experts(experts), top_k, shared)
+        ref = moe_reference(x, logits, experts, top_k, shared)
+        weight_only = moe_reference(x, logits, reference_experts(experts), top_k, shared)
         what = f"W8A8, {tokens} tokens, top-{top_k}, splits {splits}"
         assert_kernel_close(out, ref, what, spread=W8A8_SPREAD)
         # The activation quantization shows, far beyond the tolerance.
         assert (ref - weight_only).abs().max() > 0.02 * ref.abs().max()
 
 
-@pytest.mark.parametrize("fmt", [fp8.E4M3FN, fp8.E4M3FNUZ], ids=fp8.NAMES.get)
+@pytest.mark.parametrize("fmt", [fp8_format.E4M3FN, fp8_format.E4M3FNUZ], ids=fp8_format.NAMES.get)
 def test_fp8_nan_weights_give_nan_outputs(lib, fmt):
     """As the GPU test: a NaN byte in an expert's gate column makes its tokens' whole output NaN,
     one in a down column that column; other outputs stay finite and close."""
     hidden, inter, num_experts = MOE_SHAPES["h264-i136-e5"]
     experts = fp8_experts(num_experts, hidden, inter, fmt, seed=3)
-    nan_byte = 0x7F if fmt == fp8.E4M3FN else 0x80
+    nan_byte = 0x7F if fmt == fp8_format.E4M3FN else 0x80
     experts.gate_up[2, 17, 5] = nan_byte
     experts.down[4, 3, 100] = nan_byte
     x, logits, shared = moe_inputs(20, hidden, num_experts, seed=5)
     out = fused_moe(lib, x, logits, experts, 1, shared, (2, 2))
-    ref = moe_gpu.moe_reference(x, logits, experts, 1, shared)
+    ref = moe_reference(x, logits, experts, 1, shared)
     assert torch.equal(torch.isnan(out), torch.isnan(ref))
     routed = logits.float().argmax(dim=1)
     assert (routed == 2).any() and torch.isnan(out[routed == 2]).all()
@@ -743,9 +745,9 @@ def fp8_weight(features: int, out: int, fmt: int, seed: int) -> tuple[torch.Tens
     """As tests/gpu/test_fp8_gemm.py: every finite fp8 byte, per-row scales; [out, in] float8."""
     g = torch.Generator().manual_seed(seed)
     bits = torch.randint(0, 256, (out, features), dtype=torch.uint8, generator=g)
-    bits[fp8.is_nan(bits, fmt)] = 0x3C
+    bits[fp8_format.is_nan(bits, fmt)] = 0x3C
     scale = (torch.rand(out, generator=g) + 0.5) / (100 * features**0.5)
-    return bits.view(fp8.torch_dtype(fmt)), scale
+    return bits.view(fp8_format.torch_dtype(fmt)), scale
 
 
 def fp8_x(tokens: int, features: int, seed: int) -> torch.Tensor:
@@ -768,16 +770,16 @@ def fp8_linear(lib: Library, x, weight, scale, fmt: int, ub, quantize_input: boo
 
 
 @pytest.mark.parametrize(("quantize_input", "ub"), FP8_MODES, ids=["quant-ub", "noub", "w8a16"])
-@pytest.mark.parametrize("fmt", [fp8.E4M3FN, fp8.E4M3FNUZ], ids=fp8.NAMES.get)
+@pytest.mark.parametrize("fmt", [fp8_format.E4M3FN, fp8_format.E4M3FNUZ], ids=fp8_format.NAMES.get)
 def test_fp8_linear_matches_the_reference(lib, fmt, quantize_input, ub):
-    """As the GPU test: pyllama4.quant.fp8._scaled_mm on the same tensors, tolerance 2^-8 * |ref|
+    """As the GPU test: pyllama4.quant.fp8.scaled_mm on the same tensors, tolerance 2^-8 * |ref|
     + 1e-3 * max |ref| of the token's row; 1, 3 and 16 tokens (the 1-, 4- and 16-token kernels)."""
     for features, out in FP8_LINEAR_SHAPES:
         weight, scale = fp8_weight(features, out, fmt, seed=features + fmt)
         for tokens in (1, 3, 16):
             x = fp8_x(tokens, features, seed=tokens)
             y = fp8_linear(lib, x, weight, scale, fmt, ub, quantize_input)
-            ref = fp8_ref._scaled_mm(x, weight.T, scale, ub, quantize_input)
+            ref = fp8_ref.scaled_mm(x, weight.T, scale, ub, quantize_input)
             err = (y.float() - ref).abs()
             tol = 2**-8 * ref.abs() + 1e-3 * ref.abs().amax(dim=-1, keepdim=True)
             assert (err <= tol).all(), f"{features}x{out}, {tokens} tokens: {err.max():.3g}"
@@ -791,7 +793,7 @@ def _ties(v: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("ub", [1200.0, None], ids=["ub", "noub"])
-@pytest.mark.parametrize("fmt", [fp8.E4M3FN, fp8.E4M3FNUZ], ids=fp8.NAMES.get)
+@pytest.mark.parametrize("fmt", [fp8_format.E4M3FN, fp8_format.E4M3FNUZ], ids=fp8_format.NAMES.get)
 def test_fp8_quantize_per_token_is_torchs_cast(lib, fmt, ub):
     """The activation bytes equal torch's float8 cast of the clamped, scaled values (except on
     exact rounding ties, where the division's last bit decides), the scales bit for bit; a zero
@@ -802,12 +804,12 @@ def test_fp8_quantize_per_token_is_torchs_cast(lib, fmt, ub):
     q = torch.empty(x.shape, dtype=torch.uint8)
     scale = torch.empty(x.shape[0], dtype=torch.float32)
     assert lib.fp8_quantize(*fp8_gpu.quantize_arguments(q, scale, x, fmt, ub), None) == 0
-    name = fp8.NAMES[fmt]
+    name = fp8_format.NAMES[fmt]
     ref_q, ref_scale = fp8_ref.quantize_activation(x, name, ub)
     assert torch.equal(scale, ref_scale)
-    fmax = fp8_ref.FP8_MAX[name]
+    fmax = fp8_format.FP8_MAX[name]
     v = (x.float() / ref_scale.unsqueeze(-1)).clamp(-fmax, fmax)
-    cast = v.to(fp8.torch_dtype(fmt))
+    cast = v.to(fp8_format.torch_dtype(fmt))
     assert torch.equal(cast.view(torch.uint8), ref_q.view(torch.uint8))
     differs = (q != cast.view(torch.uint8)) & ~_ties(v, cast)
     assert not differs.any(), f"{int(differs.sum())} bytes differ from torch's cast"

@@ -11,7 +11,7 @@ from transformers import Llama4ForCausalLM as HFLlama4
 from transformers import Llama4TextConfig
 
 from pyllama4.config import TextConfig
-from pyllama4.model.load import load_model
+from pyllama4.loading.load import load_model
 from pyllama4.runner import ModelRunner, greedy_generate
 from tiny_models import TINY_TEXT
 

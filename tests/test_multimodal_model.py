@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from pyllama4.model.load import load_model
+from pyllama4.loading.load import load_model
 from pyllama4.multimodal.features import ImageFeed, PromptFeatures
 from pyllama4.multimodal.image_processor import TiledImage
 from pyllama4.multimodal.inputs import ImageInput, ImagePrompt

@@ -17,12 +17,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from oracles import dense_causal_attend
 from torch import nn
 from transformers import Llama4ForCausalLM as HFLlama4
 from transformers import Llama4TextConfig
 
 from pyllama4.engine import Engine
-from pyllama4.model.eagle3 import Eagle3Config, Eagle3Draft, dense_causal_attend, load_eagle3
+from pyllama4.loading.eagle3 import load_eagle3
+from pyllama4.model.eagle3 import Eagle3Config, Eagle3Draft
 from pyllama4.train_eagle3 import (
     Sample,
     generate_answers,

@@ -12,9 +12,9 @@ from safetensors.torch import load_file, save_file
 from transformers import Llama4Config, Llama4ForConditionalGeneration, Llama4TextConfig
 
 from pyllama4.config import ConfigError, VisionConfig
-from pyllama4.model.load import load_vision_tower
+from pyllama4.loading.load import load_vision_tower
+from pyllama4.loading.weights import CheckpointError, text_name, vision_name
 from pyllama4.model.vision import VisionTower, rotation_2d
-from pyllama4.weights import CheckpointError, text_name, vision_name
 from tiny_models import TINY_TEXT, TINY_VISION
 
 TEXT = {

@@ -21,8 +21,8 @@ from transformers import (  # noqa: E402
     Llama4TextConfig,
 )
 
-from pyllama4 import weights  # noqa: E402
-from pyllama4.weights import (  # noqa: E402
+from pyllama4.loading import weights  # noqa: E402
+from pyllama4.loading.weights import (  # noqa: E402
     CheckpointError,
     UnsupportedCheckpointError,
     checkpoint_files,

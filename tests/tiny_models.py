@@ -172,7 +172,8 @@ def make_tiny_eagle3_draft(path: Path, target_dir: Path, draft_vocab: int = 64) 
     """A random EAGLE3 draft in SGLang's layout for the (text or multimodal) checkpoint in
     target_dir: the target's width and vocabulary, a draft vocabulary of its first ids."""
     from pyllama4.config import TextConfig
-    from pyllama4.model.eagle3 import Eagle3Config, Eagle3Draft, save_eagle3
+    from pyllama4.loading.eagle3 import save_eagle3
+    from pyllama4.model.eagle3 import Eagle3Config, Eagle3Draft
 
     target = TextConfig.from_checkpoint(target_dir)
     config = Eagle3Config.from_dict(

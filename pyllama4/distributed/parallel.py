@@ -4,7 +4,8 @@ Invariant: a `TensorParallel` of size 1 (`SINGLE`) is the identity: `all_reduce`
 `all_gather` return their input unchanged, `split` gives the whole range, and no process group is
 needed. At size > 1 every rank of `group` calls the same collectives in the same order (the model
 runs the same plans everywhere), and rank r holds the r-th of `size` equal parts of whatever is
-split (Megatron style; pyllama4.model.llama4 says what is split how).
+split (Megatron style; pyllama4.model.llama4 says what is split how); a parameter holding its
+rank's part names it as a `Shard` of the full checkpoint tensor.
 """
 
 from __future__ import annotations
@@ -15,7 +16,23 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["SINGLE", "TensorParallel", "attention_heads", "init_tensor_parallel"]
+__all__ = ["SINGLE", "Shard", "TensorParallel", "attention_heads", "init_tensor_parallel"]
+
+
+@dataclass(frozen=True)
+class Shard:
+    """The part of a full checkpoint tensor a parameter holds: along `dim` (of the module's layout),
+    the full tensor's indices [start, stop) of each of `ranges`, concatenated in order; every other
+    dim whole. `full`: the full tensor's size along dim."""
+
+    dim: int
+    ranges: tuple[tuple[int, int], ...]
+    full: int
+
+    @property
+    def size(self) -> int:
+        """The parameter's size along dim."""
+        return sum(stop - start for start, stop in self.ranges)
 
 
 @dataclass(frozen=True)

@@ -149,7 +149,7 @@ class ShardedRunner(ModelRunner):
 def worker_main(rank: int, spec: WorkerSpec) -> None:
     """A worker process: join the group, load this rank's shard, build the runner with rank 0's
     memory plan, then run every plan rank 0 sends until it sends None."""
-    from pyllama4.model.load import load_model
+    from pyllama4.loading.load import load_model
 
     if spec.threads:
         torch.set_num_threads(spec.threads)

@@ -36,10 +36,11 @@ from pyllama4.distributed.runtime import (
     free_init_method,
 )
 from pyllama4.engine.config import EngineConfig
+from pyllama4.loading.eagle3 import load_eagle3
+from pyllama4.loading.load import load_model
 from pyllama4.memory import CudaMeter, MemoryReport
 from pyllama4.memory import measure as measure_memory
-from pyllama4.model.eagle3 import Eagle3Draft, load_eagle3
-from pyllama4.model.load import load_model
+from pyllama4.model.eagle3 import Eagle3Draft
 from pyllama4.multimodal.support import ImageSupport
 from pyllama4.runner import ModelRunner
 from pyllama4.speculative.eagle import EagleWorker, SpecConfig, draft_kv_bytes_per_token

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,14 +28,17 @@ _ARGTYPES = (
 _SPLIT_MIN = 256  # fewest key positions per split: below that a split's overhead dominates
 
 
-def _launcher() -> ctypes._CFuncPtr | None:
-    lib = library()
-    if lib is None:
-        return None
+def launcher(lib: ctypes.CDLL) -> Any:
+    """lib's pyllama4_paged_attention, its C signature declared."""
     fn = lib.pyllama4_paged_attention
     if fn.argtypes is None:
         fn.argtypes, fn.restype = _ARGTYPES, _c.c_int
     return fn
+
+
+def _launcher() -> Any | None:
+    lib = library()
+    return None if lib is None else launcher(lib)
 
 
 def usable(k_cache: torch.Tensor) -> bool:

@@ -1,4 +1,4 @@
-"""GPU fp8 linear for decode (hip/fp8_gemm.hip) behind pyllama4.quant.fp8's Fp8Linear.
+"""GPU fp8 linear for decode (hip/fp8_gemm.hip) behind pyllama4.layers.fp8's Fp8Linear.
 
 Invariant: `fp8_linear_gpu(x, weight, weight_scale, fmt, ub, quantize_input)` gives what
 Fp8Linear.forward gives for x [T, in] bf16 (T <= MAX_TOKENS): y = bf16(fp32(x_q . W_q^T) *
@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
+from pyllama4 import fp8_format
 from pyllama4.kernels import check, declare, library
 from pyllama4.kernels import workspace as scratch
-from pyllama4.quant import fp8_bits
 
 MAX_TOKENS = 16  # hip/fp8_gemm.hip kMaxTokens
 ALIGN = 16  # in_features multiple, pointer alignment of x and weight
@@ -36,17 +36,23 @@ def _fn(lib: ctypes.CDLL, name: str, argtypes: list[Any], restype: Any = _c.c_in
     return fn if fn.argtypes is not None else declare(lib, name, argtypes, restype)
 
 
-def _functions() -> tuple[Any, Any, Any] | None:
-    """(workspace_bytes, quantize_per_token, linear) of the loaded library, or None (no library,
-    or one built before the fp8 kernels)."""
-    lib = library()
-    if lib is None or not hasattr(lib, "pyllama4_fp8_linear"):
-        return None
+def launchers(lib: ctypes.CDLL) -> tuple[Any, Any, Any]:
+    """(workspace_bytes, quantize_per_token, linear): lib's fp8 functions, their C signatures
+    declared."""
     return (
         _fn(lib, "pyllama4_fp8_linear_workspace_bytes", [_c.c_int32] * 2, _c.c_int64),
         _fn(lib, "pyllama4_fp8_quantize_per_token", _QUANTIZE),
         _fn(lib, "pyllama4_fp8_linear", _LINEAR),
     )
+
+
+def _functions() -> tuple[Any, Any, Any] | None:
+    """launchers() of the loaded library, or None (no library, or one built before the fp8
+    kernels)."""
+    lib = library()
+    if lib is None or not hasattr(lib, "pyllama4_fp8_linear"):
+        return None
+    return launchers(lib)
 
 
 def usable(weight: torch.Tensor) -> bool:
@@ -152,11 +158,11 @@ def fp8_linear_gpu(
 ) -> torch.Tensor:
     """x [T, in] bf16 (T <= 16), weight [out, in] float8 (or uint8 bits with fmt), weight_scale
     [out] fp32 -> y [T, out] bf16 (see the module's invariant). fmt defaults to the weight's
-    dtype's format code (fp8_bits.E4M3FN or E4M3FNUZ); ub None or <= 0: no upper clamp."""
+    dtype's format code (fp8_format.E4M3FN or E4M3FNUZ); ub None or <= 0: no upper clamp."""
     fns = _functions()
     assert fns is not None, "fp8_linear_gpu called without the kernel library"
     if fmt is None:
-        fmt = fp8_bits.format_of_dtype(weight.dtype)
+        fmt = fp8_format.format_of_dtype(weight.dtype)
     tokens, features = x.shape
     out_features = weight.shape[0]
     if weight.shape[1] != features or weight_scale.shape != (out_features,):

@@ -29,17 +29,23 @@ _ROPE += [_c.c_float, _c.c_void_p]
 _SILU_MUL = [_c.c_void_p] * 3 + [_c.c_int64] * 2 + [_c.c_int32] * 2 + [_c.c_void_p]
 
 
-def _functions() -> tuple[Any, Any, Any] | None:
-    """(add_rms_norm, rope_qk_norm_kv_write, silu_mul) of the loaded library, or None (no
-    library, or one built before these kernels)."""
-    lib = library()
-    if lib is None or not hasattr(lib, "pyllama4_silu_mul"):
-        return None
+def launchers(lib: ctypes.CDLL) -> tuple[Any, Any, Any]:
+    """(add_rms_norm, rope_qk_norm_kv_write, silu_mul): lib's fused-op functions, their C
+    signatures declared."""
     if lib.pyllama4_silu_mul.argtypes is None:
         declare(lib, "pyllama4_add_rms_norm", _ADD_RMS_NORM)
         declare(lib, "pyllama4_rope_qk_norm_kv_write", _ROPE)
         declare(lib, "pyllama4_silu_mul", _SILU_MUL)
     return lib.pyllama4_add_rms_norm, lib.pyllama4_rope_qk_norm_kv_write, lib.pyllama4_silu_mul
+
+
+def _functions() -> tuple[Any, Any, Any] | None:
+    """launchers() of the loaded library, or None (no library, or one built before these
+    kernels)."""
+    lib = library()
+    if lib is None or not hasattr(lib, "pyllama4_silu_mul"):
+        return None
+    return launchers(lib)
 
 
 def usable(*tensors: torch.Tensor) -> bool:

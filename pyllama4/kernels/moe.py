@@ -4,8 +4,9 @@ Invariant: `fused_moe_gpu(x, router_logits, experts, top_k, shared_out)` gives w
 pyllama4.layers.ffn.MoE gives for those router logits and that shared-expert output (top-k,
 score = sigmoid of the selected logit in fp32 cast to bf16, the score scaling the expert INPUT,
 SwiGLU experts, summed onto the shared expert), computed in fp32 from the same weights and
-rounded to bf16 once at the end (tests/gpu/test_fused_moe.py compares it with `moe_reference`,
-that computation in torch). It enqueues on the current stream and never synchronises.
+rounded to bf16 once at the end (tests/gpu/test_fused_moe.py compares it with
+tests/oracles.py's `moe_reference`, that computation in torch). It enqueues on the current
+stream and never synchronises.
 
 Scope: small batches (at most MAX_TOKENS = 64 rows: decode), where the kernels read each
 touched expert's weights once for up to 8 of its tokens. Larger batches (prefill) stay on the
@@ -13,9 +14,9 @@ torch path of MoE.forward (per-expert matmuls on the tokens sorted by expert, ve
 no GPU to measure on, the GEMV kernels are not assumed faster there. The shared expert is always
 torch's (dense); overlapping it with the routed experts is the runtime's job.
 
-Expert weights are bf16 (the `Experts` module's parameters) or fp8 (`Fp8ExpertWeights`: raw bytes,
-per-output-column scales and the format, fp8_bits), both in the checkpoint's input-major
-layout.
+Expert weights are bf16 (the `Experts` module's parameters) or fp8 (`Fp8ExpertWeights`: raw
+bytes, per-output-column scales and the format code, pyllama4.fp8_format), both in the
+checkpoint's input-major layout.
 """
 
 from __future__ import annotations
@@ -23,17 +24,13 @@ from __future__ import annotations
 import ctypes
 import functools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 
+from pyllama4 import fp8_format
 from pyllama4.kernels import check, declare, library
 from pyllama4.kernels import workspace as scratch
-from pyllama4.quant import fp8_bits as fp8
-
-if TYPE_CHECKING:
-    from pyllama4.layers.ffn import Experts
 
 MAX_TOKENS = 64  # the most rows MoE.forward sends to the kernels; more take the torch path
 MAX_EXPERTS = 1024  # hip/fused_moe.hip kMaxExperts
@@ -51,17 +48,26 @@ _EXPERTS += [_c.c_void_p, _c.c_int64, _c.c_void_p]
 _WORKSPACE = [_c.c_int32] * 5
 
 
+class Experts(Protocol):
+    """What the kernels read of bf16 routed experts (pyllama4.layers.ffn.Experts): gate_up_proj
+    [E, H, 2I] and down_proj [E, I, H], input-major."""
+
+    gate_up_proj: torch.Tensor
+    down_proj: torch.Tensor
+
+
 @dataclass(frozen=True)
 class Fp8ExpertWeights:
     """Routed experts in fp8: raw bits plus fp32 scales per output column, W = fp8 * scale.
 
     Input-major like `Experts`: gate_up [E, H, 2I] uint8 (gate columns, then up), down
     [E, I, H] uint8, gate_up_scale [E, 2I] and down_scale [E, H] float32; `format` is
-    fp8.E4M3FN or fp8.E4M3FNUZ. A checkpoint stored per expert in nn.Linear layout ([out, in])
-    is transposed into this layout once, at load. quantize_input=False: weight-only (W8A16), the
-    bf16 activations multiply the dequantized weights. True (W8A8, Fp8Experts' default): each
-    expert's input rows are quantized per row into the weights' format first, amax clamped to
-    activation_scale_ub (None: no upper clamp), as pyllama4.quant.fp8.quantize_activation.
+    fp8_format.E4M3FN or fp8_format.E4M3FNUZ. A checkpoint stored per expert in nn.Linear layout
+    ([out, in]) is transposed into this layout once, at load. quantize_input=False: weight-only
+    (W8A16), the bf16 activations multiply the dequantized weights. True (W8A8, Fp8Experts'
+    default): each expert's input rows are quantized per row into the weights' format first, amax
+    clamped to activation_scale_ub (None: no upper clamp), as
+    pyllama4.quant.fp8.quantize_activation.
     """
 
     gate_up: torch.Tensor
@@ -73,7 +79,7 @@ class Fp8ExpertWeights:
     activation_scale_ub: float | None = None
 
     def __post_init__(self) -> None:
-        if self.format not in (fp8.E4M3FN, fp8.E4M3FNUZ):
+        if self.format not in (fp8_format.E4M3FN, fp8_format.E4M3FNUZ):
             raise ValueError(
                 f"Fp8ExpertWeights: format must be E4M3FN or E4M3FNUZ, not {self.format}"
             )
@@ -108,11 +114,11 @@ class Fp8ExpertWeights:
         activation_scale_ub: float | None = None,
     ) -> Fp8ExpertWeights:
         """From torch float8 tensors (float8_e4m3fn or float8_e4m3fnuz, both the same) in this
-        layout, e.g. pyllama4.quant.fp8.Fp8Experts' parameters; the bytes are viewed, not
+        layout, e.g. pyllama4.layers.fp8.Fp8Experts' parameters; the bytes are viewed, not
         copied."""
         if down.dtype != gate_up.dtype:
             raise TypeError(f"gate_up is {gate_up.dtype} but down is {down.dtype}")
-        fmt = fp8.format_of_dtype(gate_up.dtype)
+        fmt = fp8_format.format_of_dtype(gate_up.dtype)
         return cls(
             gate_up.view(torch.uint8),
             gate_up_scale,
@@ -128,10 +134,10 @@ class Fp8ExpertWeights:
         return self.gate_up.shape[0]
 
     def dequantized(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Expert e's float32 weights (gate_up [H, 2I], down [I, H]), by fp8_bits's rule."""
+        """Expert e's float32 weights (gate_up [H, 2I], down [I, H]), by fp8_format.dequantize."""
         return (
-            fp8.dequantize(self.gate_up[e], self.gate_up_scale[e], self.format),
-            fp8.dequantize(self.down[e], self.down_scale[e], self.format),
+            fp8_format.dequantize(self.gate_up[e], self.gate_up_scale[e], self.format),
+            fp8_format.dequantize(self.down[e], self.down_scale[e], self.format),
         )
 
 
@@ -151,17 +157,22 @@ def _fn(lib: ctypes.CDLL, name: str, argtypes: list[Any], restype: Any = _c.c_in
     return fn if fn.argtypes is not None else declare(lib, name, argtypes, restype)
 
 
-def _functions() -> tuple[Any, Any, Any] | None:
-    """(workspace_bytes, route, experts) of the loaded library, or None (no library, or one
-    built before the MoE kernels)."""
-    lib = library()
-    if lib is None or not hasattr(lib, "pyllama4_moe_experts"):
-        return None
+def launchers(lib: ctypes.CDLL) -> tuple[Any, Any, Any]:
+    """(workspace_bytes, route, experts): lib's MoE functions, their C signatures declared."""
     return (
         _fn(lib, "pyllama4_moe_workspace_bytes", _WORKSPACE, _c.c_int64),
         _fn(lib, "pyllama4_moe_route", _ROUTE),
         _fn(lib, "pyllama4_moe_experts", _EXPERTS),
     )
+
+
+def _functions() -> tuple[Any, Any, Any] | None:
+    """launchers() of the loaded library, or None (no library, or one built before the MoE
+    kernels)."""
+    lib = library()
+    if lib is None or not hasattr(lib, "pyllama4_moe_experts"):
+        return None
+    return launchers(lib)
 
 
 def _weights(
@@ -176,7 +187,7 @@ def _weights(
             experts.down_scale,
             experts.format,
         )
-    return experts.gate_up_proj, None, experts.down_proj, None, fp8.BF16
+    return experts.gate_up_proj, None, experts.down_proj, None, fp8_format.BF16
 
 
 def usable(experts: Experts | Fp8ExpertWeights) -> bool:
@@ -189,7 +200,7 @@ def usable(experts: Experts | Fp8ExpertWeights) -> bool:
     tensors = [gate_up, down] + [s for s in (gate_up_scale, down_scale) if s is not None]
     if not all(t.is_cuda and t.is_contiguous() for t in tensors):
         return False
-    if fmt == fp8.BF16 and (gate_up.dtype != torch.bfloat16 or down.dtype != torch.bfloat16):
+    if fmt == fp8_format.BF16 and (gate_up.dtype != torch.bfloat16 or down.dtype != torch.bfloat16):
         return False
     num_experts, hidden, two_inter = gate_up.shape
     inter = two_inter // 2
@@ -350,54 +361,3 @@ def experts_arguments(
         workspace.data_ptr(),
         workspace.numel(),
     )
-
-
-def expert_weights_fp32(
-    experts: Experts | Fp8ExpertWeights, e: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Expert e's float32 (gate_up [H, 2I], down [I, H])."""
-    if isinstance(experts, Fp8ExpertWeights):
-        return experts.dequantized(e)
-    return experts.gate_up_proj[e].float(), experts.down_proj[e].float()
-
-
-def moe_reference(
-    x: torch.Tensor,
-    router_logits: torch.Tensor,
-    experts: Experts | Fp8ExpertWeights,
-    top_k: int,
-    shared_out: torch.Tensor,
-) -> torch.Tensor:
-    """What fused_moe_gpu computes, in torch and float32 (the tests' reference): MoE.forward's
-    routing (torch.topk, sigmoid in fp32 cast to x's dtype, x * score in x's dtype), then each
-    touched expert in fp32 on its weights (fp8 dequantized), summed onto shared_out in fp32.
-    W8A8 experts (quantize_input) follow Fp8Experts.expert instead: input rows quantized, the
-    gate_up output rounded to x's dtype and the SwiGLU computed in it, then quantized again.
-    Returns [T, H] float32."""
-    top_logits, top_ids = torch.topk(router_logits, top_k, dim=-1)
-    scores = torch.sigmoid(top_logits.float()).to(x.dtype).reshape(-1, 1)
-    flat = top_ids.reshape(-1)
-    tokens = torch.arange(flat.numel(), device=x.device) // top_k
-    out = shared_out.float().clone()
-    for e in flat.unique().tolist():
-        pairs = (flat == e).nonzero().squeeze(1)
-        rows = tokens[pairs]
-        scaled = x[rows] * scores[pairs]
-        gate_up, down = expert_weights_fp32(experts, e)
-        if isinstance(experts, Fp8ExpertWeights) and experts.quantize_input:
-            ub, fmt = experts.activation_scale_ub, experts.format
-            gate, up = (_fake_quantized(scaled, fmt, ub) @ gate_up).to(x.dtype).chunk(2, dim=-1)
-            out.index_add_(0, rows, _fake_quantized(up * F.silu(gate), fmt, ub) @ down)
-        else:
-            gate, up = (scaled.float() @ gate_up).chunk(2, dim=-1)
-            out.index_add_(0, rows, (F.silu(gate) * up) @ down)
-    return out
-
-
-def _fake_quantized(rows: torch.Tensor, fmt: int, ub: float | None) -> torch.Tensor:
-    """rows quantized per row into fp8 format `fmt` (quantize_activation), as float32 q * scale."""
-    from pyllama4.quant.fp8 import quantize_activation
-
-    name = "e4m3fn" if fmt == fp8.E4M3FN else "e4m3fnuz"
-    q, scale = quantize_activation(rows, name, ub)
-    return q.float() * scale.unsqueeze(-1)

@@ -24,10 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pyllama4.distributed.parallel import SINGLE, TensorParallel
+from pyllama4.distributed.parallel import SINGLE, Shard, TensorParallel
 from pyllama4.kernels import fused
 from pyllama4.kernels import moe as moe_gpu
-from pyllama4.weights import Shard
 
 log = logging.getLogger("pyllama4.layers")
 _GROUPED_MM: dict[tuple[str, torch.dtype], bool] = {}  # False: torch._grouped_mm failed there

@@ -29,14 +29,13 @@ from torch import nn
 
 from pyllama4.batch import StepBatch
 from pyllama4.config import TextConfig
-from pyllama4.distributed.parallel import SINGLE, TensorParallel, attention_heads
+from pyllama4.distributed.parallel import SINGLE, Shard, TensorParallel, attention_heads
 from pyllama4.kernels import fused
 from pyllama4.kv_cache import PagedKVCache
 from pyllama4.layers import attention
 from pyllama4.layers.ffn import MoE, SwiGLU
 from pyllama4.layers.norm import RMSNorm, l2_norm
 from pyllama4.layers.rope import apply_rope, inv_frequencies, rotation
-from pyllama4.weights import Shard
 
 
 class StepContext:
@@ -223,7 +222,7 @@ class Llama4ForCausalLM(nn.Module):
 
     def weight_shards(self) -> dict[str, Shard]:
         """The part of each checkpoint tensor this rank holds, by parameter name (the others, and
-        all at tp.size 1, whole): pyllama4.weights.load_weights's `shards`."""
+        all at tp.size 1, whole): pyllama4.loading.weights.load_weights's `shards`."""
         if self.tp.size == 1:
             return {}
         vocab = Shard(0, (self.model.embed_tokens.vocab,), self.config.vocab_size)

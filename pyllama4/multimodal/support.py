@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from pyllama4.config import ConfigError, VisionConfig
-from pyllama4.model.load import load_vision_tower
+from pyllama4.loading.load import load_vision_tower
 from pyllama4.model.vision import VisionTower
 from pyllama4.multimodal.image_processor import ImageProcessorConfig, ImageTokens
 from pyllama4.multimodal.inputs import ImageInput, ImagePrompt, expand_prompt

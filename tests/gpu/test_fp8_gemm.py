@@ -7,7 +7,7 @@ activation_scale_ub (1200) so the clamp matters. Shapes: Scout's dense linears (
 5120, 1024, 16384; 16384 -> 5120) at 1, 4 and 16 tokens, both formats, quantize_input on (ub 1200
 and none) and off.
 
-Reference: pyllama4.quant.fp8._scaled_mm on the same tensors moved to the CPU (exact sums rounded
+Reference: pyllama4.quant.fp8.scaled_mm on the same tensors moved to the CPU (exact sums rounded
 once to fp32, then scaled). The kernel sums in fp32 and rounds to bf16 once: an element may differ
 by the bf16 rounding of the output (2^-9 relative) and the fp32 summation order, so the tolerance
 is 2^-8 * |ref| + 1e-3 * max |ref| of the token's row. The quantized activation bytes must equal
@@ -20,10 +20,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pyllama4 import kernels
+from pyllama4 import fp8_format, kernels
 from pyllama4.kernels import fp8 as fp8_gpu
 from pyllama4.quant import fp8 as fp8_ref
-from pyllama4.quant import fp8_bits
 
 if not torch.cuda.is_available():
     pytest.skip("no GPU: torch.cuda.is_available() is False", allow_module_level=True)
@@ -34,7 +33,7 @@ if fp8_gpu._functions() is None:
 
 SHAPES = [(5120, 5120), (5120, 1024), (5120, 16384), (16384, 5120)]  # (in, out)
 TOKENS = [1, 4, 16]
-FORMATS = [fp8_bits.E4M3FN, fp8_bits.E4M3FNUZ]
+FORMATS = [fp8_format.E4M3FN, fp8_format.E4M3FNUZ]
 MODES = [(True, 1200.0), (True, None), (False, None)]  # (quantize_input, activation_scale_ub)
 
 
@@ -43,9 +42,9 @@ def random_weight(shape: tuple[int, int], fmt: int, seed: int) -> tuple[torch.Te
     features, out = shape
     gen = torch.Generator(device="cuda").manual_seed(seed)
     bits = torch.randint(0, 256, (out, features), dtype=torch.uint8, device="cuda", generator=gen)
-    bits[fp8_bits.is_nan(bits, fmt)] = 0x3C
+    bits[fp8_format.is_nan(bits, fmt)] = 0x3C
     scale = (torch.rand(out, device="cuda", generator=gen) + 0.5) / (100 * features**0.5)
-    return bits.view(fp8_bits.torch_dtype(fmt)), scale
+    return bits.view(fp8_format.torch_dtype(fmt)), scale
 
 
 def random_x(tokens: int, features: int, seed: int) -> torch.Tensor:
@@ -70,7 +69,7 @@ def get_weight(cache: dict, shape: tuple[int, int], fmt: int) -> tuple[torch.Ten
 
 
 @pytest.mark.parametrize("quantize_input,ub", MODES, ids=["quant-ub", "quant-noub", "w8a16"])
-@pytest.mark.parametrize("fmt", FORMATS, ids=[fp8_bits.NAMES[f] for f in FORMATS])
+@pytest.mark.parametrize("fmt", FORMATS, ids=[fp8_format.NAMES[f] for f in FORMATS])
 @pytest.mark.parametrize("tokens", TOKENS)
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"{i}x{o}" for i, o in SHAPES])
 def test_fp8_linear_matches_cpu_reference(
@@ -79,7 +78,7 @@ def test_fp8_linear_matches_cpu_reference(
     weight, scale, weight_cpu, scale_cpu = get_weight(weights, shape, fmt)
     x = random_x(tokens, shape[0], seed=tokens)
     y = fp8_gpu.fp8_linear_gpu(x, weight, scale, fmt, ub, quantize_input)
-    ref = fp8_ref._scaled_mm(x.cpu(), weight_cpu.T, scale_cpu, ub, quantize_input)
+    ref = fp8_ref.scaled_mm(x.cpu(), weight_cpu.T, scale_cpu, ub, quantize_input)
     assert y.dtype == torch.bfloat16 and y.shape == ref.shape
     err = (y.float().cpu() - ref).abs()
     tol = 2**-8 * ref.abs() + 1e-3 * ref.abs().amax(dim=-1, keepdim=True)
@@ -99,19 +98,19 @@ def _ties(v: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("ub", [1200.0, None], ids=["ub", "noub"])
-@pytest.mark.parametrize("fmt", FORMATS, ids=[fp8_bits.NAMES[f] for f in FORMATS])
+@pytest.mark.parametrize("fmt", FORMATS, ids=[fp8_format.NAMES[f] for f in FORMATS])
 @pytest.mark.parametrize("tokens", [1, 16, 37])
 def test_quantize_per_token_is_torchs_cast(tokens: int, fmt: int, ub) -> None:
     x = random_x(tokens, 5120, seed=100 + tokens)
     x[-1, :] = 0  # a zero row: the 1e-12 floor
     x[0, 100:356] = (torch.arange(256, device="cuda") - 128).to(torch.bfloat16) * 2**-12  # tiny
     q, scale = fp8_gpu.quantize_per_token_gpu(x, fmt, ub)
-    name = fp8_bits.NAMES[fmt]
+    name = fp8_format.NAMES[fmt]
     ref_q, ref_scale = fp8_ref.quantize_activation(x.cpu(), name, ub)
     assert torch.equal(scale.cpu(), ref_scale), "scales differ from the CPU reference"
-    fmax = fp8_ref.FP8_MAX[name]
+    fmax = fp8_format.FP8_MAX[name]
     v = (x.float().cpu() / ref_scale.unsqueeze(-1)).clamp(-fmax, fmax)
-    cast = v.to(fp8_bits.torch_dtype(fmt))
+    cast = v.to(fp8_format.torch_dtype(fmt))
     assert torch.equal(cast.view(torch.uint8), ref_q.view(torch.uint8))
     tie = _ties(v, cast)
     got, want = q.cpu(), cast.view(torch.uint8)
@@ -140,11 +139,11 @@ def test_fp8_linear_module_dispatches() -> None:
 
 
 def test_bad_arguments_are_refused() -> None:
-    weight, scale = random_weight((32, 16), fp8_bits.E4M3FN, seed=1)
+    weight, scale = random_weight((32, 16), fp8_format.E4M3FN, seed=1)
     x = torch.randn(17, 32, device="cuda").to(torch.bfloat16)
     with pytest.raises(RuntimeError, match="num_tokens"):
         fp8_gpu.fp8_linear_gpu(x, weight, scale)
-    weight, scale = random_weight((24, 16), fp8_bits.E4M3FN, seed=1)
+    weight, scale = random_weight((24, 16), fp8_format.E4M3FN, seed=1)
     assert not fp8_gpu.usable(weight)  # in_features not a multiple of 16
     with pytest.raises(RuntimeError, match="in_features"):
         fp8_gpu.fp8_linear_gpu(x[:2, :24], weight, scale)

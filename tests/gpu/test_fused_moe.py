@@ -7,8 +7,8 @@ bf16 scaled so outputs are O(1), or random fp8 bytes of every finite pattern wit
 per-column scales. Shapes: Scout (H 5120, I 8192, E 16) and Maverick (E 128), plus a small odd
 shape (column tiles cut short, more than 8 tokens per expert, top-3).
 
-Reference: pyllama4.kernels.moe.moe_reference, the MoE module's computation in float32 from the
-same bf16 (or dequantized fp8) weights. The kernels compute in fp32 too and round once to bf16
+Reference: tests/oracles.py's moe_reference, the MoE module's computation in float32 from the same
+bf16 (or dequantized fp8) weights. The kernels compute in fp32 too and round once to bf16
 at the end, so an element may differ by the bf16 rounding of the output (2^-9 relative) and
 fp32 summation order: tolerance 2^-8 * |ref| + 1e-3 * max |ref| per element. The torch path
 (more than 64 tokens, bf16 matmuls with bf16 intermediates) is held to 2e-2 * max |ref| per
@@ -22,11 +22,11 @@ import dataclasses
 
 import pytest
 import torch
+from oracles import moe_reference
 
-from pyllama4 import kernels
+from pyllama4 import fp8_format, kernels
 from pyllama4.kernels import moe as moe_gpu
 from pyllama4.layers.ffn import MoE
-from pyllama4.quant import fp8_bits as fp8
 
 if not torch.cuda.is_available():
     pytest.skip("no GPU: torch.cuda.is_available() is False", allow_module_level=True)
@@ -37,7 +37,7 @@ if moe_gpu._functions() is None:
 
 SHAPES = {"scout": (5120, 8192, 16), "maverick": (5120, 8192, 128), "small": (264, 136, 5)}
 # The native fp8 format of the device is irrelevant here: the kernels decode both in software.
-FP8_FORMATS = [fp8.E4M3FN, fp8.E4M3FNUZ]
+FP8_FORMATS = [fp8_format.E4M3FN, fp8_format.E4M3FNUZ]
 
 
 def make_moe(shape: str, top_k: int = 1) -> MoE:
@@ -72,7 +72,7 @@ def random_fp8_experts(shape: str, fmt: int, seed: int = 0) -> moe_gpu.Fp8Expert
 
     def bits(*size: int) -> torch.Tensor:
         b = torch.randint(0, 256, size, dtype=torch.uint8, device="cuda", generator=gen)
-        b[fp8.is_nan(b, fmt)] = 0x3C  # every finite pattern stays (1.5 * 2^(7 - bias))
+        b[fp8_format.is_nan(b, fmt)] = 0x3C  # every finite pattern stays (1.5 * 2^(7 - bias))
         return b
 
     def scales(rows: int, *size: int) -> torch.Tensor:
@@ -167,7 +167,7 @@ def test_bf16_experts_match_the_reference(moes, shape, tokens, top_k):
     experts = get_moe(moes, shape).experts
     x, logits, shared = inputs(tokens, shape, seed=tokens)
     out = moe_gpu.fused_moe_gpu(x, logits, experts, top_k, shared)
-    assert_kernel_close(out, moe_gpu.moe_reference(x, logits, experts, top_k, shared))
+    assert_kernel_close(out, moe_reference(x, logits, experts, top_k, shared))
 
 
 @pytest.mark.parametrize(("tokens", "top_k"), [(1, 1), (3, 3), (13, 2), (64, 3), (64, 5)])
@@ -177,7 +177,7 @@ def test_small_odd_shape_matches_the_reference(moes, tokens, top_k):
     experts = get_moe(moes, "small").experts
     x, logits, shared = inputs(tokens, "small", seed=tokens)
     out = moe_gpu.fused_moe_gpu(x, logits, experts, top_k, shared)
-    assert_kernel_close(out, moe_gpu.moe_reference(x, logits, experts, top_k, shared))
+    assert_kernel_close(out, moe_reference(x, logits, experts, top_k, shared))
 
 
 @pytest.mark.parametrize("shape", ["scout", "small"])
@@ -186,10 +186,10 @@ def test_every_token_on_one_expert(moes, shape):
     experts = get_moe(moes, shape).experts
     x, logits, shared = inputs(64, shape, hot_expert=3)
     out = moe_gpu.fused_moe_gpu(x, logits, experts, 2, shared)
-    assert_kernel_close(out, moe_gpu.moe_reference(x, logits, experts, 2, shared))
+    assert_kernel_close(out, moe_reference(x, logits, experts, 2, shared))
 
 
-@pytest.mark.parametrize("fmt", FP8_FORMATS, ids=fp8.NAMES.get)
+@pytest.mark.parametrize("fmt", FP8_FORMATS, ids=fp8_format.NAMES.get)
 @pytest.mark.parametrize("top_k", [1, 2])
 @pytest.mark.parametrize("tokens", [1, 8, 64])
 @pytest.mark.parametrize("shape", ["scout", "small"])
@@ -197,12 +197,12 @@ def test_fp8_experts_match_the_dequantized_reference(shape, tokens, top_k, fmt):
     experts = random_fp8_experts(shape, fmt, seed=fmt)
     x, logits, shared = inputs(tokens, shape, seed=tokens)
     out = moe_gpu.fused_moe_gpu(x, logits, experts, top_k, shared)
-    ref = moe_gpu.moe_reference(x, logits, experts, top_k, shared)
+    ref = moe_reference(x, logits, experts, top_k, shared)
     assert_kernel_close(out, ref)
 
 
 @pytest.mark.parametrize("ub", [None, 1200.0, 0.5])
-@pytest.mark.parametrize("fmt", FP8_FORMATS, ids=fp8.NAMES.get)
+@pytest.mark.parametrize("fmt", FP8_FORMATS, ids=fp8_format.NAMES.get)
 @pytest.mark.parametrize("tokens", [1, 8, 64])
 def test_w8a8_experts_match_the_reference(tokens, fmt, ub):
     """W8A8 (Fp8Experts' default, per-row activation quantization inside the kernels) at Scout's
@@ -215,16 +215,16 @@ def test_w8a8_experts_match_the_reference(tokens, fmt, ub):
     x, logits, shared = inputs(tokens, "scout", seed=tokens)
     shared = torch.zeros_like(shared)
     out = moe_gpu.fused_moe_gpu(x, logits, experts, 1, shared)
-    ref = moe_gpu.moe_reference(x, logits, experts, 1, shared)
+    ref = moe_reference(x, logits, experts, 1, shared)
     assert_kernel_close(out, ref, spread=6e-3)
 
 
-@pytest.mark.parametrize("fmt", FP8_FORMATS, ids=fp8.NAMES.get)
+@pytest.mark.parametrize("fmt", FP8_FORMATS, ids=fp8_format.NAMES.get)
 def test_fp8_dequantization_agrees_with_torch(fmt):
-    """The reference's dequantization (fp8_bits's rule) is torch's own float8 conversion."""
+    """The reference's dequantization (fp8_format.decode) is torch's own float8 conversion."""
     experts = random_fp8_experts("small", fmt)
     gate_up, down = experts.dequantized(1)
-    dtype = fp8.torch_dtype(fmt)
+    dtype = fp8_format.torch_dtype(fmt)
     torch.testing.assert_close(
         gate_up, experts.gate_up[1].view(dtype).float() * experts.gate_up_scale[1], rtol=0, atol=0
     )
@@ -233,17 +233,17 @@ def test_fp8_dequantization_agrees_with_torch(fmt):
     )
 
 
-@pytest.mark.parametrize("fmt", FP8_FORMATS, ids=fp8.NAMES.get)
+@pytest.mark.parametrize("fmt", FP8_FORMATS, ids=fp8_format.NAMES.get)
 def test_fp8_nan_weights_give_nan_outputs(fmt):
     """A NaN byte in an expert's gate column makes its tokens' whole output NaN; one in a down
     column makes that column NaN; other tokens stay finite (as the reference)."""
     experts = random_fp8_experts("small", fmt)
-    nan_byte = 0x7F if fmt == fp8.E4M3FN else 0x80
+    nan_byte = 0x7F if fmt == fp8_format.E4M3FN else 0x80
     experts.gate_up[2, 17, 5] = nan_byte
     experts.down[4, 3, 100] = nan_byte
     x, logits, shared = inputs(20, "small", seed=5)
     out = moe_gpu.fused_moe_gpu(x, logits, experts, 1, shared)
-    ref = moe_gpu.moe_reference(x, logits, experts, 1, shared)
+    ref = moe_reference(x, logits, experts, 1, shared)
     assert torch.equal(torch.isnan(out), torch.isnan(ref))
     routed = logits.float().argmax(dim=1)
     assert torch.isnan(out[routed == 2]).all() and (routed == 2).any()
@@ -275,7 +275,7 @@ def test_moe_forward_dispatch(moes, shape, tokens):
     with torch.no_grad():
         out = moe(x)
         logits, shared = moe.router(x), moe.shared_expert(x)
-    ref = moe_gpu.moe_reference(x, logits, moe.experts, moe.top_k, shared)
+    ref = moe_reference(x, logits, moe.experts, moe.top_k, shared)
     keep = untied_rows(logits, moe.top_k)
     assert keep.float().mean().item() > 0.5
     (assert_kernel_close if uses_kernel else assert_torch_path_close)(out[keep], ref[keep])
@@ -297,7 +297,7 @@ def test_repeated_calls_and_graph_capture(moes):
         tensor.copy_(new)
     graph.replay()
     torch.cuda.synchronize()
-    assert_kernel_close(captured, moe_gpu.moe_reference(x, logits, experts, 1, shared))
+    assert_kernel_close(captured, moe_reference(x, logits, experts, 1, shared))
 
 
 def test_bad_arguments_are_refused_with_a_message():

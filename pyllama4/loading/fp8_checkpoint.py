@@ -1,4 +1,4 @@
-"""Pre-quantized FP8 checkpoints (issue #11): what a checkpoint's quantization_config quantizes,
+"""Pre-quantized FP8 checkpoints: what a checkpoint's quantization_config quantizes,
 the model built with FP8 modules in those places, and the e4m3fnuz conversion for MI300.
 
 Supported schemes (config.json `quantization_config`, top level or in text_config;
@@ -20,9 +20,9 @@ output activations, a KV-cache scheme, sparsity or transforms) is an Unsupported
 naming the setting.
 
 Invariants:
-- Only the modules `pyllama4.quant.fp8.fp8_targets` lists can be FP8 (attention q/k/v/o, dense
-  and shared-expert SwiGLU, routed experts); embeddings, norms, routers and lm_head always stay
-  in the model dtype, so a checkpoint quantizing them fails at load (its float8 tensors have no
+- Only the modules `pyllama4.loading.quantize.fp8_targets` lists can be FP8 (attention q/k/v/o,
+  dense and shared-expert SwiGLU, routed experts); embeddings, norms, routers and lm_head always
+  stay in the model dtype, so a checkpoint quantizing them fails at load (its float8 tensors have no
   float8 parameter to go to).
 - Config names may be spelled as a text-only model's (`model.layers.0.self_attn.q_proj`) or as
   either multimodal one's (`language_model.model.layers...`, `model.language_model.layers...`);
@@ -47,15 +47,15 @@ import torch
 from torch import nn
 
 from pyllama4.layers.ffn import Experts
-from pyllama4.model.llama4 import Llama4ForCausalLM
-from pyllama4.quant.fp8 import (
-    DEFAULT_ACTIVATION_SCALE_UB,
-    Fp8Experts,
-    Fp8Linear,
-    fn_to_fnuz,
-    fp8_targets,
+from pyllama4.layers.fp8 import Fp8Experts, Fp8Linear
+from pyllama4.loading.quantize import fp8_targets
+from pyllama4.loading.weights import (
+    CheckpointError,
+    UnsupportedCheckpointError,
+    read_quantization_config,
 )
-from pyllama4.weights import CheckpointError, UnsupportedCheckpointError, read_quantization_config
+from pyllama4.model.llama4 import Llama4ForCausalLM
+from pyllama4.quant.fp8 import DEFAULT_ACTIVATION_SCALE_UB, fn_to_fnuz
 
 __all__ = [
     "COMPRESSED_TENSORS",

@@ -3,15 +3,15 @@
 Invariant: the returned model holds exactly the checkpoint's weights in the requested dtype on
 the requested device; nothing is initialised randomly first (parameters are created on the meta
 device and materialised empty before loading). With quantization="fp8", the modules that
-`pyllama4.quant.fp8.fp8_targets` names hold the FP8 quantization of those weights instead
+`pyllama4.loading.quantize.fp8_targets` names hold the FP8 quantization of those weights instead
 (online, after the cast: `quantize_model`); everything else is as without.
 
-A pre-quantized FP8 checkpoint (config.json `quantization_config`, `pyllama4.quant.checkpoint`)
-is detected and served as it is: the model is built on the meta device with Fp8Linear /
-Fp8Experts wherever the checkpoint's scheme quantizes, and its float8 weights and fp32 scales are
-loaded unchanged (no dequantize-requantize; the other modules in `dtype`), then converted
-exactly to e4m3fnuz if fp8_format asks for it. Online quantization of such a checkpoint is a
-ValueError: it already is FP8.
+A pre-quantized FP8 checkpoint (config.json `quantization_config`,
+`pyllama4.loading.fp8_checkpoint`) is detected and served as it is: the model is built on the meta
+device with Fp8Linear / Fp8Experts wherever the checkpoint's scheme quantizes, and its float8
+weights and fp32 scales are loaded unchanged (no dequantize-requantize; the other modules in
+`dtype`), then converted exactly to e4m3fnuz if fp8_format asks for it. Online quantization of such
+a checkpoint is a ValueError: it already is FP8.
 
 Tensor parallelism (`tp`): the text model is built with this rank's shapes and holds exactly this
 rank's parts of the checkpoint's tensors (`Llama4ForCausalLM.weight_shards`), read as slices: a
@@ -27,11 +27,12 @@ import torch
 
 from pyllama4.config import TextConfig, VisionConfig
 from pyllama4.distributed.parallel import SINGLE, TensorParallel
+from pyllama4.fp8_format import check_format
+from pyllama4.loading.fp8_checkpoint import convert_to_fnuz, install_fp8_modules, read_fp8_scheme
+from pyllama4.loading.quantize import quantize_model
+from pyllama4.loading.weights import load_weights, vision_name
 from pyllama4.model.llama4 import Llama4ForCausalLM
 from pyllama4.model.vision import VisionTower
-from pyllama4.quant.checkpoint import convert_to_fnuz, install_fp8_modules, read_fp8_scheme
-from pyllama4.quant.fp8 import check_format, quantize_model
-from pyllama4.weights import load_weights, vision_name
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 QUANTIZATIONS = ("fp8",)

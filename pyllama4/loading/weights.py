@@ -31,15 +31,16 @@ Accepted checkpoints:
   up in the second half.
 - A checkpoint without `lm_head.weight` whose config.json ties the word embeddings: lm_head gets a
   copy of the embeddings. (A module that ties the two itself needs only one of them.)
-- FP8 checkpoints (config.json `quantization_config`, ../shared/LLAMA4.md §4.1), into a module
-  built for them (`pyllama4.quant.checkpoint`; the caller names the `quant_method`): float8_e4m3fn
+- FP8 checkpoints (config.json `quantization_config`, ../shared/LLAMA4.md §4.1), into a module built
+  for them (`pyllama4.loading.fp8_checkpoint`; the caller names the `quant_method`): float8_e4m3fn
   (`F8_E4M3`) tensors go byte for byte into float8_e4m3fn parameters and nowhere else, and every
-  float8 parameter takes only those. Scales are float tensors cast to the fp32 parameter: a
-  Linear's `weight_scale` [out] from [out] or [out, 1]; fused experts' `gate_up_scale` [E, 2I] and
-  `down_scale` [E, H] from `experts.gate_up_proj_scale` [E, 1, 2I] and `experts.down_proj_scale`
-  [E, H, 1] (fbgemm_fp8), or from per-expert `experts.{e}.{gate,up,down}_proj.weight_scale` [out]
-  or [out, 1], gate and up concatenated like the weights. A float8 tensor for an unquantized
-  parameter, or a float tensor for a float8 one, is an error naming it.
+  float8 parameter takes only those. Scales are float tensors cast to the fp32 parameter: a Linear's
+  `weight_scale` [out] from [out] or [out, 1]; fused experts' `gate_up_scale` [E, 2I] and
+  `down_scale` [E, H] from `experts.gate_up_proj_scale` [E, 1, 2I] and
+  `experts.down_proj_scale` [E, H, 1] (fbgemm_fp8), or from per-expert
+  `experts.{e}.{gate,up,down}_proj.weight_scale` [out] or [out, 1], gate and up concatenated like
+  the weights. A float8 tensor for an unquantized parameter, or a float tensor for a float8 one, is
+  an error naming it.
 
 Tensor parallelism: a parameter may hold only a `Shard` of its checkpoint tensor (a tensor-parallel
 part, unrelated to the checkpoint's shard files; the `shards` argument gives them by parameter name,
@@ -78,9 +79,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from pyllama4.distributed.parallel import Shard
+
 __all__ = [
     "CheckpointError",
-    "Shard",
     "UnsupportedCheckpointError",
     "checkpoint_files",
     "load_weights",
@@ -112,22 +114,6 @@ _EXPERT_RE = re.compile(
 _FUSED_RE = re.compile(r"\.feed_forward\.experts\.(gate_up|down)_(proj|scale)$")
 # fbgemm_fp8's names of the fused experts' scales -> the module's.
 _FUSED_SCALE_NAME = re.compile(r"(\.feed_forward\.experts\.(?:gate_up|down))_proj_scale$")
-
-
-@dataclass(frozen=True)
-class Shard:
-    """The part of a full checkpoint tensor a parameter holds: along `dim` (of the module's layout),
-    the full tensor's indices [start, stop) of each of `ranges`, concatenated in order; every other
-    dim whole. `full`: the full tensor's size along dim."""
-
-    dim: int
-    ranges: tuple[tuple[int, int], ...]
-    full: int
-
-    @property
-    def size(self) -> int:
-        """The parameter's size along dim."""
-        return sum(stop - start for start, stop in self.ranges)
 
 
 class CheckpointError(ValueError):
@@ -179,7 +165,7 @@ def load_weights(
 
     `quant_method`: None for an unquantized checkpoint, else the config.json
     `quantization_config.quant_method` that `model` was built for (its FP8 modules placed as the
-    checkpoint's scheme says, `pyllama4.quant.checkpoint`, which also vets the scheme); a
+    checkpoint's scheme says, `pyllama4.loading.fp8_checkpoint`, which also vets the scheme); a
     checkpoint whose config states another method, or none, is refused.
 
     `shards`: parameter name -> the `Shard` of the checkpoint tensor it holds (tensor
@@ -282,7 +268,7 @@ def _check_quant_method(directory: Path, config: dict, quant_method: str | None)
         raise UnsupportedCheckpointError(
             f"{directory}: quantized checkpoints are not supported yet into a module without FP8 "
             f"parameters (config.json quantization_config.quant_method = {method!r}); "
-            f"pyllama4.model.load.load_model builds the FP8 modules, or use a bf16 checkpoint"
+            f"pyllama4.loading.load.load_model builds the FP8 modules, or use a bf16 checkpoint"
         )
     raise CheckpointError(
         f"{directory}: the module was built for quant_method {quant_method!r}, but config.json "
@@ -562,7 +548,7 @@ def _unsupported_dtype(key: str, dtype: str, quantized: bool) -> str | None:
             return None
         return (
             f"{key} has float8 dtype {dtype} (the module has no FP8 parameters: load quantized "
-            f"checkpoints with pyllama4.model.load.load_model)"
+            f"checkpoints with pyllama4.loading.load.load_model)"
         )
     if dtype.startswith("F8"):
         supported = ", ".join(f"{k} ({v})" for k, v in _FP8_PARAMS.items())
