@@ -92,14 +92,15 @@ def test_graph_decoding_gives_the_eager_tokens(model, count):
 
 
 def decode_plan(r: ModelRunner, batch: list[list[int]]):
-    """Prefills `batch` on r and returns its first all-decode plan (not yet run)."""
-    sched = r.scheduler
+    """Prefills `batch` on r and returns its first all-decode plan (not yet run) and the
+    scheduler that made it."""
+    sched = r.new_scheduler()
     for i, p in enumerate(batch):
         sched.add_request(i, np.asarray(p, dtype=np.int32), max_new_tokens=8)
     while True:
         plan = sched.schedule()
         if plan.num_decodes == plan.num_requests == len(batch):
-            return plan
+            return plan, sched
         tokens = r.forward(plan).argmax(-1).to(torch.int32).numpy()
         sched.commit(tokens)
 
@@ -111,7 +112,7 @@ def test_padded_rows_touch_only_the_scratch_page_and_logits_match(model):
     batch = prompts(5, seed=11)
     eager, graphed = runner(model), runner(model)
     graphed.capture_graphs(8, capture=EagerReplay)
-    plans = [decode_plan(r, batch) for r in (eager, graphed)]
+    plans = [decode_plan(r, batch)[0] for r in (eager, graphed)]
     assert graphed.graphs.size_for(plans[1]) == 8
     before = [k.clone() for k in graphed.cache.k]
     expected = eager.forward(plans[0])
@@ -139,15 +140,15 @@ def test_plans_a_graph_does_not_fit_run_eagerly(model):
     r.capture_graphs(2, capture=CountingReplay)
     assert r.graphs.sizes == (1, 2)
     batch = prompts(3, seed=5)
-    plan = decode_plan(r, batch)
+    plan, sched = decode_plan(r, batch)
     assert r.graphs.size_for(plan) is None  # 3 decodes > 2
     before = CountingReplay.replays
     r.forward(plan)
     assert CountingReplay.replays == before
-    r.scheduler.add_request(99, np.arange(3, 20, dtype=np.int32), max_new_tokens=2)
-    r.scheduler.abort(0)
-    r.scheduler.commit(np.zeros(plan.num_samples, dtype=np.int32))
-    mixed = r.scheduler.schedule()
+    sched.add_request(99, np.arange(3, 20, dtype=np.int32), max_new_tokens=2)
+    sched.abort(0)
+    sched.commit(np.zeros(plan.num_samples, dtype=np.int32))
+    mixed = sched.schedule()
     assert mixed.num_decodes < mixed.num_requests  # a prefill chunk rides along
     assert r.graphs.size_for(mixed) is None
 
@@ -173,7 +174,7 @@ def test_a_size_whose_capture_fails_is_left_out_and_logged(model, caplog):
     assert r.graphs.sizes == (1, 2, 8)
     assert "batch sizes 4 run eagerly" in caplog.text
     assert "stream is capturing" in caplog.text
-    plan = decode_plan(r, prompts(3, seed=2))
+    plan, _ = decode_plan(r, prompts(3, seed=2))
     assert r.graphs.size_for(plan) == 8
 
 

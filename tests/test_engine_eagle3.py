@@ -107,8 +107,11 @@ def make_engine(target_weights, tokenizer, draft=None, spec=None, worker=EagleWo
     if draft is not None:
         options["extra_global_bytes_per_token"] = draft_kv_bytes_per_token(draft, torch.float32)
     runner = ModelRunner(model.eval(), context_len=CONTEXT, **options)
+    scheduler = runner.new_scheduler()
     spec_worker = None if draft is None else worker(runner, draft, spec)
-    return Engine(runner, tokenizer, speculative=spec_worker)
+    if spec_worker is not None:
+        spec_worker.scheduler = scheduler  # what the spies below read sequences from
+    return Engine(runner, tokenizer, scheduler=scheduler, speculative=spec_worker)
 
 
 def prompts(count: int, seed: int) -> list[list[int]]:
@@ -187,7 +190,7 @@ class OracleWorker(EagleWorker):
         chain = self.config.topk == 1
         tokens = np.zeros((len(spec), n), dtype=np.int64)
         for b, r in enumerate(spec):
-            seq = self.runner.scheduler.request_tokens(int(plan.request_ids[r]))
+            seq = self.scheduler.request_tokens(int(plan.request_ids[r]))
             full = next(f for f in self.references if f[: len(seq)] == list(seq))
             depth = (n - 1) if chain else (n - 1) // 2
             future = full[len(seq) : len(seq) + depth] + [0] * depth
@@ -310,7 +313,7 @@ class RecordingWorker(EagleWorker):
     def _propose(self, plan, spec, qs, ctx) -> DraftTree:
         tree = super()._propose(plan, spec, qs, ctx)
         for b, r in enumerate(spec):
-            seq = list(self.runner.scheduler.request_tokens(int(plan.request_ids[r])))
+            seq = list(self.scheduler.request_tokens(int(plan.request_ids[r])))
             self.records.append((seq, tree.tokens[b, 1:].tolist()))
         return tree
 

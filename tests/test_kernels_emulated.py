@@ -1022,7 +1022,7 @@ def test_the_model_through_the_emulated_fused_ops_is_the_torch_path(lib, monkeyp
 
     def outputs() -> list[torch.Tensor]:
         runner = ModelRunner(model, context_len=128, kv_tokens=1024, page_size=16)
-        sched = runner.scheduler
+        sched = runner.new_scheduler()
         for i in range(3):
             sched.add_request(i, np.arange(5 + 13 * i, dtype=np.int32) % 100, max_new_tokens=6)
         logits = []

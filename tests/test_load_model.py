@@ -92,8 +92,9 @@ def test_runner_returns_hidden_states_of_every_token(saved):
     _, path = saved
     model = load_model(path, dtype=torch.float32, progress=False)
     runner = ModelRunner(model, kv_tokens=512, context_len=64, page_size=4)
-    runner.scheduler.add_request(1, np.arange(5, 17, dtype=np.int32), max_new_tokens=2)
-    plan = runner.scheduler.schedule()
+    sched = runner.new_scheduler()
+    sched.add_request(1, np.arange(5, 17, dtype=np.int32), max_new_tokens=2)
+    plan = sched.schedule()
     logits, hidden = runner.forward_with_hidden(plan)
     assert hidden.shape == (12, model.config.hidden_size)
     assert torch.allclose(logits, model.logits(hidden[-1:]))

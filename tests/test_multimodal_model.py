@@ -63,7 +63,7 @@ def our_logits(
     runner = ModelRunner(
         model, context_len=1024, kv_tokens=2048, page_size=8, max_step_tokens=max_step_tokens
     )
-    sched = runner.scheduler
+    sched = runner.new_scheduler()
     sched.add_request(1, prompt.key_ids, max_new_tokens=1)
     features = PromptFeatures(prompt)
     rows, encoded = [], 0

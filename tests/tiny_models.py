@@ -159,9 +159,10 @@ def last_token_logits(model: Llama4ForCausalLM, prompts: list[list[int]]) -> tor
     runner = ModelRunner(
         model, kv_tokens=4096, context_len=64, page_size=4, max_step_tokens=4096, max_running=64
     )
+    sched = runner.new_scheduler()
     for rid, prompt in enumerate(prompts):
-        runner.scheduler.add_request(rid, np.asarray(prompt, dtype=np.int32), max_new_tokens=1)
-    plan = runner.scheduler.schedule()
+        sched.add_request(rid, np.asarray(prompt, dtype=np.int32), max_new_tokens=1)
+    plan = sched.schedule()
     logits = runner.forward(plan)
     rids = plan.request_ids[plan.sample_requests]
     assert sorted(rids.tolist()) == list(range(len(prompts)))

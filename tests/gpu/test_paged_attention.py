@@ -108,7 +108,7 @@ def test_the_model_gives_the_same_logits_with_and_without_the_kernel(monkeypatch
 
     def decode_logits() -> torch.Tensor:
         runner = ModelRunner(model, context_len=512, kv_tokens=4096, page_size=16)
-        sched = runner.scheduler
+        sched = runner.new_scheduler()
         for i in range(4):
             sched.add_request(i, np.arange(10 + 37 * i, dtype=np.int32) % 500, max_new_tokens=40)
         rows = []
