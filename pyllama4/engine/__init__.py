@@ -6,6 +6,7 @@
 - executor: running a planned step on the model thread (plain, or EAGLE3);
 - build: building an engine from an EngineConfig (tensor-parallel bootstrap, KV budget);
 - intake: what a request must satisfy before it is queued;
+- offline: a batch run to completion (Engine.generate);
 - config: EngineConfig; records: what the engine keeps per request.
 
 What lies above (the server, training) imports only this package's names below.

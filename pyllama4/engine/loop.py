@@ -35,7 +35,7 @@ from PIL.Image import Image as PILImage
 from pyllama4._core import Scheduler
 from pyllama4.detokenizer import IncrementalDetokenizer, StopStrings
 from pyllama4.distributed.runtime import Workers
-from pyllama4.engine import intake, output
+from pyllama4.engine import intake, offline, output
 from pyllama4.engine.config import EngineConfig
 from pyllama4.engine.executor import EagleExecutor, StepExecutor, StepResult
 from pyllama4.engine.records import Completion, Request, StepOutputs, StepRow
@@ -473,26 +473,7 @@ class Engine:
     ) -> list[RequestOutput]:
         """Runs a batch to completion (no event loop of the caller's needed); final outputs in
         prompt order. Image + text prompts come from image_prompt()."""
-        if params is None or isinstance(params, SamplingParams):
-            params = [params or SamplingParams()] * len(prompts)
-        if len(params) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
-
-        async def main() -> list[RequestOutput]:
-            results: list[RequestOutput | None] = [None] * len(prompts)
-            streams = [self.submit(p, sp) for p, sp in zip(prompts, params, strict=True)]
-
-            async def collect(i: int) -> None:
-                async for out in streams[i]:
-                    results[i] = out
-
-            async with self:
-                async with anyio.create_task_group() as tg:
-                    for i in range(len(prompts)):
-                        tg.start_soon(collect, i)
-            return [r for r in results if r is not None]
-
-        return anyio.run(main)
+        return offline.generate(self, prompts, params)
 
 
 def _sample_request(c: Completion) -> SampleRequest:
