@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pyllama4.server.app import MAX_BODY_BYTES
+from pyllama4.server.asgi import MAX_BODY_BYTES
 from server_checks import assert_idle, metric
 
 MODEL = "demo"

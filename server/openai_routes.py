@@ -1,0 +1,144 @@
+"""The OpenAI-compatible routes: /v1/chat/completions, /v1/completions and /v1/models.
+
+Invariant: a request is decoded, checked and mapped to SamplingParams before anything is
+queued; a streamed response ends with an error event if generation failed, else with the usage
+chunk when stream_options.include_usage asks for it, then `data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+
+from pyllama4.outputs import RequestOutput
+from pyllama4.server import protocol as p
+from pyllama4.server.asgi import HTTPError, Receive, Send, decode, error_body, respond, stream_sse
+from pyllama4.server.chat_prompt import render_chat
+from pyllama4.server.responses import (
+    ChatChunks,
+    CompletionChunks,
+    chat_logprobs,
+    chat_message,
+    completion_logprobs,
+    finish_reason,
+    usage,
+)
+from pyllama4.server.sampling import openai_params
+from pyllama4.server.serving import Serving, collect, prompt_length
+from pyllama4.server.tools import grammar_of, plan_tools
+
+Chunks = ChatChunks | CompletionChunks
+
+
+class OpenAIRoutes:
+    def __init__(self, serving: Serving):
+        self.serving = serving
+
+    async def models(self, body: bytes, send: Send, receive: Receive) -> None:
+        s = self.serving
+        card = p.ModelCard(s.model, s.created, root=s.model, max_model_len=s.context_length)
+        await respond(send, 200, msgspec.json.encode(p.ModelList([card])))
+
+    async def chat_completions(self, body: bytes, send: Send, receive: Receive) -> None:
+        s = self.serving
+        req = decode(body, p.ChatCompletionRequest)
+        s.check_model(req.model)
+        tools = plan_tools(req, s.tool_call_parser)
+        grammar = grammar_of(req)
+        if tools.grammar is not None:
+            if grammar is not None:
+                raise HTTPError(
+                    400,
+                    "a required or named tool_choice cannot be combined with response_format, "
+                    "regex, ebnf or json_schema",
+                    param="tool_choice",
+                )
+            grammar = tools.grammar
+        prompt_ids, sources = render_chat(s, req, tools)
+        prompt = await s.with_images(prompt_ids, sources, "messages")
+        await s.compile_grammar(grammar, "response_format")
+        if req.top_logprobs is not None and not req.logprobs:
+            raise HTTPError(400, "top_logprobs requires logprobs: true", param="top_logprobs")
+        params = openai_params(
+            req,
+            prompt_len=prompt_length(prompt),
+            context_length=s.context_length,
+            max_tokens=req.max_completion_tokens or req.max_tokens,
+            logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+            grammar=grammar,
+        )
+        outputs = s.submit(prompt, params)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        tokenizer = s.engine.tokenizer if req.logprobs else None
+        if req.stream:
+            chunks = ChatChunks(rid, int(time.time()), s.model, tools.names, tokenizer)
+            await stream_sse(send, receive, chunk_events(outputs, chunks, req))
+            return
+        final = await collect(outputs, receive)
+        choices = []
+        for c in final.outputs:
+            message, reason = chat_message(c, tools)
+            lp = chat_logprobs(tokenizer, c.logprobs) if tokenizer is not None else None
+            choices.append(p.ChatChoice(c.index, message, reason, lp, c.stop_reason))
+        body = p.ChatCompletion(rid, int(time.time()), s.model, choices, usage(final))
+        await respond(send, 200, msgspec.json.encode(body))
+
+    async def completions(self, body: bytes, send: Send, receive: Receive) -> None:
+        s = self.serving
+        req = decode(body, p.CompletionRequest)
+        s.check_model(req.model)
+        grammar = grammar_of(req)
+        await s.compile_grammar(grammar, "response_format")
+        if isinstance(req.prompt, str):
+            prompt_ids = s.engine.tokenize(req.prompt)
+        else:
+            prompt_ids = list(req.prompt)
+        params = openai_params(
+            req,
+            prompt_len=len(prompt_ids),
+            context_length=s.context_length,
+            max_tokens=req.max_tokens or 16,
+            logprobs=req.logprobs,
+            grammar=grammar,
+        )
+        outputs = s.submit(prompt_ids, params)
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        tokenizer = s.engine.tokenizer if req.logprobs is not None else None
+        if req.stream:
+            chunks = CompletionChunks(rid, int(time.time()), s.model, tokenizer)
+            await stream_sse(send, receive, chunk_events(outputs, chunks, req))
+            return
+        final = await collect(outputs, receive)
+        choices = [
+            p.CompletionChoice(
+                c.index,
+                c.text,
+                finish_reason(c),
+                completion_logprobs(tokenizer, c.logprobs) if tokenizer is not None else None,
+                c.stop_reason,
+            )
+            for c in final.outputs
+        ]
+        body = p.Completion(rid, int(time.time()), s.model, choices, usage(final))
+        await respond(send, 200, msgspec.json.encode(body))
+
+
+async def chunk_events(
+    outputs: AsyncIterator[RequestOutput], chunks: Chunks, req: Any
+) -> AsyncIterator[bytes]:
+    """A stream's events: each output's chunks, then an error event or the usage chunk."""
+    final: RequestOutput | None = None
+    async for out in outputs:
+        final = out
+        for c in out.outputs:
+            chunk = chunks.chunk(c)
+            if chunk is not None:
+                yield msgspec.json.encode(chunk)
+    if final is not None and final.error:
+        yield error_body(500, f"generation failed: {final.error}", "internal_error")
+    elif final is not None and req.stream_options and req.stream_options.include_usage:
+        yield msgspec.json.encode(chunks.usage_chunk(final))

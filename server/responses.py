@@ -1,0 +1,164 @@
+"""OpenAI response objects from engine outputs: choices, logprobs, usage, tool calls, and the
+chunks of a stream.
+
+Invariant: a streamed chat completion carries the same content, tool calls and finish reason as
+the whole response would (tool calls parsed by ToolCallStream, which matches parse_tool_calls);
+each choice's first delta carries the role.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from pyllama4.outputs import RequestOutput
+from pyllama4.server import protocol as p
+from pyllama4.server.tool_parser import ToolCall, ToolCallStream, parse_tool_calls
+from pyllama4.server.tools import ToolPlan
+
+
+def finish_reason(c: Any) -> str | None:
+    return {"abort": "abort", "error": "error"}.get(c.finish_reason, c.finish_reason)
+
+
+def usage(out: RequestOutput) -> p.Usage:
+    completion = sum(len(c.token_ids) for c in out.outputs)
+    prompt = len(out.prompt_token_ids)
+    return p.Usage(prompt, completion, prompt + completion, {"cached_tokens": out.cached_tokens})
+
+
+def token_text(tokenizer: Any, token_id: int) -> str:
+    return tokenizer.decode([token_id])
+
+
+def token_bytes(tokenizer: Any, token_id: int) -> list[int]:
+    return list(tokenizer.decode([token_id]).encode())
+
+
+def chat_logprobs(tokenizer: Any, entries: Any) -> p.ChoiceLogprobs:
+    content = []
+    for e in entries or []:
+        tops = [
+            p.TopLogprob(token_text(tokenizer, t), lp, token_bytes(tokenizer, t)) for t, lp in e.top
+        ]
+        content.append(
+            p.TokenLogprobEntry(
+                token_text(tokenizer, e.token_id),
+                e.logprob,
+                token_bytes(tokenizer, e.token_id),
+                tops,
+            )
+        )
+    return p.ChoiceLogprobs(content)
+
+
+def completion_logprobs(tokenizer: Any, entries: Any) -> p.CompletionLogprobs:
+    tokens, lps, tops, offsets, at = [], [], [], [], 0
+    for e in entries or []:
+        text = token_text(tokenizer, e.token_id)
+        tokens.append(text)
+        lps.append(e.logprob)
+        tops.append({token_text(tokenizer, t): lp for t, lp in e.top})
+        offsets.append(at)
+        at += len(text)
+    return p.CompletionLogprobs(tokens, lps, tops, offsets)
+
+
+def tool_call_out(call: ToolCall) -> tuple[str, p.FunctionCallOut]:
+    """(id, function) of a parsed call, as the API returns it."""
+    return f"call_{uuid.uuid4().hex[:24]}", p.FunctionCallOut(call.name, call.arguments_json())
+
+
+def tool_call_delta(call: ToolCall) -> tuple[str, str, p.FunctionCallOut]:
+    """(id, type, function) of a streamed call: each call is sent whole, in one delta."""
+    call_id, function = tool_call_out(call)
+    return call_id, "function", function
+
+
+def chat_message(c: Any, tools: ToolPlan) -> tuple[p.ChatResponseMessage, str | None]:
+    """A finished completion as the assistant's message, its tool calls parsed out."""
+    reason = finish_reason(c)
+    if not tools.names:
+        return p.ChatResponseMessage("assistant", c.text), reason
+    parsed = parse_tool_calls(c.text, tools.names)
+    if not parsed.calls:
+        return p.ChatResponseMessage("assistant", c.text), reason
+    calls = [p.ToolCallOut(*tool_call_out(call)) for call in parsed.calls]
+    return (
+        p.ChatResponseMessage("assistant", parsed.content, calls),
+        "tool_calls" if reason == "stop" else reason,
+    )
+
+
+class ChatChunks:
+    """The chunks of one streamed chat completion. With tools: content until a call list
+    starts, then each call as a tool_calls delta as soon as it is complete."""
+
+    def __init__(
+        self, rid: str, created: int, model: str, tools: frozenset[str], tokenizer: Any | None
+    ):
+        """tokenizer: for logprobs (None: the request asked for none)."""
+        self.rid, self.created, self.model = rid, created, model
+        self.tools, self.tokenizer = tools, tokenizer
+        self.sent_role: set[int] = set()
+        self.parsers: dict[int, ToolCallStream] = {}
+        self.calls_sent: dict[int, int] = {}
+
+    def chunk(self, c: Any) -> p.ChatCompletionChunk | None:
+        """The chunk for one completion's latest output (None: nothing to send yet)."""
+        if not (c.delta_text or c.finished or c.index not in self.sent_role):
+            return None
+        text, calls = self.split(c)
+        delta = p.ChatDelta(content=text or None)
+        if calls:
+            first = self.calls_sent.get(c.index, 0)
+            delta.tool_calls = [
+                p.ToolCallDelta(k, *tool_call_delta(call)) for k, call in enumerate(calls, first)
+            ]
+            self.calls_sent[c.index] = first + len(calls)
+        if c.index not in self.sent_role:
+            delta.role = "assistant"
+            self.sent_role.add(c.index)
+        lp = chat_logprobs(self.tokenizer, c.delta_logprobs) if self.tokenizer is not None else None
+        reason = finish_reason(c)
+        if reason == "stop" and self.calls_sent.get(c.index):
+            reason = "tool_calls"
+        choice = p.ChatChunkChoice(c.index, delta, reason, lp)
+        return p.ChatCompletionChunk(self.rid, self.created, self.model, [choice])
+
+    def split(self, c: Any) -> tuple[str, list[ToolCall]]:
+        """The delta's content and the tool calls completed by it."""
+        if not self.tools:
+            return c.delta_text, []
+        parser = self.parsers.setdefault(c.index, ToolCallStream(self.tools))
+        text, calls = parser.push(c.delta_text)
+        if c.finished:
+            tail, more = parser.finish()
+            text, calls = text + tail, calls + more
+        return text, calls
+
+    def usage_chunk(self, final: RequestOutput) -> p.ChatCompletionChunk:
+        return p.ChatCompletionChunk(self.rid, self.created, self.model, [], usage(final))
+
+
+class CompletionChunks:
+    """The chunks of one streamed (text) completion."""
+
+    def __init__(self, rid: str, created: int, model: str, tokenizer: Any | None):
+        """tokenizer: for logprobs (None: the request asked for none)."""
+        self.rid, self.created, self.model, self.tokenizer = rid, created, model, tokenizer
+
+    def chunk(self, c: Any) -> p.Completion | None:
+        """The chunk for one completion's latest output (None: nothing to send yet)."""
+        if not (c.delta_text or c.finished):
+            return None
+        lp = (
+            completion_logprobs(self.tokenizer, c.delta_logprobs)
+            if self.tokenizer is not None
+            else None
+        )
+        choice = p.CompletionChoice(c.index, c.delta_text, finish_reason(c), lp)
+        return p.Completion(self.rid, self.created, self.model, [choice], None)
+
+    def usage_chunk(self, final: RequestOutput) -> p.Completion:
+        return p.Completion(self.rid, self.created, self.model, [], usage(final))

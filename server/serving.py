@@ -1,0 +1,137 @@
+"""What every route shares: the engine, the server's options, and the checked steps from a
+request to the engine's output stream (model name, images, grammar, queue limit, collecting).
+
+Invariant: routes reach the engine only through this class and the engine's public API; a
+request the engine cannot take is an HTTPError before anything is queued.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+
+from pyllama4 import Engine, SamplingParams
+from pyllama4.grammar import GrammarError, GrammarSpec
+from pyllama4.multimodal.inputs import ImageInput, ImagePrompt
+from pyllama4.multimodal.media import MediaError, MediaPolicy, load_image
+from pyllama4.outputs import RequestOutput
+from pyllama4.server.asgi import HTTPError, Receive, cancel_on_disconnect
+
+
+@dataclass
+class Serving:
+    """The engine and the options it is served with (see App for their meaning)."""
+
+    engine: Engine
+    model: str
+    context_length: int
+    max_queued: int | None = None
+    chat_template: str | None = None
+    media: MediaPolicy = field(default_factory=MediaPolicy)
+    max_images: int = 10
+    tool_call_parser: str | None = None
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def check_model(self, model: str) -> None:
+        if model != self.model:
+            raise HTTPError(
+                404,
+                f"the model {model!r} does not exist; this server serves {self.model!r}",
+                kind="not_found_error",
+                param="model",
+            )
+
+    def check_takes_images(self, param: str) -> None:
+        if self.engine.images is None:
+            raise HTTPError(
+                400,
+                "this server takes text only: image input needs a multimodal checkpoint served "
+                "with --enable-multimodal",
+                param=param,
+            )
+
+    async def with_images(
+        self, prompt_ids: list[int], sources: list[str], param: str
+    ) -> list[int] | ImagePrompt:
+        """The prompt with its images fetched, decoded, tiled and expanded (if it has any)."""
+        if not sources:
+            return prompt_ids
+        self.check_takes_images(param)
+        if len(sources) > self.max_images:
+            raise HTTPError(
+                400,
+                f"{len(sources)} images in one request; this server takes at most "
+                f"{self.max_images} (--max-images-per-request)",
+                param=param,
+            )
+        images: list[Any] = [None] * len(sources)
+        errors: list[str] = []
+
+        async def fetch(i: int) -> None:
+            try:
+                images[i] = await load_image(sources[i], self.media)
+            except MediaError as e:
+                errors.append(f"image {i + 1}: {e}")
+
+        async with anyio.create_task_group() as tg:
+            for i in range(len(sources)):
+                tg.start_soon(fetch, i)
+        if errors:
+            raise HTTPError(400, sorted(errors)[0], param=param)
+        config = self.engine.images.processor
+        try:
+            tiled = await anyio.to_thread.run_sync(
+                lambda: [ImageInput.from_image(image, config) for image in images]
+            )
+            return self.engine.image_prompt(prompt_ids, tiled)
+        except ValueError as e:
+            raise HTTPError(400, str(e), param=param) from None
+
+    async def compile_grammar(self, grammar: GrammarSpec | None, param: str) -> None:
+        """Compiles a request's grammar off the event loop (cached); a bad one is a 400."""
+        if grammar is None:
+            return
+        try:
+            await self.engine.compile_grammar(grammar)
+        except GrammarError as e:
+            raise HTTPError(400, str(e), param=param) from None
+
+    def submit(
+        self, prompt: list[int] | ImagePrompt, params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
+        """Queues the request (a 503 at the queue limit, a 400 if the engine refuses it)."""
+        if self.max_queued is not None and self.engine.stats().num_waiting >= self.max_queued:
+            raise HTTPError(
+                503,
+                "the server is at its queue limit; retry later",
+                kind="server_overloaded",
+                headers=[(b"retry-after", b"1")],
+            )
+        try:
+            return self.engine.submit(prompt, params)
+        except ValueError as e:
+            raise HTTPError(400, str(e)) from None
+
+
+def prompt_length(prompt: list[int] | ImagePrompt) -> int:
+    return len(prompt.token_ids) if isinstance(prompt, ImagePrompt) else len(prompt)
+
+
+async def collect(outputs: AsyncIterator[RequestOutput], receive: Receive) -> RequestOutput:
+    """The request's final output; a client disconnect aborts it (499), an engine error is a
+    500."""
+    final: RequestOutput | None = None
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(cancel_on_disconnect, receive, tg.cancel_scope)
+        async for out in outputs:
+            final = out
+        tg.cancel_scope.cancel()
+    if final is None or not final.finished:
+        raise HTTPError(499, "client disconnected")
+    if final.error:
+        raise HTTPError(500, f"generation failed: {final.error}", kind="internal_error")
+    return final
