@@ -14,8 +14,8 @@ Invariants:
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
 
 import anyio
 
@@ -32,34 +32,34 @@ log = logging.getLogger("pyllama4.server")
 LIFESPAN_SHUTDOWN_S = 30.0  # in-flight requests' grace when the ASGI server stops the app
 
 
+@dataclass(frozen=True)
+class AppConfig:
+    """What the HTTP layer serves with, from the command line (pyllama4.server.launch)."""
+
+    served_model_name: str
+    context_length: int
+    api_key: str | None = None
+    max_queued_requests: int | None = None  # None: no limit (503 + Retry-After beyond it)
+    chat_template: str | None = None  # None: the tokenizer's
+    media: MediaPolicy = field(default_factory=MediaPolicy)  # fetching and decoding images
+    max_images_per_request: int = 10
+    tool_call_parser: str | None = None  # "pythonic": tool-call outputs become tool_calls
+
+
 class App:
-    def __init__(
-        self,
-        engine: Engine,
-        *,
-        served_model_name: str,
-        context_length: int,
-        api_key: str | None = None,
-        max_queued_requests: int | None = None,
-        chat_template: str | None = None,
-        media: MediaPolicy | None = None,
-        max_images_per_request: int = 10,
-        tool_call_parser: str | None = None,
-    ):
-        """media: how image references are fetched and decoded (for an engine with images);
-        tool_call_parser: "pythonic" turns tool-call outputs into tool_calls (None: off)."""
+    def __init__(self, engine: Engine, config: AppConfig):
         self.engine = engine
         self.serving = Serving(
             engine,
-            served_model_name,
-            context_length,
-            max_queued=max_queued_requests,
-            chat_template=chat_template,
-            media=media or MediaPolicy(),
-            max_images=max_images_per_request,
-            tool_call_parser=tool_call_parser,
+            config.served_model_name,
+            config.context_length,
+            max_queued=config.max_queued_requests,
+            chat_template=config.chat_template,
+            media=config.media,
+            max_images=config.max_images_per_request,
+            tool_call_parser=config.tool_call_parser,
         )
-        self.router = Router(routes(self.serving), api_key)
+        self.router = Router(routes(self.serving), config.api_key)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -99,6 +99,6 @@ def routes(serving: Serving) -> dict[tuple[str, str], Handler]:
     }
 
 
-def create_app(engine: Engine, **options: Any) -> App:
-    """The ASGI app over an engine; options as App's."""
-    return App(engine, **options)
+def create_app(engine: Engine, config: AppConfig) -> App:
+    """The ASGI app over an engine."""
+    return App(engine, config)

@@ -118,7 +118,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = PROG) -> None:
 def _start_and_serve(args: argparse.Namespace) -> None:
     import anyio
 
-    from pyllama4.server.app import create_app  # a broken install fails before loading
+    from pyllama4.server.app import AppConfig, create_app  # a broken install fails first
 
     if args.node_rank > 0:
         _serve_ranks(args)
@@ -127,29 +127,30 @@ def _start_and_serve(args: argparse.Namespace) -> None:
     if args.chat_template is not None:
         chat_template = chat_template_text(args.chat_template)
     path, served_model_name = _checkpoint(args)
-    config = engine_config(args, path)
-    context = config.context_len
+    settings = engine_config(args, path)
+    context = settings.context_len
+    assert context is not None  # engine_config resolves it
     sock = _bind(args)
     log.info(
         "loading %s as %r: dtype %s on %s, context %d tokens",
         path,
         served_model_name,
-        config.dtype,
-        config.device,
+        settings.dtype,
+        settings.device,
         context,
     )
-    engine = _load(args, config)
-    app = create_app(
-        engine,
+    engine = _load(args, settings)
+    app_config = AppConfig(
         served_model_name=served_model_name,
+        context_length=context,
         api_key=args.api_key,
         max_queued_requests=args.max_queued_requests,
         chat_template=chat_template,
-        context_length=context,
         media=_media_policy(args),
         max_images_per_request=args.max_images_per_request,
         tool_call_parser=TOOL_CALL_PARSERS.get(args.tool_call_parser or ""),
     )
+    app = create_app(engine, app_config)
     anyio.run(_serve, app, sock, SHUTDOWN_TIMEOUT_S, backend="asyncio")
     engine.close()
     log.info("stopped")
