@@ -171,8 +171,7 @@ def engine_config(args: argparse.Namespace, path: Path) -> EngineConfig:
     """The engine the flags describe (the same on every node); SystemExit with one line for a
     checkpoint that does not fit them."""
     from pyllama4.config import ConfigError, TextConfig, VisionConfig
-    from pyllama4.engine import EngineConfig
-    from pyllama4.speculative.eagle import SpecConfig
+    from pyllama4.engine import EngineConfig, SpecConfig
 
     try:
         text = TextConfig.from_checkpoint(path)
@@ -238,12 +237,12 @@ def _load(args: argparse.Namespace, config: EngineConfig) -> Engine:
     """Builds the engine (one line and SystemExit if it cannot) and logs its memory plan."""
     import torch
 
-    from pyllama4.engine import build_engine
+    from pyllama4.engine import Engine
 
     start = time.monotonic()
     path, device = config.checkpoint, config.device
     try:
-        engine = build_engine(config)
+        engine = Engine.from_config(config)
     except torch.OutOfMemoryError as e:
         log.debug("loading failed", exc_info=True)
         _fail(args, f"out of memory loading {path} on {device}: {str(e).splitlines()[0]}")

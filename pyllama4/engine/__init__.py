@@ -4,7 +4,7 @@
   requests' way in and out (submit, abort, stats, generate);
 - output: a committed step's tokens → text, stop decisions, outputs (never the scheduler);
 - executor: running a planned step on the model thread (plain, or EAGLE3);
-- build: building an engine from an EngineConfig (tensor-parallel bootstrap, KV budget);
+- build: an engine's parts from an EngineConfig (tensor-parallel bootstrap, KV budget);
 - intake: what a request must satisfy before it is queued;
 - offline: a batch run to completion (Engine.generate);
 - config: EngineConfig; records: what the engine keeps per request.
@@ -12,8 +12,9 @@
 What lies above (the server, training) imports only this package's names below.
 """
 
-from pyllama4.engine.build import build_engine, spawn_node_ranks
+from pyllama4.engine.build import spawn_node_ranks
 from pyllama4.engine.config import EngineConfig
 from pyllama4.engine.loop import Engine
+from pyllama4.speculative.eagle import SpecConfig
 
-__all__ = ["Engine", "EngineConfig", "build_engine", "spawn_node_ranks"]
+__all__ = ["Engine", "EngineConfig", "SpecConfig", "spawn_node_ranks"]

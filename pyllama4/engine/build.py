@@ -13,12 +13,13 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from pyllama4 import kernels
+from pyllama4._core import Scheduler
 from pyllama4.config import TextConfig
 from pyllama4.distributed.parallel import (
     SINGLE,
@@ -45,9 +46,6 @@ from pyllama4.multimodal.support import ImageSupport
 from pyllama4.runner import ModelRunner
 from pyllama4.speculative.eagle import EagleWorker, SpecConfig, draft_kv_bytes_per_token
 
-if TYPE_CHECKING:
-    from pyllama4.engine.loop import Engine
-
 log = logging.getLogger("pyllama4.engine")
 
 
@@ -61,11 +59,24 @@ class Built:
     memory_report: MemoryReport | None
 
 
-def build_engine(config: EngineConfig) -> Engine:
-    """Loads config.checkpoint and its tokenizer and returns a ready engine (see EngineConfig)."""
-    from transformers import AutoTokenizer
+@dataclass
+class EngineParts:
+    """Everything an Engine is made of, built from an EngineConfig."""
 
-    from pyllama4.engine.loop import Engine
+    tokenizer: Any
+    runner: ModelRunner
+    scheduler: Scheduler
+    model_thread: ThreadPoolExecutor
+    images: ImageSupport | None
+    speculative: EagleWorker | None
+    workers: Workers | None
+    memory_report: MemoryReport | None
+
+
+def build(config: EngineConfig) -> EngineParts:
+    """Loads config.checkpoint and its tokenizer, on the model thread the engine keeps; under
+    tensor parallelism first starts this node's other ranks (stopped again if loading fails)."""
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(config.checkpoint)
     sharded = None
@@ -83,20 +94,19 @@ def build_engine(config: EngineConfig) -> Engine:
         raise
     log.debug(built.runner.memory.describe())
     log.info("GPU kernels: %s", kernels.describe(built.runner.device))
-    engine = Engine(
-        built.runner,
-        tokenizer,
-        scheduler=built.runner.new_scheduler(
-            enable_prefix_cache=config.enable_prefix_cache, policy=config.policy
-        ),
-        model_thread=model_thread,
-        images=built.images,
-        speculative=built.speculative,
-        workers=None if sharded is None else sharded.workers,
-        overlap=config.overlap,
+    scheduler = built.runner.new_scheduler(
+        enable_prefix_cache=config.enable_prefix_cache, policy=config.policy
     )
-    engine.memory_report = built.memory_report
-    return engine
+    return EngineParts(
+        tokenizer,
+        built.runner,
+        scheduler,
+        model_thread,
+        built.images,
+        built.speculative,
+        None if sharded is None else sharded.workers,
+        built.memory_report,
+    )
 
 
 def _build_on_model_thread(config: EngineConfig, tokenizer: Any, sharded: _Sharded | None) -> Built:

@@ -135,6 +135,19 @@ class EagleExecutor(StepExecutor):
         return result.sampled, result.tokens, result.counts, result.verified
 
 
+def image_feed(plan: Any, completion_of: Callable[[int], Completion | None]) -> ImageFeed | None:
+    """The image positions the plan's prefill chunks compute (decodes never hold any)."""
+    feed = ImageFeed()
+    request_ids, starts = plan.request_ids, plan.query_start
+    for r in range(plan.num_decodes, plan.num_requests):
+        c = completion_of(int(request_ids[r]))
+        if c is not None and c.request.images is not None:
+            start = int(plan.context_lens[r])
+            end = start + int(starts[r + 1] - starts[r])
+            feed.add(c.request.images, start, end, int(starts[r]) - start)
+    return feed or None
+
+
 def logprob_rows(out: SampleOutput, requests: list[SampleRequest]) -> list[LogprobRow | None]:
     """Each sample row's logprob and top pairs, for the rows that asked for logprobs."""
     if out.logprobs is None:

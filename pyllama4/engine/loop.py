@@ -36,17 +36,18 @@ from pyllama4._core import Scheduler
 from pyllama4.detokenizer import IncrementalDetokenizer, StopStrings
 from pyllama4.distributed.runtime import Workers
 from pyllama4.engine import intake, offline, output
+from pyllama4.engine.build import build
 from pyllama4.engine.config import EngineConfig
-from pyllama4.engine.executor import EagleExecutor, StepExecutor, StepResult
+from pyllama4.engine.executor import EagleExecutor, StepExecutor, StepResult, image_feed
 from pyllama4.engine.records import Completion, Request, StepOutputs, StepRow
 from pyllama4.grammar import GrammarCompiler, GrammarSpec
 from pyllama4.memory import MemoryReport
-from pyllama4.multimodal.features import ImageFeed, PromptFeatures
+from pyllama4.multimodal.features import PromptFeatures
 from pyllama4.multimodal.inputs import ImageInput, ImagePrompt
 from pyllama4.multimodal.support import ImageSupport
 from pyllama4.outputs import EngineStats, RequestMetrics, RequestOutput
 from pyllama4.runner import MemoryPlan, ModelRunner
-from pyllama4.sampler import Sampler, SampleRequest
+from pyllama4.sampler import Sampler
 from pyllama4.sampling_params import SamplingParams
 from pyllama4.speculative.eagle import EagleWorker
 
@@ -110,12 +111,27 @@ class Engine:
         self._model_thread = model_thread or ThreadPoolExecutor(1, "pyllama4-model")
 
     @classmethod
+    def from_config(cls, config: EngineConfig) -> Engine:
+        """Loads config.checkpoint and its tokenizer (pyllama4.engine.build) into an engine."""
+        parts = build(config)
+        engine = cls(
+            parts.runner,
+            parts.tokenizer,
+            scheduler=parts.scheduler,
+            model_thread=parts.model_thread,
+            images=parts.images,
+            speculative=parts.speculative,
+            workers=parts.workers,
+            overlap=config.overlap,
+        )
+        engine.memory_report = parts.memory_report
+        return engine
+
+    @classmethod
     def from_checkpoint(cls, checkpoint_dir: str | Path, **options: Any) -> Engine:
         """Loads a checkpoint and its tokenizer; options are EngineConfig's fields (dtype,
         device, context_len, kv_tokens, tp, ...)."""
-        from pyllama4.engine.build import build_engine
-
-        return build_engine(EngineConfig(Path(checkpoint_dir), **options))
+        return cls.from_config(EngineConfig(Path(checkpoint_dir), **options))
 
     def fail(self, message: str) -> None:
         """Marks the engine unable to serve (a tensor-parallel worker died): health checks
@@ -196,11 +212,11 @@ class Engine:
             self._deliver(previous)
             return None
         completions = [self._by_core[i] for i in plan.request_ids[plan.sample_requests].tolist()]
-        requests = [_sample_request(c) for c in completions]
+        requests = [c.sample_request() for c in completions]
         for c in completions:  # the cache hit is known once the request is admitted
             if c.index == 0 and not c.token_ids:
                 c.request.cached_tokens = self.scheduler.request_info(c.core_id).cached_tokens
-        feed = self._image_feed(plan)
+        feed = image_feed(plan, self._by_core.get)
         prepared = self.executor.prepare(plan, self._by_core.get)
         if any(r.constraint is not None for r in requests):
             # A grammar advances on the model thread; its state must not move under _deliver.
@@ -270,18 +286,6 @@ class Engine:
             self._start_siblings(request)
             self._drop_features(request)
             self._emit(request)
-
-    def _image_feed(self, plan: Any) -> ImageFeed | None:
-        """The image positions the plan's prefill chunks compute (decodes never hold any)."""
-        feed = ImageFeed()
-        request_ids, starts = plan.request_ids, plan.query_start
-        for r in range(plan.num_decodes, plan.num_requests):
-            c = self._by_core.get(int(request_ids[r]))
-            if c is not None and c.request.images is not None:
-                start = int(plan.context_lens[r])
-                end = start + int(starts[r + 1] - starts[r])
-                feed.add(c.request.images, start, end, int(starts[r]) - start)
-        return feed or None
 
     def _release(self, c: Completion) -> None:
         """Forgets a finished completion on the engine's side (the core has ended it)."""
@@ -474,17 +478,6 @@ class Engine:
         """Runs a batch to completion (no event loop of the caller's needed); final outputs in
         prompt order. Image + text prompts come from image_prompt()."""
         return offline.generate(self, prompts, params)
-
-
-def _sample_request(c: Completion) -> SampleRequest:
-    return SampleRequest(
-        params=c.params,
-        prompt_ids=c.request.prompt_ids,
-        output_ids=c.token_ids,
-        stop_ids=c.stop_ids,
-        seed_offset=c.index,
-        constraint=c.constraint,
-    )
 
 
 async def _stream(receive: Any, engine: Engine, request_id: str) -> AsyncIterator[RequestOutput]:

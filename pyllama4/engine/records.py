@@ -19,6 +19,7 @@ from pyllama4.detokenizer import IncrementalDetokenizer, StopStrings
 from pyllama4.grammar import Constraint
 from pyllama4.multimodal.features import PromptFeatures
 from pyllama4.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprob
+from pyllama4.sampler import SampleRequest
 from pyllama4.sampling_params import SamplingParams
 
 
@@ -54,6 +55,17 @@ class Completion:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    def sample_request(self) -> SampleRequest:
+        """What the sampler needs of this completion for its next token."""
+        return SampleRequest(
+            params=self.params,
+            prompt_ids=self.request.prompt_ids,
+            output_ids=self.token_ids,
+            stop_ids=self.stop_ids,
+            seed_offset=self.index,
+            constraint=self.constraint,
+        )
 
     def snapshot(self) -> CompletionOutput:
         return CompletionOutput(
