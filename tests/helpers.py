@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from pyllama4._core import Scheduler
 from pyllama4.runner import ModelRunner
 from pyllama4.sampler import Sampler, SampleRequest
 from pyllama4.speculative.tree import DraftTree
@@ -22,10 +23,11 @@ def greedy_generate(
     prompts: list[list[int]],
     max_new_tokens: int,
     stop_token_ids: tuple[int, ...] = (),
+    scheduler: Scheduler | None = None,
 ) -> list[list[int]]:
-    """Offline greedy decoding of a batch of prompts on a scheduler of its own over the runner's
-    cache (callers may reuse the runner)."""
-    sched = runner.new_scheduler()
+    """Offline greedy decoding of a batch of prompts, planned by `scheduler` (default: a new one
+    of the runner's, so callers may reuse the runner)."""
+    sched = scheduler or runner.new_scheduler()
     outputs: dict[int, list[int]] = {}
     base = 1 << 40  # request ids of this call
     for i, prompt in enumerate(prompts):
