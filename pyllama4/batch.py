@@ -6,7 +6,7 @@ Invariant: every tensor here describes the same R requests and T tokens as the p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -69,4 +69,38 @@ class StepBatch:
             num_decodes=plan.num_decodes,
             embed_index=None if embeds is None else embeds[0],
             embeds=None if embeds is None else embeds[1],
+        )
+
+    def with_tree(
+        self, token_ids: torch.Tensor, positions: torch.Tensor, tree_ancestors: np.ndarray | None
+    ) -> StepBatch:
+        """This batch with other tokens at other positions in the same slots (draft tree nodes
+        in the decodes' speculative slots) and, for trees, their ancestor masks."""
+        return replace(
+            self, token_ids=token_ids, positions=positions, tree_ancestors=tree_ancestors
+        )
+
+    def regrouped(
+        self,
+        index: torch.Tensor,
+        token_ids: torch.Tensor,
+        positions: torch.Tensor,
+        query_start: np.ndarray,
+        seq_lens: np.ndarray,
+    ) -> StepBatch:
+        """The same requests (rows, context lengths) over this batch's tokens `index` [T'],
+        grouped per request by query_start [R + 1], with other token ids and positions: the
+        slots are those of the tokens picked, and no image features or tree masks apply."""
+        return replace(
+            self,
+            token_ids=token_ids,
+            positions=positions,
+            global_slots=self.global_slots[index],
+            local_slots=self.local_slots[index],
+            query_start=query_start,
+            seq_lens=seq_lens,
+            embed_index=None,
+            embeds=None,
+            tree_ancestors=None,
+            static_max_keys=None,
         )

@@ -91,10 +91,6 @@ class TextConfig:
     eos_token_ids: tuple[int, ...]
     pad_token_id: int | None
 
-    @property
-    def num_queries_per_kv(self) -> int:
-        return self.num_attention_heads // self.num_key_value_heads
-
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> TextConfig:
         """Parses a config.json dict (multimodal or text-only)."""

@@ -62,10 +62,6 @@ class CompletionOutput:
         return "".join(self._pieces[self._starts[0] : self._ends[0]])
 
     @property
-    def delta_token_ids(self) -> list[int]:
-        return self._tokens[self._starts[1] : self._ends[1]]
-
-    @property
     def delta_logprobs(self) -> list[TokenLogprob]:
         return [] if self._logprobs is None else self._logprobs[self._starts[1] : self._ends[1]]
 

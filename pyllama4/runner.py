@@ -15,7 +15,6 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from pyllama4._core import Scheduler, StepPlan
@@ -245,66 +244,3 @@ class ModelRunner:
         batch = StepBatch.from_plan(plan, self.device, embeds)
         hidden = self.model(batch, self.cache)
         return self.model.logits(hidden[batch.sample_indices]), hidden
-
-
-def greedy_generate(
-    runner: ModelRunner,
-    prompts: list[list[int]],
-    max_new_tokens: int,
-    stop_token_ids: tuple[int, ...] = (),
-) -> list[list[int]]:
-    """Offline greedy decoding of a batch of prompts (tests and benchmarks use it)."""
-    sched = runner.scheduler
-    outputs: dict[int, list[int]] = {}
-    base = 1 << 40  # request ids of this call; callers may reuse the runner
-    for i, prompt in enumerate(prompts):
-        sched.add_request(
-            base + i,
-            np.asarray(prompt, dtype=np.int32),
-            max_new_tokens=max_new_tokens,
-            stop_token_ids=list(stop_token_ids),
-        )
-        outputs[base + i] = []
-    while sched.has_work():
-        plan = sched.schedule()
-        tokens = runner.forward(plan).argmax(-1).to(torch.int32).cpu().numpy()
-        ids = plan.request_ids[plan.sample_requests]
-        for rid, token in zip(ids.tolist(), tokens.tolist(), strict=True):
-            outputs[rid].append(token)
-        sched.commit(tokens)
-    return [outputs[base + i] for i in range(len(prompts))]
-
-
-def prefill_capture(
-    runner: ModelRunner, sequences: list[list[int]], capture: tuple[int, ...]
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Prefills each sequence (in batches the scheduler forms, chunked as it decides) and
-    returns, per sequence, (aux [L, len(capture) * H], final-normed hidden [L, H]) for all of
-    its L tokens: the residual stream entering the `capture` layers (see
-    Llama4ForCausalLM.forward_with_aux). Used to train EAGLE3 drafts. The prefix cache is
-    flushed first (a hit would skip positions); the runner must be idle, and is left idle."""
-    sched = runner.scheduler
-    if sched.has_work():
-        raise RuntimeError("prefill_capture needs an idle runner")
-    sched.flush_cache()
-    base = 1 << 41
-    parts: dict[int, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
-    for i, seq in enumerate(sequences):
-        sched.add_request(base + i, np.asarray(seq, dtype=np.int32), max_new_tokens=1)
-        parts[base + i] = []
-    while sched.has_work():
-        plan = sched.schedule()
-        runner.cache.apply_writes(plan)
-        batch = StepBatch.from_plan(plan, runner.device)
-        hidden, aux = runner.model.forward_with_aux(batch, runner.cache, capture)
-        assert aux is not None
-        starts = plan.query_start.tolist()
-        for r, rid in enumerate(plan.request_ids.tolist()):
-            lo, hi = starts[r], starts[r + 1]
-            parts[rid].append((int(plan.context_lens[r]), aux[lo:hi], hidden[lo:hi]))
-        sched.commit(np.zeros(plan.num_samples, dtype=np.int32))
-    out = []
-    for i in range(len(sequences)):
-        chunks = sorted(parts[base + i], key=lambda p: p[0])
-        out.append((torch.cat([c[1] for c in chunks]), torch.cat([c[2] for c in chunks])))
-    return out

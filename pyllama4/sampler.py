@@ -397,15 +397,3 @@ class Sampler:
         out_ids[idx] = top_ids
         out_top[idx] = top_logprobs
         return SampleOutput(tokens, out_lp, out_ids, out_top)
-
-    def _processed_logits(
-        self, logits: torch.Tensor, requests: list[SampleRequest]
-    ) -> torch.Tensor:
-        """For tests: the logits each row's token is taken from (greedy rows: the argmax of
-        theirs; sampled rows: after temperature and top_k/top_p/min_p, dropped tokens -inf)."""
-        plan = self._plan(logits, requests)
-        x, _ = self._penalized(logits, requests, plan)
-        x = x.clone()
-        if plan.sampled.size:
-            x[self._tensor(plan.sampled)] = self._warped(x, plan, owned=False)
-        return x

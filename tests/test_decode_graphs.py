@@ -15,10 +15,11 @@ import torch
 from transformers import Llama4ForCausalLM as HFLlama4
 from transformers import Llama4TextConfig
 
+from helpers import greedy_generate
 from pyllama4.config import TextConfig
 from pyllama4.graphs import EagerReplay, capture_sizes
 from pyllama4.model.llama4 import Llama4ForCausalLM
-from pyllama4.runner import ModelRunner, greedy_generate
+from pyllama4.runner import ModelRunner
 from tiny_models import LLAMA3_ROPE, TINY_TEXT
 
 VOCAB = 512

@@ -6,8 +6,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from helpers import greedy_generate
 from pyllama4.loading.load import load_model
-from pyllama4.runner import ModelRunner, greedy_generate
+from pyllama4.runner import ModelRunner
 
 CHATS = [
     "What is the capital of France?",

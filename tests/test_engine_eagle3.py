@@ -325,7 +325,7 @@ def test_drafting_equals_the_draft_run_densely(target_weights, tokenizer, draft)
     each drafted one, causal attention over all of them."""
     from oracles import dense_causal_attend
 
-    from pyllama4.runner import prefill_capture
+    from pyllama4.speculative.train.capture import prefill_capture
 
     RecordingWorker.records = []
     engine = make_engine(

@@ -1005,7 +1005,8 @@ def test_the_model_through_the_emulated_fused_ops_is_the_torch_path(lib, monkeyp
 
     from pyllama4.config import TextConfig
     from pyllama4.model.llama4 import Llama4ForCausalLM
-    from pyllama4.runner import ModelRunner, prefill_capture
+    from pyllama4.runner import ModelRunner
+    from pyllama4.speculative.train.capture import prefill_capture
 
     torch.manual_seed(0)
     cfg = Llama4TextConfig(

@@ -14,12 +14,13 @@ import torch
 from transformers import Llama4ForCausalLM as HFLlama4
 from transformers import Llama4TextConfig
 
+from helpers import greedy_generate
 from pyllama4 import Scheduler
 from pyllama4.batch import StepBatch
 from pyllama4.config import TextConfig
 from pyllama4.kv_cache import PagedKVCache, local_layers
 from pyllama4.model.llama4 import Llama4ForCausalLM
-from pyllama4.runner import ModelRunner, greedy_generate
+from pyllama4.runner import ModelRunner
 from tiny_models import LLAMA3_ROPE, TINY_TEXT
 
 FP32_TOL = 1e-4

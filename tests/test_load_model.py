@@ -10,9 +10,10 @@ import torch
 from transformers import Llama4ForCausalLM as HFLlama4
 from transformers import Llama4TextConfig
 
+from helpers import greedy_generate
 from pyllama4.config import TextConfig
 from pyllama4.loading.load import load_model
-from pyllama4.runner import ModelRunner, greedy_generate
+from pyllama4.runner import ModelRunner
 from tiny_models import TINY_TEXT
 
 LLAMA3 = {

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import processed_logits
 from pyllama4.sampler import Sampler, SampleRequest
 from pyllama4.sampling_params import SamplingParams
 
@@ -161,7 +162,7 @@ def test_allowed_sets_match_reference():
     vocab = 64
     requests = [req(**w) for w in WARPS] + [req(temperature=0.0)]
     logits = random_logits(len(requests), vocab, seed=3)
-    processed = Sampler(vocab)._processed_logits(logits, requests)
+    processed = processed_logits(Sampler(vocab), logits, requests)
     for i, r in enumerate(requests[:-1]):
         finite = torch.isfinite(processed[i])
         assert set(torch.nonzero(finite).flatten().tolist()) == ref_allowed(
@@ -231,7 +232,7 @@ def test_penalties_match_reference_exactly():
     ]
     logits = random_logits(len(requests), vocab, seed=6)
     sampler = Sampler(vocab)
-    processed = sampler._processed_logits(logits, requests)
+    processed = processed_logits(sampler, logits, requests)
     expected = np.stack([ref_penalized(logits[i].numpy(), r) for i, r in enumerate(requests)])
     assert torch.equal(processed, torch.from_numpy(expected))
     out = sampler(logits, requests)
@@ -239,7 +240,7 @@ def test_penalties_match_reference_exactly():
     # The same rows sampled with temperature see the same penalized logits (divided by T).
     hot = [SampleRequest(SamplingParams(**{**vars(r.params), "temperature": 0.5}),
                          r.prompt_ids, r.output_ids, r.stop_ids) for r in requests]  # fmt: skip
-    processed = sampler._processed_logits(logits, hot)
+    processed = processed_logits(sampler, logits, hot)
     assert torch.equal(processed, torch.from_numpy(expected / np.float32(0.5)))
 
 

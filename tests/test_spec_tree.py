@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from pyllama4.speculative.tree import DraftTree, _topk, chain_tree, draft_tree
+from helpers import chain_tree
+from pyllama4.speculative.tree import DraftTree, _topk, draft_tree
 
 B = 3
 V_DRAFT = 7

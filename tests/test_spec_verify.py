@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from pyllama4.speculative.tree import DraftTree, chain_tree, draft_tree
+from helpers import chain_tree
+from pyllama4.speculative.tree import DraftTree, draft_tree
 from pyllama4.speculative.verify import Acceptance, accept_greedy, accept_sampling
 
 

@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import pyllama4
+from helpers import greedy_generate
 from pyllama4.config import TextConfig
 from pyllama4.distributed import (
     SINGLE,
@@ -44,7 +45,7 @@ from pyllama4.loading import weights
 from pyllama4.loading.load import load_model
 from pyllama4.loading.weights import CheckpointError, load_weights
 from pyllama4.model.llama4 import Llama4ForCausalLM
-from pyllama4.runner import ModelRunner, greedy_generate
+from pyllama4.runner import ModelRunner
 from tiny_models import LLAMA3_ROPE, TINY_TEXT, last_token_logits
 
 FP32_TOL = 1e-4

@@ -1,4 +1,4 @@
-"""EAGLE3 draft training (pyllama4/train_eagle3.py).
+"""EAGLE3 draft training (pyllama4.speculative.train, `python -m pyllama4.train_eagle3`).
 
 - The training-time-test unrolling computes exactly what sequential top-1 drafting computes: for
   every trained row and step, the unrolled logits equal those of the draft run step by step with
@@ -25,15 +25,10 @@ from transformers import Llama4TextConfig
 from pyllama4.engine import Engine
 from pyllama4.loading.eagle3 import load_eagle3
 from pyllama4.model.eagle3 import Eagle3Config, Eagle3Draft
-from pyllama4.train_eagle3 import (
-    Sample,
-    generate_answers,
-    load_prompts,
-    main,
-    pack,
-    split,
-    unroll,
-)
+from pyllama4.speculative.train.capture import Sample
+from pyllama4.speculative.train.cli import main
+from pyllama4.speculative.train.data import generate_answers, load_prompts, split
+from pyllama4.speculative.train.unroll import pack, unroll
 from tiny_models import TINY_TEXT
 
 VOCAB, LAYERS, DRAFT_VOCAB, NEW_TOKENS = 49152, 8, 64, 24

@@ -263,9 +263,3 @@ def image_prompt_ids(grid: tuple[int, int], tokens_per_tile: int, tokens: ImageT
         row = patches + ([tokens.tile_x] + patches) * (grid_w - 1) + [tokens.tile_y]
         ids += row * grid_h
     return ids + [tokens.image] + patches + [tokens.end]
-
-
-def num_image_tokens(grid: tuple[int, int], tokens_per_tile: int) -> int:
-    """len(image_prompt_ids(grid, tokens_per_tile, ...))."""
-    tiles = grid[0] * grid[1]
-    return 3 + tokens_per_tile + (tiles * (tokens_per_tile + 1) if tiles > 1 else 0)

@@ -1,1 +1,2 @@
-"""EAGLE speculative decoding: draft trees (tree.py) and their verification (verify.py)."""
+"""EAGLE speculative decoding: draft trees (tree.py), their verification (verify.py), the engine
+step that drafts and verifies (eagle.py); draft training (train/) is off the serving path."""

@@ -306,21 +306,7 @@ class EagleWorker:
             ancestors = np.zeros((num_decodes, n, n), dtype=bool)
             ancestors[:, 0, 0] = True
             ancestors[spec] = tree.ancestors.cpu().numpy()
-        return StepBatch(
-            token_ids=token_ids,
-            positions=positions,
-            global_slots=batch.global_slots,
-            local_slots=batch.local_slots,
-            rows=batch.rows,
-            sample_indices=batch.sample_indices,
-            query_start=batch.query_start,
-            context_lens=batch.context_lens,
-            seq_lens=batch.seq_lens,
-            num_decodes=batch.num_decodes,
-            embed_index=batch.embed_index,
-            embeds=batch.embeds,
-            tree_ancestors=ancestors,
-        )
+        return batch.with_tree(token_ids, positions, ancestors)
 
     def _verify(
         self,
@@ -417,17 +403,12 @@ class EagleWorker:
             nxt[rows] = out[sample_of[seg[rows]], within[rows]]
         nxt = np.where((nxt >= 0) & (nxt < self.vocab_size), nxt, 0)  # image key ids
         dst_flat = torch.from_numpy(qs[seg] + within).to(device)
-        cu = StepBatch(
+        cu = batch.regrouped(
+            dst_flat,
             token_ids=torch.from_numpy(nxt).to(device),
             positions=torch.from_numpy(ctx[seg] + within).to(device),
-            global_slots=batch.global_slots[dst_flat],
-            local_slots=batch.local_slots[dst_flat],
-            rows=batch.rows,
-            sample_indices=batch.sample_indices,
             query_start=start.astype(np.int32),
-            context_lens=plan.context_lens,
             seq_lens=(ctx + m).astype(np.int32),
-            num_decodes=plan.num_decodes,
         )
         meta = attention.prepare(cu, self.pool, local=False)
         pool = self.pool

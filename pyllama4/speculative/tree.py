@@ -76,18 +76,6 @@ def _ancestors(parents: torch.Tensor, max_depth: int) -> torch.Tensor:
     return ancestors
 
 
-def chain_tree(root_tokens: torch.Tensor, drafts: torch.Tensor) -> DraftTree:
-    """The chain root -> drafts[:, 0] -> ... -> drafts[:, K-1]: K + 1 nodes; [B], [B, K]."""
-    bsz, k = drafts.shape
-    index = torch.arange(k + 1, device=drafts.device)
-    return DraftTree(
-        tokens=torch.cat([root_tokens.unsqueeze(1), drafts], dim=1),
-        parents=(index - 1).expand(bsz, -1).clone(),
-        depths=index.expand(bsz, -1).clone(),
-        ancestors=(index.unsqueeze(1) >= index).expand(bsz, -1, -1).clone(),
-    )
-
-
 def check_config(num_steps: int, topk: int, num_draft_tokens: int, vocab: int) -> None:
     """ValueError (naming the problem) for drafting settings draft_tree cannot run."""
     if num_steps < 1:

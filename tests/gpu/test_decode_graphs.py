@@ -13,11 +13,12 @@ import pytest
 import torch
 from transformers import Llama4TextConfig
 
+from helpers import greedy_generate
 from pyllama4 import kernels
 from pyllama4.config import TextConfig
 from pyllama4.memory import CudaMeter, measure
 from pyllama4.model.llama4 import Llama4ForCausalLM
-from pyllama4.runner import ModelRunner, greedy_generate
+from pyllama4.runner import ModelRunner
 
 if not torch.cuda.is_available():
     pytest.skip("no GPU: torch.cuda.is_available() is False", allow_module_level=True)

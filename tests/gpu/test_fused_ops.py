@@ -130,7 +130,8 @@ def test_the_model_gives_the_same_outputs_with_and_without_the_fused_ops(monkeyp
 
     from pyllama4.config import TextConfig
     from pyllama4.model.llama4 import Llama4ForCausalLM
-    from pyllama4.runner import ModelRunner, prefill_capture
+    from pyllama4.runner import ModelRunner
+    from pyllama4.speculative.train.capture import prefill_capture
 
     torch.manual_seed(0)
     cfg = Llama4TextConfig(
