@@ -301,11 +301,12 @@ def test_greedy_generation_through_the_runner_equals_transformers(kind):
         ours_from(hf), kv_tokens=1024, context_len=CONTEXT, page_size=4, max_step_tokens=16
     )
     prompts = sequences(6, [3, 14, 27])
-    ours = greedy_generate(runner, prompts, max_new_tokens=12)
+    sched = runner.new_scheduler()
+    ours = greedy_generate(runner, prompts, max_new_tokens=12, scheduler=sched)
     for prompt, got in zip(prompts, ours, strict=True):
         with torch.no_grad():
             ref = hf.generate(
                 torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None
             )[0, len(prompt) :].tolist()
         assert got == ref
-    assert runner.scheduler.check() == ""
+    assert sched.check() == ""
