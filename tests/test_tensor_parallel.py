@@ -41,8 +41,8 @@ from pyllama4.distributed import (
 )
 from pyllama4.distributed.parallel import Shard
 from pyllama4.loading import weight_copy
-from pyllama4.loading.load import load_model
 from pyllama4.loading.checkpoint import CheckpointError
+from pyllama4.loading.load import load_model
 from pyllama4.loading.weights import load_weights
 from pyllama4.model.llama4 import Llama4ForCausalLM
 from pyllama4.runner import ModelRunner, greedy_generate

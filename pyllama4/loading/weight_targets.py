@@ -111,7 +111,9 @@ def _new_target(name: str, param: torch.nn.Parameter) -> Target:
         fused = None
     fused_kind = fused.group(1) if fused else None
     if fused_kind == "gate_up" and param.shape[-1] % 2:
-        raise CheckpointError(f"module parameter {name} has an odd last dim: {shape_str(param.shape)}")
+        raise CheckpointError(
+            f"module parameter {name} has an odd last dim: {shape_str(param.shape)}"
+        )
     return Target([name], param, fused_kind, is_scale)
 
 
