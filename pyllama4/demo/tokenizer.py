@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 _CONTROL = 3  # llama.cpp token type CONTROL: a special token such as <|im_start|>
 
@@ -35,7 +38,6 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 def save_tokenizer(meta: dict[str, Any], hp: dict[str, Any], out_dir: Path) -> None:
     """Write the GGUF's tokenizer into `out_dir` as transformers' tokenizer files."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
@@ -43,28 +45,8 @@ def save_tokenizer(meta: dict[str, Any], hp: dict[str, Any], out_dir: Path) -> N
     pre = meta.get("tokenizer.ggml.pre")
     if pre != "smollm":
         raise ValueError(f"expected the 'smollm' pre-tokenizer, the GGUF says {pre!r}")
-
-    spelling = _bytes_to_unicode()
-    alphabet = set(spelling.values())
-    vocab = {}
-    for index, token in enumerate(tokens):
-        if not set(token) <= alphabet:  # written as raw text: spell it in the byte alphabet
-            token = "".join(spelling[b] for b in token.encode("utf-8"))
-        vocab[token] = index
-    merges = [tuple(m.split(" ")) for m in meta["tokenizer.ggml.merges"]]
-
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
-    # llama.cpp "smollm": single digits split off first, then the GPT-2 regex.
-    tk.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
-        ]
-    )
-    tk.decoder = decoders.ByteLevel()
-    tk.post_processor = processors.ByteLevel(trim_offsets=False)
     specials = [tokens[i] for i, kind in enumerate(types) if kind == _CONTROL]
-    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    tk = _byte_level_bpe(tokens, meta["tokenizer.ggml.merges"], specials)
 
     def token(key: str) -> str | None:
         index = meta.get(f"tokenizer.ggml.{key}")
@@ -101,3 +83,31 @@ def save_tokenizer(meta: dict[str, Any], hp: dict[str, Any], out_dir: Path) -> N
             "additional_special_tokens": specials,
         }
         (out_dir / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n")
+
+
+def _byte_level_bpe(tokens: list[str], merges: list[str], specials: list[str]) -> Tokenizer:
+    """llama.cpp's "smollm" tokenizer as a `tokenizers.Tokenizer`: byte-level BPE over `tokens`
+    (ids in order) and `merges` ("a b"), with `specials` as special tokens."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    spelling = _bytes_to_unicode()
+    alphabet = set(spelling.values())
+    vocab = {}
+    for index, token in enumerate(tokens):
+        if not set(token) <= alphabet:  # written as raw text: spell it in the byte alphabet
+            token = "".join(spelling[b] for b in token.encode("utf-8"))
+        vocab[token] = index
+    pairs = [tuple(m.split(" ")) for m in merges]
+
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
+    # llama.cpp "smollm": single digits split off first, then the GPT-2 regex.
+    tk.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+        ]
+    )
+    tk.decoder = decoders.ByteLevel()
+    tk.post_processor = processors.ByteLevel(trim_offsets=False)
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    return tk
