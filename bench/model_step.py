@@ -32,6 +32,9 @@ batch, from this run's achieved fraction of the roofline, beside SGLang's publis
 
 Run: python bench/model_step.py --model scout --batch 1,16,100
 (prints markdown tables for docs/benchmarks.md; progress goes to stderr).
+
+One file on purpose: a benchmark script that a user runs by path, whose measuring and whose report
+belong together.
 """
 
 from __future__ import annotations

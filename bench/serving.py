@@ -16,6 +16,9 @@ Example (the demo model served by pyllama4 on port 30000):
     python bench/serving.py --backend pyllama4 --port 30000 --tokenizer demo \\
         --dataset-name random --random-input-len 512 --random-output-len 128 \\
         --num-prompts 64 --max-concurrency 16
+
+One file on purpose: a benchmark script that a user runs by path, whose measuring and whose report
+belong together.
 """
 
 from __future__ import annotations

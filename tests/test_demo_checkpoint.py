@@ -20,14 +20,16 @@ import pytest
 import torch
 from transformers import AutoTokenizer, Llama4ForCausalLM
 
-from pyllama4 import demo
 from pyllama4.demo import (
     CHECKPOINT_SUBDIR,
+    DEMO_PACKAGE,
+    GGUF_MEMBER,
     GGUF_SUBDIR,
     MARKER,
     demo_checkpoint,
     is_demo_checkpoint,
 )
+from pyllama4.demo import checkpoint as demo_dir_builder
 
 # Max |logit difference| allowed between the converted Llama 4 checkpoint and transformers'
 # LlamaForCausalLM on the GGUF, both fp32 on CPU. Measured (torch 2.13 CPU, transformers 5.24):
@@ -306,8 +308,8 @@ def fail(*args, **kwargs):
 def test_second_call_reuses_the_checkpoint(demo_dir, monkeypatch):
     before = {p.name: p.stat().st_mtime_ns for p in demo_dir.iterdir()}
     monkeypatch.setattr(subprocess, "run", fail)
-    monkeypatch.setattr(demo, "convert_gguf", fail)
-    monkeypatch.setattr(demo, "gguf_path", fail)
+    monkeypatch.setattr(demo_dir_builder, "convert_gguf", fail)
+    monkeypatch.setattr(demo_dir_builder, "gguf_path", fail)
     start = time.perf_counter()
     assert demo_checkpoint(progress=False) == demo_dir
     assert time.perf_counter() - start < 1.0
@@ -322,8 +324,8 @@ def test_marker_must_match_every_file(tmp_path):
 
     def write_marker(**overrides):
         marker = {
-            "format_version": demo.FORMAT_VERSION,
-            "source": demo.DEMO_PACKAGE,
+            "format_version": demo_dir_builder.FORMAT_VERSION,
+            "source": DEMO_PACKAGE,
             "files": {"config.json": 2, "model.safetensors": 10},
         }
         (tmp_path / MARKER).write_text(json.dumps(marker | overrides))
@@ -334,7 +336,7 @@ def test_marker_must_match_every_file(tmp_path):
     assert not is_demo_checkpoint(tmp_path)
     write_marker(files={"config.json": 2, "model.safetensors": 10, "tokenizer.json": 5})
     assert not is_demo_checkpoint(tmp_path)  # a missing file
-    write_marker(format_version=demo.FORMAT_VERSION + 1)
+    write_marker(format_version=demo_dir_builder.FORMAT_VERSION + 1)
     assert not is_demo_checkpoint(tmp_path)
     (tmp_path / MARKER).write_text('{"format_version": ')  # a torn marker
     assert not is_demo_checkpoint(tmp_path)
@@ -355,7 +357,7 @@ def test_interrupted_conversion_leaves_nothing_that_loads(cache_with_gguf, monke
         raise KeyboardInterrupt
 
     monkeypatch.setattr(subprocess, "run", fail)
-    monkeypatch.setattr(demo, "convert_gguf", interrupted)
+    monkeypatch.setattr(demo_dir_builder, "convert_gguf", interrupted)
     with pytest.raises(KeyboardInterrupt):
         demo_checkpoint(cache_with_gguf, progress=False)
     assert sorted(p.name for p in cache_with_gguf.iterdir()) == [GGUF_SUBDIR]
@@ -389,20 +391,20 @@ def test_leftover_directories_are_never_taken_for_a_checkpoint(
         raise Converted
 
     monkeypatch.setattr(subprocess, "run", fail)
-    monkeypatch.setattr(demo, "convert_gguf", convert)
+    monkeypatch.setattr(demo_dir_builder, "convert_gguf", convert)
     with pytest.raises(Converted):
         demo_checkpoint(root, progress=False)
     # It went on to convert (from the cached GGUF, into a new temp directory) instead of
     # returning a leftover; the stale temp directory is gone, the fresh one (maybe a live
     # concurrent run's) is kept, and the half-written final directory is left for replacement.
     ((gguf_file, out_dir),) = calls
-    assert gguf_file == root / GGUF_SUBDIR / Path(demo.GGUF_MEMBER).name
+    assert gguf_file == root / GGUF_SUBDIR / Path(GGUF_MEMBER).name
     assert out_dir.parent == root and out_dir.name.startswith(f".{CHECKPOINT_SUBDIR}.tmp-")
     assert out_dir not in (fresh, stale) and not out_dir.exists()
     assert fresh.exists() and not stale.exists()
     assert not is_demo_checkpoint(final)
     # With a conversion that completes, the half-written final directory is replaced.
-    monkeypatch.setattr(demo, "convert_gguf", linked_copy_of(demo_dir))
+    monkeypatch.setattr(demo_dir_builder, "convert_gguf", linked_copy_of(demo_dir))
     assert demo_checkpoint(root, progress=False) == final
     assert is_demo_checkpoint(final) and (final / MARKER).exists()
     assert sorted(p.name for p in root.iterdir()) == sorted([GGUF_SUBDIR, fresh.name, final.name])
@@ -432,7 +434,7 @@ def test_a_concurrent_winner_is_kept(cache_with_gguf, demo_dir, monkeypatch):
         copy(gguf_file, out_dir)
 
     monkeypatch.setattr(subprocess, "run", fail)
-    monkeypatch.setattr(demo, "convert_gguf", convert)
+    monkeypatch.setattr(demo_dir_builder, "convert_gguf", convert)
     assert demo_checkpoint(root, progress=False) == final
     assert is_demo_checkpoint(final)
     assert not temp_dirs[0].exists()

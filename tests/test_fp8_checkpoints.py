@@ -32,10 +32,11 @@ from pyllama4.config import TextConfig, VisionConfig
 from pyllama4.fp8_format import dequantize
 from pyllama4.layers.ffn import Experts, MoE, Router
 from pyllama4.layers.fp8 import Fp8Experts, Fp8Linear
+from pyllama4.loading.checkpoint import CheckpointError, UnsupportedCheckpointError
 from pyllama4.loading.fp8_checkpoint import parse_fp8_scheme
 from pyllama4.loading.load import load_model, load_vision_tower
 from pyllama4.loading.quantize import fp8_targets
-from pyllama4.loading.weights import CheckpointError, UnsupportedCheckpointError, load_weights
+from pyllama4.loading.weights import load_weights
 from pyllama4.model.llama4 import Llama4ForCausalLM
 from pyllama4.model.vision import VisionTower
 from pyllama4.quant.fp8 import fn_to_fnuz, quantize_weight

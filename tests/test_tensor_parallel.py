@@ -41,9 +41,10 @@ from pyllama4.distributed import (
     init_tensor_parallel,
 )
 from pyllama4.distributed.parallel import Shard
-from pyllama4.loading import weights
+from pyllama4.loading import weight_copy
+from pyllama4.loading.checkpoint import CheckpointError
 from pyllama4.loading.load import load_model
-from pyllama4.loading.weights import CheckpointError, load_weights
+from pyllama4.loading.weights import load_weights
 from pyllama4.model.llama4 import Llama4ForCausalLM
 from pyllama4.runner import ModelRunner
 from tiny_models import LLAMA3_ROPE, TINY_TEXT, last_token_logits
@@ -344,7 +345,7 @@ def test_each_rank_loads_exactly_its_slices(maverick, tmp_path, monkeypatch, lay
     tensors are read in blocks of rows (as large ones are)."""
     checkpoint = maverick
     if layout == "fused_in_blocks":
-        monkeypatch.setattr(weights, "_CHUNK_BYTES", 1000)  # blocks of 1 to 3 rows
+        monkeypatch.setattr(weight_copy, "_CHUNK_BYTES", 1000)  # blocks of 1 to 3 rows
     if layout == "per_expert":
         checkpoint = tmp_path / "per_expert"
         checkpoint.mkdir()

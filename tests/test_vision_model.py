@@ -12,8 +12,8 @@ from safetensors.torch import load_file, save_file
 from transformers import Llama4Config, Llama4ForConditionalGeneration, Llama4TextConfig
 
 from pyllama4.config import ConfigError, VisionConfig
+from pyllama4.loading.checkpoint import CheckpointError, text_name, vision_name
 from pyllama4.loading.load import load_vision_tower
-from pyllama4.loading.weights import CheckpointError, text_name, vision_name
 from pyllama4.model.vision import VisionTower, rotation_2d
 from tiny_models import TINY_TEXT, TINY_VISION
 

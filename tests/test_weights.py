@@ -21,14 +21,14 @@ from transformers import (  # noqa: E402
     Llama4TextConfig,
 )
 
-from pyllama4.loading import weights  # noqa: E402
-from pyllama4.loading.weights import (  # noqa: E402
+from pyllama4.loading import weight_copy  # noqa: E402
+from pyllama4.loading.checkpoint import (  # noqa: E402
     CheckpointError,
     UnsupportedCheckpointError,
     checkpoint_files,
-    load_weights,
     text_name,
 )
+from pyllama4.loading.weights import load_weights  # noqa: E402
 from tiny_models import TINY_TEXT, TINY_VISION  # noqa: E402
 
 # LLAMA4.md section 8, with a small vocabulary for the text-only tests.
@@ -171,7 +171,7 @@ def test_sharded_checkpoint(sharded_ckpt, capsys):
 
 def test_large_tensors_are_copied_in_row_blocks(text_ckpt, tmp_path, monkeypatch):
     path, expected = text_ckpt
-    monkeypatch.setattr(weights, "_CHUNK_BYTES", 1000)
+    monkeypatch.setattr(weight_copy, "_CHUNK_BYTES", 1000)
     model = fresh_model(1).bfloat16()
     load_weights(model, path, progress=False)
     assert_state_equal(model, {k: v.bfloat16() for k, v in expected.items()})

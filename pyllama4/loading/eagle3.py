@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from pyllama4.loading.weights import checkpoint_files
+from pyllama4.loading.checkpoint import checkpoint_files
 from pyllama4.model.eagle3 import Eagle3Config, Eagle3Draft
 
 

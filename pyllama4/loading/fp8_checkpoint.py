@@ -48,12 +48,12 @@ from torch import nn
 
 from pyllama4.layers.ffn import Experts
 from pyllama4.layers.fp8 import Fp8Experts, Fp8Linear
-from pyllama4.loading.quantize import fp8_targets
-from pyllama4.loading.weights import (
+from pyllama4.loading.checkpoint import (
     CheckpointError,
     UnsupportedCheckpointError,
     read_quantization_config,
 )
+from pyllama4.loading.quantize import fp8_targets
 from pyllama4.model.llama4 import Llama4ForCausalLM
 from pyllama4.quant.fp8 import DEFAULT_ACTIVATION_SCALE_UB, fn_to_fnuz
 

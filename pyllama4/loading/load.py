@@ -28,9 +28,10 @@ import torch
 from pyllama4.config import TextConfig, VisionConfig
 from pyllama4.distributed.parallel import SINGLE, TensorParallel
 from pyllama4.fp8_format import check_format
+from pyllama4.loading.checkpoint import vision_name
 from pyllama4.loading.fp8_checkpoint import convert_to_fnuz, install_fp8_modules, read_fp8_scheme
 from pyllama4.loading.quantize import quantize_model
-from pyllama4.loading.weights import load_weights, vision_name
+from pyllama4.loading.weights import load_weights
 from pyllama4.model.llama4 import Llama4ForCausalLM
 from pyllama4.model.vision import VisionTower
 
