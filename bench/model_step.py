@@ -1,7 +1,7 @@
 """One model step at Llama 4's real layer shapes, measured and put against the roofline.
 
 Builds a random-weight Llama4ForCausalLM with Scout's or Maverick's exact text config
-(../shared/LLAMA4.md §1.1) but only its first --layers layers (which layers are MoE, dense, NoPE or
+but only its first --layers layers (which layers are MoE, dense, NoPE or
 chunked is as in the real model), in bf16 or with the repo's online FP8 quantization, directly
 on the device (meta-device model, materialised and quantized one layer at a time; no checkpoint).
 Weights ~ N(0, 0.02), norm weights 1, so activations stay finite.
@@ -23,7 +23,7 @@ experts E(1 - (1 - k/E)^b), the shared expert, the dense MLP on dense layers, no
 lm_head, the embedding rows, the KV keys and values attended; FP8 weights 1 byte plus fp32 scales)
 and its FLOPs (2 per weight per token, plus attention scores and values); roofline =
 max(bytes / bandwidth, FLOPs / peak). Bandwidth and peak: the card's spec figures
-(../shared/PEERS.md Part B §1) when torch.cuda.get_device_name names a known card, else the
+(SPECS) when torch.cuda.get_device_name names a known card, else the
 measured copy bandwidth (a large device-to-device copy: read + write bytes / time) and a
 measured bf16 matmul rate; the copy bandwidth is always measured and given a column too.
 
@@ -62,7 +62,7 @@ from pyllama4.runner import ModelRunner
 
 # ---- shapes ----------------------------------------------------------------------------------
 
-# ../shared/LLAMA4.md §1.1 (text_config of the Instruct checkpoints).
+# The text_config of the Instruct checkpoints.
 MODELS: dict[str, dict[str, Any]] = {
     "scout": {
         "num_local_experts": 16,
@@ -271,7 +271,7 @@ def replicated_bytes(config: TextConfig, layers: int) -> float:
 
 @dataclass(frozen=True)
 class Spec:
-    """Per-GPU dense spec figures (../shared/PEERS.md Part B §1)."""
+    """Per-GPU dense spec figures (the vendors' data sheets)."""
 
     tbps: float
     bf16_tflops: float
@@ -562,12 +562,12 @@ def make_runner(
 
 # ---- reporting -------------------------------------------------------------------------------
 
-# SGLang 0.5.9, 8xMI300X TP8, BF16, cookbook runs (../shared/PEERS.md Part B §2a): mean TPOT ms.
+# SGLang 0.5.9, 8xMI300X TP8, BF16, cookbook runs: mean TPOT ms.
 SGLANG_TPOT_MS = {
     "scout": {1: 7.49, 16: 11.88, 100: 41.56},
     "maverick": {1: 5.95, 16: 10.53, 100: 33.63},
 }
-# RCCL all_reduce_perf graph mode on 8xMI300X (PEERS.md Part B §4): message bytes -> µs.
+# RCCL all_reduce_perf graph mode on 8xMI300X: message bytes -> µs.
 RCCL_AR_US = [
     (8 << 10, 7.6),
     (16 << 10, 8.7),
@@ -641,7 +641,7 @@ def decode_table(
     return lines
 
 
-ACCEPTANCE = 1.5  # issue 14: per-layer decode at batch 1 within 1.5x of the roofline (on a GPU)
+ACCEPTANCE = 1.5  # goal: per-layer decode at batch 1 within 1.5x of the roofline (on a GPU)
 
 
 def acceptance(results: list[DecodeResult], ceiling: Ceiling, on_gpu: bool) -> list[str]:
@@ -652,7 +652,7 @@ def acceptance(results: list[DecodeResult], ceiling: Ceiling, on_gpu: bool) -> l
     ratio = batch1[0].layers_s / ceiling.roofline_s(batch1[0].layers)
     verdict = ("met" if ratio <= ACCEPTANCE else "NOT met") if on_gpu else "a GPU target"
     return [
-        f"Acceptance (issue 14, GPU): per-layer decode at batch 1 within {ACCEPTANCE}x of the "
+        f"Goal (GPU): per-layer decode at batch 1 within {ACCEPTANCE}x of the "
         f"roofline: {ratio:.2f}x, {verdict}.",
         "",
     ]
@@ -722,8 +722,8 @@ def projection(
         )
     lines += [
         "",
-        f"SGLang: 0.5.9, BF16, 8xMI300X TP8, random ~500-620 in / 420-510 out "
-        f"(PEERS.md Part B §2a); this projection assumes context {context}.",
+        f"SGLang: 0.5.9, BF16, 8xMI300X TP8, random ~500-620 in / 420-510 out; "
+        f"this projection assumes context {context}.",
     ]
     return lines
 

@@ -1,4 +1,4 @@
-// FP8 linear layers for decode (issue #11): y = (x_q . W_q^T) * x_scale[t] * w_scale[o] in bf16,
+// FP8 linear layers for decode: y = (x_q . W_q^T) * x_scale[t] * w_scale[o] in bf16,
 // for a few tokens (T <= kMaxTokens) against fp8 weights in nn.Linear layout [out, in].
 //
 // The reference this must equal is pyllama4.quant.fp8 (_scaled_mm, quantize_activation):

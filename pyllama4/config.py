@@ -344,7 +344,7 @@ class VisionConfig:
         return cls.from_dict(_read_config_json(checkpoint_dir))
 
     def _check(self) -> None:
-        """The shapes transformers hard-wires must agree (LLAMA4.md §7.6)."""
+        """The shapes transformers hard-wires must agree."""
         problems = []
         if self.norm_eps != _VISION_NORM_EPS:
             problems.append(f"norm_eps {self.norm_eps} (transformers ignores it and uses 1e-5)")

@@ -22,7 +22,7 @@ DEFAULT_GRAPH_MAX_BS = 64
 SHUTDOWN_TIMEOUT_S = 30.0
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32", "half", "float")
 DTYPE_ALIASES = {"half": "float16", "float": "float32"}  # SGLang's (and vLLM's) spellings
-SPEC_DEFAULTS = (3, 1)  # --speculative-num-steps, --speculative-eagle-topk (Llama 4's, PEERS.md)
+SPEC_DEFAULTS = (3, 1)  # --speculative-num-steps, --speculative-eagle-topk (SGLang's for Llama 4)
 SPEC_DEFAULT_TREE_TOKENS = 8
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 

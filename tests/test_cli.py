@@ -1,8 +1,8 @@
 """The command line: every command line of the seed (SGLang's Llama 4 page) either serves or stops
 at start with one line naming the flag; ranges give one-line errors; a real start and a SIGTERM.
 
-SEED_COMMANDS is the seed's own command generator ported to Python (../shared/seed/, the SGLang
-docs page for Llama 4: `Llama4ScoutDeployment` and `Llama4MaverickDeployment`'s generateCommand,
+SEED_COMMANDS is that page's own command generator ported to Python (SGLang's docs page for
+Llama 4: `Llama4ScoutDeployment` and `Llama4MaverickDeployment`'s generateCommand,
 plus the page's fixed `sglang serve` commands), with every combination of its options enumerated
 and duplicates dropped.
 """
@@ -579,7 +579,8 @@ def test_the_demo_model_serves_with_online_fp8(launch_server, demo_dir, tmp_path
 def test_the_seed_eagle3_command_serves(tiny_mm_dir, tmp_path):
     """The seed's EAGLE3 line (Scout on MI300X, tool calls, EAGLE3 3/1/4, --mem-fraction-static
     0.75, --cuda-graph-max-bs 2, multimodal, 65536 context, bf16) with the model and draft paths
-    replaced by tiny local ones and --tp 8 dropped (tensor parallelism is issue #13): it starts,
+    replaced by tiny local ones and --tp 8 dropped (EAGLE3 does not run under tensor
+    parallelism): it starts,
     answers the openai client, and reports the accept length in /get_server_info, in /generate's
     meta_info and in /metrics."""
     import json

@@ -1,4 +1,4 @@
-"""Pre-quantized FP8 checkpoints (issue #11): fbgemm_fp8 and compressed-tensors checkpoints,
+"""Pre-quantized FP8 checkpoints: fbgemm_fp8 and compressed-tensors checkpoints,
 written here from tiny random Scout- and Maverick-like models (weights quantized per output
 channel with quantize_weight), loaded by load_model.
 

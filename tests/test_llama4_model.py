@@ -1,6 +1,6 @@
 """Our Llama 4 text model against transformers on tiny random checkpoints.
 
-Every numerical detail of LLAMA4.md §2 is exercised: tiny chunk size and floor_scale (8) make
+Every numerical detail of the text model is exercised: tiny chunk size and floor_scale (8) make
 chunk-local attention and temperature tuning trigger within short prompts; the Scout-like model
 has QK-norm and llama3 RoPE scaling on MoE layers, the Maverick-like one interleaves dense and
 MoE layers without QK-norm. Tolerances: fp32 max abs logit difference <= 1e-4.

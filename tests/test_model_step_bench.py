@@ -1,5 +1,5 @@
-"""bench/model_step.py: its byte and FLOP counting against hand arithmetic (../shared/PEERS.md
-Part B §5), and one end-to-end run on the CPU at a tiny shape."""
+"""bench/model_step.py: its byte and FLOP counting against hand arithmetic (Scout's
+published layer sizes), and one end-to-end run on the CPU at a tiny shape."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ ms = importlib.util.module_from_spec(_spec)
 sys.modules["bench_model_step"] = ms
 _spec.loader.exec_module(ms)
 
-# PEERS.md Part B §5, in parameters.
+# Scout's layer sizes, in parameters.
 ATTENTION = 2 * 5120 * 5120 + 2 * 5120 * 1024  # q, o + k, v = 62.91M
 EXPERT = 3 * 5120 * 8192  # one routed expert or the shared expert = 125.83M
 DENSE = 3 * 5120 * 16384  # dense MLP = 251.66M

@@ -36,7 +36,7 @@ def hf_model(tiny_mm_dir):
     from transformers import Llama4ForConditionalGeneration
     from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
-    # transformers 5.24's forward reads a field its output class lacks (LLAMA4.md §7.1).
+    # transformers 5.24's forward reads a field its output class lacks.
     MoeCausalLMOutputWithPast.image_outputs = None
     return Llama4ForConditionalGeneration.from_pretrained(tiny_mm_dir, dtype=torch.float32).eval()
 

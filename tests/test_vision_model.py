@@ -83,7 +83,7 @@ def reference(hf: Llama4ForConditionalGeneration, pixels: torch.Tensor) -> torch
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
-    """LLAMA4.md §8's tiny multimodal model (real vocabulary), saved once."""
+    """The tiny multimodal model (TINY_VISION, real vocabulary), saved once."""
     return save_tiny(tmp_path_factory.mktemp("vlm"), TINY_VISION, vocab_size=202048)
 
 

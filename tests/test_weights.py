@@ -31,7 +31,7 @@ from pyllama4.loading.checkpoint import (  # noqa: E402
 from pyllama4.loading.weights import load_weights  # noqa: E402
 from tiny_models import TINY_TEXT, TINY_VISION  # noqa: E402
 
-# LLAMA4.md section 8, with a small vocabulary for the text-only tests.
+# The tiny text model (tiny_models.TINY_TEXT's shape), with a small vocabulary.
 TEXT = {
     **TINY_TEXT,
     "num_experts_per_tok": 1,

@@ -1,4 +1,4 @@
-"""The tiny Llama 4 test configurations, defined once (../shared/LLAMA4.md §8).
+"""The tiny Llama 4 test configurations, defined once.
 
 - `TINY_TEXT`: the `Llama4TextConfig` keyword arguments every tiny text model in the tests shares
   (the layer sizes); each test adds its own vocabulary, chunk size, RoPE, layout and token ids.
@@ -44,7 +44,7 @@ LLAMA3_ROPE = {
     "original_max_position_embeddings": 8192,
 }
 
-# Llama 4's special tokens at their real ids (../shared/LLAMA4.md §6).
+# Llama 4's special tokens at their real ids.
 LLAMA4_SPECIAL_TOKENS = {
     "<|begin_of_text|>": 200000,
     "<|end_of_text|>": 200001,
@@ -79,8 +79,8 @@ TINY_VISION: dict = dict(
 
 
 def make_tiny_multimodal_checkpoint(path: Path, demo_dir: Path) -> Path:
-    """A random Llama4ForConditionalGeneration saved by transformers (fp32, text as in
-    LLAMA4.md §8 with chunk 16), with a real BPE tokenizer (the demo model's) carrying Llama 4's
+    """A random Llama4ForConditionalGeneration saved by transformers (fp32, text as
+    TINY_TEXT with chunk 16), with a real BPE tokenizer (the demo model's) carrying Llama 4's
     special tokens at their real ids, transformers' Llama 4 chat template and an image
     preprocessor config for 56x56 tiles."""
     import torch

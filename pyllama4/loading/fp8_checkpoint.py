@@ -1,8 +1,7 @@
 """Pre-quantized FP8 checkpoints: what a checkpoint's quantization_config quantizes,
 the model built with FP8 modules in those places, and the e4m3fnuz conversion for MI300.
 
-Supported schemes (config.json `quantization_config`, top level or in text_config;
-../shared/LLAMA4.md §4.1):
+Supported schemes (config.json `quantization_config`, top level or in text_config):
 - `quant_method: "fbgemm_fp8"` (transformers): per-output-channel weight scales, activations
   quantized dynamically per token with the upper bound `activation_scale_ub` (default 1200).
   `modules_to_not_convert` names the modules left unquantized; a module is left so when

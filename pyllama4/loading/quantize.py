@@ -23,7 +23,7 @@ def fp8_targets(model: Llama4ForCausalLM) -> list[tuple[nn.Module, str]]:
     experts and the shared expert's gate/up/down. Kept in the model dtype: embeddings, norms,
     routers and lm_head, as in the published FP8 checkpoints (a vision tower is a separate module,
     never passed here). Attention is quantized too, as fbgemm_fp8's recipe does, while the
-    llm-compressor recipe keeps it in bf16 (../shared/LLAMA4.md §4.1)."""
+    llm-compressor recipe keeps it in bf16."""
     targets: list[tuple[nn.Module, str]] = []
     for layer in model.model.layers:
         targets += [(layer.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]

@@ -31,7 +31,7 @@ Accepted checkpoints:
   up in the second half.
 - A checkpoint without `lm_head.weight` whose config.json ties the word embeddings: lm_head gets a
   copy of the embeddings. (A module that ties the two itself needs only one of them.)
-- FP8 checkpoints (config.json `quantization_config`, ../shared/LLAMA4.md §4.1), into a module built
+- FP8 checkpoints (config.json `quantization_config`), into a module built
   for them (`pyllama4.loading.fp8_checkpoint`; the caller names the `quant_method`): float8_e4m3fn
   (`F8_E4M3`) tensors go byte for byte into float8_e4m3fn parameters and nowhere else, and every
   float8 parameter takes only those. Scales are float tensors cast to the fp32 parameter: a Linear's

@@ -19,7 +19,7 @@ from pyllama4.layers.rope import apply_rope, rotation
 FUSED_ULPS = 1  # bf16 steps any element may be from the torch reference
 FUSED_FLIPS = 1e-3  # the fraction of elements that may differ at all
 EPS = 1e-5  # Llama 4's rms_norm_eps
-SCOUT_ROPE = RopeScaling(16.0, 1.0, 1.0, 8192)  # Scout's llama3 scaling (LLAMA4.md)
+SCOUT_ROPE = RopeScaling(16.0, 1.0, 1.0, 8192)  # Scout's llama3 scaling
 SCOUT_THETA = 500000.0
 
 
