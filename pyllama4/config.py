@@ -116,38 +116,8 @@ class TextConfig:
             raise ConfigError(f"config.json: {heads} attention heads over {kv_heads} KV heads")
         head_dim = int(get["head_dim"] or get["hidden_size"] // heads)
 
-        no_rope = get["no_rope_layers"]
-        if not no_rope:  # empty or absent: transformers' default (every interval-th layer is NoPE)
-            interval = int(get["no_rope_layer_interval"])
-            no_rope = [int((i + 1) % interval != 0) for i in range(layers)]
-        use_rope = _per_layer(no_rope, layers, "no_rope_layers")
-        chunk = get["attention_chunk_size"]
-        chunk = None if chunk is None else int(chunk)
-        layer_types = get["layer_types"]
-        if layer_types is None:
-            chunked = tuple(r and chunk is not None for r in use_rope)
-        else:
-            if len(layer_types) != layers or set(layer_types) - {
-                "chunked_attention",
-                "full_attention",
-            }:
-                raise ConfigError(f"config.json: layer_types {layer_types!r}")
-            chunked = tuple(t == "chunked_attention" for t in layer_types)
-            if any(chunked) and chunk is None:
-                raise ConfigError("config.json: chunked_attention layers need attention_chunk_size")
-
-        moe_layers = get["moe_layers"]
-        if moe_layers is None:
-            step = int(get["interleave_moe_layer_step"])
-            moe_layers = range(step - 1, layers, step)
-        moe_set = {int(i) for i in moe_layers}
-        if moe_set - set(range(layers)):
-            raise ConfigError(f"config.json: moe_layers {sorted(moe_set)} outside 0..{layers - 1}")
-        moe = tuple(i in moe_set for i in range(layers))
-        experts = int(get["num_local_experts"])
-        top_k = int(get["num_experts_per_tok"])
-        if any(moe) and not 1 <= top_k <= experts:
-            raise ConfigError(f"config.json: num_experts_per_tok {top_k} with {experts} experts")
+        use_rope, chunked, chunk = _attention_layers(get, layers)
+        moe, experts, top_k = _moe_layers(get, layers)
 
         rope_theta, rope_scaling = _rope(text, int(get["max_position_embeddings"]))
         eos = get["eos_token_id"]
@@ -194,6 +164,45 @@ class TextConfig:
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: invalid JSON ({e})") from None
         return cls.from_dict(config)
+
+
+def _attention_layers(
+    get: dict[str, Any], layers: int
+) -> tuple[tuple[bool, ...], tuple[bool, ...], int | None]:
+    """(use_rope per layer, chunked per layer, attention_chunk_size)."""
+    no_rope = get["no_rope_layers"]
+    if not no_rope:  # empty or absent: transformers' default (every interval-th layer is NoPE)
+        interval = int(get["no_rope_layer_interval"])
+        no_rope = [int((i + 1) % interval != 0) for i in range(layers)]
+    use_rope = _per_layer(no_rope, layers, "no_rope_layers")
+    chunk = get["attention_chunk_size"]
+    chunk = None if chunk is None else int(chunk)
+    layer_types = get["layer_types"]
+    if layer_types is None:
+        return use_rope, tuple(r and chunk is not None for r in use_rope), chunk
+    if len(layer_types) != layers or set(layer_types) - {"chunked_attention", "full_attention"}:
+        raise ConfigError(f"config.json: layer_types {layer_types!r}")
+    chunked = tuple(t == "chunked_attention" for t in layer_types)
+    if any(chunked) and chunk is None:
+        raise ConfigError("config.json: chunked_attention layers need attention_chunk_size")
+    return use_rope, chunked, chunk
+
+
+def _moe_layers(get: dict[str, Any], layers: int) -> tuple[tuple[bool, ...], int, int]:
+    """(MoE per layer, num_local_experts, num_experts_per_tok)."""
+    moe_layers = get["moe_layers"]
+    if moe_layers is None:
+        step = int(get["interleave_moe_layer_step"])
+        moe_layers = range(step - 1, layers, step)
+    moe_set = {int(i) for i in moe_layers}
+    if moe_set - set(range(layers)):
+        raise ConfigError(f"config.json: moe_layers {sorted(moe_set)} outside 0..{layers - 1}")
+    moe = tuple(i in moe_set for i in range(layers))
+    experts = int(get["num_local_experts"])
+    top_k = int(get["num_experts_per_tok"])
+    if any(moe) and not 1 <= top_k <= experts:
+        raise ConfigError(f"config.json: num_experts_per_tok {top_k} with {experts} experts")
+    return moe, experts, top_k
 
 
 def _per_layer(values: list[Any], layers: int, name: str) -> tuple[bool, ...]:

@@ -2,8 +2,10 @@
 server.
 
 The wheel installs this folder (server/ in the repository) as the `pyllama4.server` package, so
-pyllama4 puts no other top-level name into site-packages. `pyllama4.server.cli` is the command
-line (`pyllama4-serve`, `pyllama4 serve`, `python -m pyllama4.launch_server`);
+pyllama4 puts no other top-level name into site-packages. `pyllama4.server.cli` holds the command
+line's entry points (`pyllama4-serve`, `pyllama4 serve`; `python -m pyllama4.launch_server`),
+`flags` its flag table, `checks` what the flags may be on this machine and `launch` the server's
+lifecycle;
 `pyllama4.server.app` is the ASGI app it serves with hypercorn, wired from: `asgi` (bodies,
 responses, errors, routing, server-sent events), `openai_routes` and `native_routes` (the
 endpoints), `serving` (the engine and options routes share), `sampling` (request ->
