@@ -1,13 +1,13 @@
-"""What the overlap schedule hides: the CPU time each step spends making its outputs' text.
+"""What the overlap schedule hides: the host time between two steps, and the text made meanwhile.
 
 For batch sizes 16 and 64 on the demo model (greedy, 64 new tokens per prompt, ignore_eos), with
 overlap on and off: the model thread's time per step (forward + sampling), the event loop's time
-per step making text (detokenizer, stop strings, emitting: Engine._deliver), the gap between one
-step's end on the model thread and the next step's start (on a GPU: the time it idles between
-steps) and the output tokens/s. With overlap the text of step N is made while step N+1
-computes, so the gap shrinks by the delivery time: on a GPU (where the CPU otherwise waits for
-the step) that is time saved per step; on a CPU both compete for the same cores and the
-throughput difference is within noise.
+per step making text (detokenizer, stop strings, emitting: the step loop's `deliver`), the gap
+between one step's end on the model thread and the next step's start (on a GPU: the time it
+idles between steps; it holds the commit of one step and the planning of the next) and the
+output tokens/s. The model thread runs the loop itself and hands each step's outputs to the
+event loop, which makes their text while the next step computes; without overlap the model
+thread waits for that text before it plans the next step.
 
 Run: python bench/overlap.py [--batches 16 64] [--max-tokens 64]
 """
@@ -52,13 +52,15 @@ def run(engine: Engine, batch: int, max_tokens: int) -> tuple[float, float, floa
     """(forward ms per step, delivery ms per step, gap ms between steps, output tok/s)."""
     forwards: list[tuple[float, float]] = []
     deliveries: list[tuple[float, float]] = []
+    deliver = engine.steps.deliver
     timed(engine.executor, "execute", forwards)
-    timed(engine, "_deliver", deliveries)
+    timed(engine.steps, "deliver", deliveries)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     start = time.perf_counter()
     outputs = engine.generate(prompts(engine, batch), params)
     seconds = time.perf_counter() - start
-    del engine.executor.execute, engine._deliver  # the instance wrappers
+    del engine.executor.execute  # the instance wrapper
+    engine.steps.deliver = deliver
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     steps = len(forwards)
     gaps = [b[0] - a[1] for a, b in zip(forwards, forwards[1:], strict=False)]

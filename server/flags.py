@@ -184,6 +184,27 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         "else cpu; the demo model defaults to cpu)",
     )
     hw.add_argument(
+        "--cpu-threads",
+        type=_int_in(1),
+        metavar="N",
+        help="on the CPU: torch compute threads (default: OMP_NUM_THREADS if set, else the "
+        "usable cores less --cpu-reserved-cores)",
+    )
+    hw.add_argument(
+        "--cpu-reserved-cores",
+        type=_int_in(0),
+        metavar="N",
+        help="on the CPU: cores kept free of compute threads for the event loop and HTTP "
+        "(default 1 with two or more cores)",
+    )
+    hw.add_argument(
+        "--cpu-bind",
+        default="auto",
+        metavar="auto|none|LIST",
+        help="on the CPU: bind the compute threads to cores; auto: the last --cpu-threads "
+        "usable cores (unbound when they would take a reserved core); none; or a list like 1-3",
+    )
+    hw.add_argument(
         "--tp",
         "--tp-size",
         dest="tp",

@@ -218,6 +218,9 @@ def engine_config(args: argparse.Namespace, path: Path) -> EngineConfig:
         dist_init_method=_init_method(args),
         cuda_graph_max_bs=graph_max_bs(args, device),
         overlap=not args.disable_overlap_schedule,
+        cpu_threads=args.cpu_threads,
+        cpu_bind=args.cpu_bind,
+        cpu_reserved_cores=args.cpu_reserved_cores,
         enable_prefix_cache=not args.disable_radix_cache,
         **{name: value for name, value in given.items() if value is not None},
     )

@@ -342,33 +342,30 @@ def test_overlap_changes_no_output(weights, tokenizer):
 
 @pytest.mark.parametrize("overlap", [True, False])
 def test_text_is_made_while_the_next_step_computes(weights, tokenizer, monkeypatch, overlap):
-    """With overlap, outputs are delivered (detokenized, streamed) while the model thread has
-    the next step in flight (queued, its tokens not back); without, never."""
+    """With overlap, outputs are delivered (detokenized, streamed) while the model thread runs
+    the next step; without, never. The steps are handed over as on a GPU: once the next step is
+    queued (on the CPU, where a step computes while it is launched, at commit)."""
     engine = make_engine(weights, tokenizer, overlap=overlap)
+    engine.steps._post_at_commit = not overlap
     state = {"in_flight": False}
     during: list[bool] = []
-    execute, deliver, thread = engine.executor.execute, engine._deliver, engine._model_thread
+    execute, deliver = engine.executor.execute, engine.steps.deliver
 
     def slow_execute(*args):
-        result = execute(*args)  # sets its `launched` once the step is queued
-        time.sleep(0.005)  # the device still computing the queued step, as on a GPU
-        return result
-
-    class WatchedThread:
-        def submit(self, fn, *args):
-            state["in_flight"] = True
-            future = thread.submit(fn, *args)
-            future.add_done_callback(lambda _: state.update(in_flight=False))
-            return future
+        state["in_flight"] = True
+        try:
+            result = execute(*args)
+            time.sleep(0.005)  # the device still computing the queued step, as on a GPU
+            return result
+        finally:
+            state["in_flight"] = False
 
     def watched_deliver(outputs):
-        if outputs is not None:
-            during.append(state["in_flight"])
+        during.append(state["in_flight"])
         deliver(outputs)
 
     monkeypatch.setattr(engine.executor, "execute", slow_execute)
-    monkeypatch.setattr(engine, "_deliver", watched_deliver)
-    monkeypatch.setattr(engine, "_model_thread", WatchedThread())
+    monkeypatch.setattr(engine.steps, "deliver", watched_deliver)
     params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
     outputs = engine.generate(prompts(4, seed=22), params)
     assert all(len(o.outputs[0].token_ids) == 16 for o in outputs)

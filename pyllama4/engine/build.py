@@ -83,7 +83,10 @@ def build(config: EngineConfig) -> EngineParts:
     if config.tp > 1:
         check_shardable(TextConfig.from_checkpoint(config.checkpoint), config.tp)
         sharded = _Sharded.start(config)
-    model_thread = ThreadPoolExecutor(1, "pyllama4-model")
+    layout = config.cpu_layout()  # ValueError before anything starts
+    if layout is not None:
+        log.info(layout.describe())
+    model_thread = ThreadPoolExecutor(1, "pyllama4-model", layout and layout.apply)
     try:
         built = model_thread.submit(_build_on_model_thread, config, tokenizer, sharded).result()
     except BaseException:

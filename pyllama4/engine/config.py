@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from pyllama4 import cpu_layout
+from pyllama4.cpu_layout import CpuLayout
 from pyllama4.runner import MAX_RUNNING, MAX_STEP_TOKENS
 from pyllama4.speculative.eagle import SpecConfig
 
@@ -47,6 +49,10 @@ class EngineConfig:
     # ---- the step loop
     cuda_graph_max_bs: int = 0  # > 0 on a GPU: decode steps up to this batch replay graphs
     overlap: bool = True  # make a step's text while the next step computes
+    # ---- the CPU's cores (pyllama4.cpu_layout.plan; None: its defaults)
+    cpu_threads: int | None = None
+    cpu_bind: str = "auto"
+    cpu_reserved_cores: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "checkpoint", Path(self.checkpoint))
@@ -54,6 +60,13 @@ class EngineConfig:
             object.__setattr__(self, "speculative_draft", Path(self.speculative_draft))
         if self.tp > 1 and self.speculative_draft is not None:
             raise ValueError("EAGLE3 with tensor parallelism is not supported yet (use tp 1)")
+
+    def cpu_layout(self) -> CpuLayout | None:
+        """Where the model thread's torch threads go on the CPU (None on a GPU, and under tensor
+        parallelism, whose ranks share the cores evenly)."""
+        if self.device != "cpu" or self.tp > 1:
+            return None
+        return cpu_layout.plan(self.cpu_threads, self.cpu_bind, self.cpu_reserved_cores)
 
     def runner_options(self) -> dict[str, Any]:
         """ModelRunner's keyword arguments other than its KV budget (the build decides that)."""

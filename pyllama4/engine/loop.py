@@ -2,9 +2,11 @@
 deliver), and the requests' way in and out (submit, abort, stats).
 
 Invariants:
-- One task runs the loop; only the event-loop thread touches the core scheduler (submit, abort,
-  finish and commit all run there). The step executor runs the forward pass and the sampler on
-  the model thread, on a plan that never changes, so the event loop keeps serving meanwhile.
+- The loop runs on the model thread: it plans, runs and commits one step after another with no
+  other thread on its way (no hand-off, no wake-up between two steps), and hands each committed
+  step's outputs to the event loop in one call. The event loop makes their text (detokenizing,
+  stop strings), streams them, and adds and ends requests. The scheduler and the engine's map
+  of running completions are touched only under the core lock, by either thread.
 - An idle engine waits on an event; it never spins.
 - Every submitted request ends: with its output (finish_reason stop / length), with "abort" when
   the caller aborts it, or with "error" and a message if the step that carried it failed.
@@ -12,24 +14,26 @@ Invariants:
   each end with its true reason.
 - Outputs of a request never depend on what else is in the batch (batch invariance is a tested
   property on CPU fp32), nor on chunked prefill, prefix reuse or retraction, nor on overlap.
-- Overlap (on by default): a committed step's token ids are recorded at once (the next step's
-  penalties read them); their text is made and streamed once the next step is queued on the
-  device, while it computes. The only wait on the device per step is for its sampled tokens.
+- Overlap (on by default): the model thread runs at most MAX_AHEAD steps ahead of delivery; a
+  request that a stop string ends may compute a token or two more, discarded. On a GPU a step's
+  outputs are handed over once the next step is queued on the device, so that their text is
+  made while it computes. Without overlap, each step's text is made before the next is planned.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import math
+import threading
 import time
 from collections.abc import AsyncIterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import anyio
-import numpy as np
 from PIL.Image import Image as PILImage
 
 from pyllama4._core import Scheduler
@@ -38,8 +42,9 @@ from pyllama4.distributed.runtime import Workers
 from pyllama4.engine import intake, offline, output
 from pyllama4.engine.build import build
 from pyllama4.engine.config import EngineConfig
-from pyllama4.engine.executor import EagleExecutor, StepExecutor, StepResult, image_feed
-from pyllama4.engine.records import Completion, Request, StepOutputs, StepRow
+from pyllama4.engine.executor import EagleExecutor, StepExecutor
+from pyllama4.engine.records import Completion, Request, StepOutputs
+from pyllama4.engine.steps import StepLoop
 from pyllama4.grammar import GrammarCompiler, GrammarSpec
 from pyllama4.memory import MemoryReport
 from pyllama4.multimodal.features import PromptFeatures
@@ -69,16 +74,16 @@ class Engine:
         overlap: bool = True,
     ):
         """scheduler: the core scheduler the engine owns (default: runner.new_scheduler()).
-        model_thread: the one thread that runs all of the model's torch work (built by
-        from_checkpoint, which also loads the model there). On the CPU, torch's OpenMP threads
-        are per calling thread: switching threads costs ~1.5x per step on 2 cores, measured.
+        model_thread: the one thread that runs the loop and all of the model's torch work (built
+        by from_checkpoint, which also loads the model there and places its CPU threads: torch's
+        OpenMP settings are per calling thread).
         images: the vision tower and tiling settings; None for a text-only engine.
         speculative: EAGLE3 drafting (pyllama4.speculative.eagle), built on this runner: the
         steps then run on an EagleExecutor.
         workers: the tensor-parallel worker processes of a ShardedRunner (from_checkpoint's tp),
         stopped by close(). overlap: make a step's text (detokenizing, stop strings, streaming)
         while the next step computes (SGLang's overlap schedule; a request that a stop string
-        ends then computes one token more, discarded); False: one after the other."""
+        ends then computes a token or two more, discarded); False: one after the other."""
         self.runner = runner
         self.images = images
         self.speculative = speculative
@@ -103,9 +108,19 @@ class Engine:
         self._request_ids = itertools.count(1)
         self._by_core: dict[int, Completion] = {}
         self._requests: dict[str, Request] = {}
-        self._wake = anyio.Event()
+        # The core lock: the scheduler and _by_core are read and changed only under it (the
+        # model thread plans and commits steps; the event loop adds, ends and forgets requests).
+        self._lock = threading.Lock()
+        self.steps = StepLoop(
+            self.scheduler,
+            self.executor,
+            self._by_core,
+            self._lock,
+            overlap=overlap,
+            deliver=self._deliver,
+            fail=self._fail_step,
+        )
         self._generation_tokens = 0
-        self._images_encoded = 0
         self._grammars: GrammarCompiler | None = None
         self._running = False
         self._model_thread = model_thread or ThreadPoolExecutor(1, "pyllama4-model")
@@ -177,110 +192,40 @@ class Engine:
         return await self._task_group.__aexit__(*exc)
 
     async def run(self) -> None:
-        """The step loop. Run it in a task group (or use `async with engine:`)."""
+        """Runs the step loop on the model thread until cancelled (run it in a task group, or use
+        `async with engine:`); outputs are delivered on this event loop (asyncio)."""
         if self._running:
             raise RuntimeError("the engine loop is already running")
         self._running = True
-        pending: StepOutputs | None = None  # the last step's outputs, their text not made yet
+        steps = self.steps
+        steps.start(asyncio.get_running_loop().call_soon_threadsafe)
+        driving = self._model_thread.submit(steps.drive)
         try:
-            while True:
-                await anyio.lowlevel.checkpoint()  # cancellation lands between steps
-                if not self.scheduler.has_work():
-                    if pending is not None:
-                        self._deliver(pending)
-                        pending = None
-                        continue  # delivering may release requests (n > 1 siblings)
-                    await self._wake.wait()
-                    self._wake = anyio.Event()
-                    continue
-                outputs = await self._step(pending)
-                pending = None
-                if self.overlap:
-                    pending = outputs
-                else:
-                    self._deliver(outputs)
+            await asyncio.wrap_future(driving)
         finally:
-            self._running = False
-            if pending is not None:
-                self._deliver(pending)
-
-    async def _step(self, previous: StepOutputs | None) -> StepOutputs | None:
-        """Runs one step; returns its tokens recorded, their text not made yet. previous: the
-        last step's outputs, whose text is made (and streamed) while this step computes."""
-        plan = self.scheduler.schedule()
-        if plan.num_requests == 0:
-            self._deliver(previous)
-            return None
-        completions = [self._by_core[i] for i in plan.request_ids[plan.sample_requests].tolist()]
-        requests = [c.sample_request() for c in completions]
-        for c in completions:  # the cache hit is known once the request is admitted
-            if c.index == 0 and not c.token_ids:
-                c.request.cached_tokens = self.scheduler.request_info(c.core_id).cached_tokens
-        feed = image_feed(plan, self._by_core.get)
-        prepared = self.executor.prepare(plan, self._by_core.get)
-        if any(r.constraint is not None for r in requests):
-            # A grammar advances on the model thread; its state must not move under _deliver.
-            self._deliver(previous)
-            previous = None
-        launched: Future[None] = Future()
-        future = self._model_thread.submit(
-            self.executor.execute, plan, requests, feed, prepared, launched
-        )
-        try:
-            # A step always completes and commits, even when the loop is being cancelled:
-            # otherwise the core would keep a plan in flight and its requests forever.
+            steps.stop()
             with anyio.CancelScope(shield=True):
-                if previous is not None:
-                    # The last step's text, once this step is queued on the device: made any
-                    # earlier, it would hold the GIL the model thread needs to launch the step.
-                    await anyio.to_thread.run_sync(launched.result)
-                    self._deliver(previous)
-                result = await anyio.to_thread.run_sync(future.result)
-        except Exception as e:  # noqa: BLE001 - any failure of a step fails its requests only
-            log.exception("step failed")
-            self.scheduler.commit(np.zeros(plan.num_samples, dtype=np.int32))
-            for core_id in plan.request_ids.tolist():
-                c = self._by_core.get(core_id)
-                if c is not None:
-                    self._fail_request(c.request, f"{type(e).__name__}: {e}")
-            return None
-        if feed is not None:
-            self._images_encoded += feed.encoded
-        return self._commit(completions, result)
+                # The last step commits and its outputs are delivered (this loop runs them).
+                await asyncio.wait([asyncio.wrap_future(driving)])
+            self._running = False
 
-    def _commit(self, completions: list[Completion], result: StepResult) -> StepOutputs:
-        """Commits a step's tokens to the core and records them in their completions."""
-        finished = {f.request_id: f for f in self.scheduler.commit(result.tokens, result.counts)}
-        outputs = StepOutputs(time.monotonic())
-        counts = result.counts
-        sizes = np.ones(len(result.tokens), dtype=np.int64) if counts is None else counts
-        ends = np.cumsum(sizes).tolist()
-        flat = result.tokens.tolist()
-        for row, c in enumerate(completions):
-            outputs.requests[c.request.request_id] = c.request
-            if c.finished:  # aborted while in flight
-                continue
-            fresh = flat[ends[row] - int(sizes[row]) : ends[row]]
-            c.verify_steps += bool(result.verified is not None and result.verified[row])
-            done = finished.get(c.core_id)
-            if done is not None:  # the core stopped at a stop token or the length limit
-                fresh = fresh[: done.num_output_tokens - len(c.token_ids)]
-            # Token ids now (the next step's penalties and min_tokens read them), text later.
-            c.token_ids.extend(fresh)
-            outputs.rows.append(StepRow(c, fresh, result.logprobs[row], done))
-        return outputs
+    def _fail_step(self, core_ids: list[int], message: str) -> None:
+        """On the event loop: ends the requests of a step that failed, with the error."""
+        for core_id in core_ids:
+            c = self._by_core.get(core_id)
+            if c is not None:
+                self._fail_request(c.request, message)
 
-    def _deliver(self, outputs: StepOutputs | None) -> None:
+    def _deliver(self, outputs: StepOutputs) -> None:
         """Makes the text of a step's tokens and emits each touched request's output; tells the
         core about requests that output processing ended."""
-        if outputs is None:
-            return
         processed, ended_by_core, ended_here = output.process(outputs)
         self._generation_tokens += processed
         for c in ended_by_core:
             self._release(c)
         for c, reason in ended_here:
-            self.scheduler.finish(c.core_id, reason)
+            with self._lock:
+                self.scheduler.finish(c.core_id, reason)
             self._release(c)
         for request in outputs.requests.values():
             self._start_siblings(request)
@@ -290,7 +235,8 @@ class Engine:
     def _release(self, c: Completion) -> None:
         """Forgets a finished completion on the engine's side (the core has ended it)."""
         c.in_core = False
-        self._by_core.pop(c.core_id, None)
+        with self._lock:
+            self._by_core.pop(c.core_id, None)
         if c.request.finished:
             c.request.metrics.finish_time = time.monotonic()
 
@@ -299,7 +245,8 @@ class Engine:
         for c in request.completions:
             if not c.finished:
                 if c.in_core:
-                    self.scheduler.finish(c.core_id, "abort")
+                    with self._lock:
+                        self.scheduler.finish(c.core_id, "abort")
                 c.finish_reason = reason
                 self._release(c)
         request.deferred.clear()
@@ -317,7 +264,8 @@ class Engine:
         if request.images is None or request.deferred:
             return
         if all(c.token_ids or c.finished for c in request.completions):
-            request.images.drop()
+            with self._lock:  # the model thread reads them while it plans a step
+                request.images.drop()
 
     def _emit(self, request: Request) -> None:
         try:
@@ -420,16 +368,17 @@ class Engine:
         return _stream(receive, self, request_id)
 
     def _add_to_core(self, c: Completion) -> None:
-        self.scheduler.add_request(
-            c.core_id,
-            c.request.key_ids,
-            max_new_tokens=c.params.max_tokens,
-            stop_token_ids=sorted(c.stop_ids),
-            reserve=self.executor.reserve(c.params, c.constraint is not None),
-        )
-        c.in_core = True
-        self._by_core[c.core_id] = c
-        self._wake.set()
+        with self._lock:
+            self.scheduler.add_request(
+                c.core_id,
+                c.request.key_ids,
+                max_new_tokens=c.params.max_tokens,
+                stop_token_ids=sorted(c.stop_ids),
+                reserve=self.executor.reserve(c.params, c.constraint is not None),
+            )
+            c.in_core = True
+            self._by_core[c.core_id] = c
+        self.steps.wake()
 
     def abort(self, request_id: str) -> bool:
         """Ends a request at once (finish_reason "abort"); its pages are released now or, if
@@ -448,7 +397,8 @@ class Engine:
         return len(request_ids)
 
     def stats(self) -> EngineStats:
-        s = self.scheduler.stats()
+        with self._lock:
+            s = self.scheduler.stats()
         spec = self.speculative.stats if self.speculative else None
         return EngineStats(
             num_running=s.num_running,
@@ -463,7 +413,7 @@ class Engine:
             generation_tokens=self._generation_tokens,
             num_retractions=s.num_retractions,
             num_steps=s.num_steps,
-            images_encoded=self._images_encoded,
+            images_encoded=self.steps.images_encoded,
             spec_verify_steps=spec.verify_steps if spec else 0,
             spec_accepted_tokens=spec.accepted_tokens if spec else 0,
         )

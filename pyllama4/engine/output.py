@@ -1,8 +1,10 @@
 """Output processing: a committed step's tokens become text, stop decisions and outputs.
 
-Invariant: this module never touches the scheduler. It returns what ended (and whether the core
-still holds it); the loop tells the core. A completion ends once: by the core (a stop token: its
-text is not part of the output; the length limit), by a stop string, or by a finished grammar.
+Invariant: this module runs on the event loop and never touches the scheduler. It returns what
+ended (and whether the core still holds it); the loop tells the core. A completion ends once: by
+the core (a stop token: its text is not part of the output; the length limit, a completed
+grammar) or by a stop string. Tokens reach `token_ids` here, one by one with their text: those
+after the token that ended a completion never do.
 """
 
 from __future__ import annotations
@@ -29,30 +31,33 @@ def process(step: StepOutputs) -> tuple[int, list[Completion], list[Ended]]:
     processed = 0
     by_core: list[Completion] = []
     ended: list[Ended] = []
-    for c, fresh, logprob, done in step.rows:
-        if c.finished:  # aborted since the step committed
+    for c, fresh, logprob, done, grammar_ended in step.rows:
+        if c.finished:  # ended since the step committed (aborted, or a stop string)
             continue
-        kept = len(c.token_ids) - len(fresh)
         for j, token in enumerate(fresh):
             processed += 1
             last = j == len(fresh) - 1
+            c.token_ids.append(token)
             core_finish = done if last else None
-            reason = _on_token(c, token, logprob, core_finish, step.time)
+            reason = _on_token(c, token, logprob, core_finish, last and grammar_ended, step.time)
             if reason is None:
                 continue
             c.finish_reason = reason
-            if core_finish is not None:
+            if core_finish is not None or (last and grammar_ended):
                 by_core.append(c)
             else:
                 ended.append(Ended(c, reason))
-            if not last:
-                c.token_ids = c.token_ids[: kept + j + 1]
             break
     return processed, by_core, ended
 
 
 def _on_token(
-    c: Completion, token: int, logprob: LogprobRow | None, done: Finished | None, now: float
+    c: Completion,
+    token: int,
+    logprob: LogprobRow | None,
+    done: Finished | None,
+    grammar_ended: bool,
+    now: float,
 ) -> str | None:
     """Takes one token into c's text; returns the finish reason if it ends c."""
     metrics = c.request.metrics
@@ -72,7 +77,7 @@ def _on_token(
         text += c.detokenizer.finish()
     emit, stopped = c.stops.push(text)
     c.pieces.append(emit)
-    if done is None and c.constraint is not None and c.constraint.finished:
+    if done is None and grammar_ended:
         # The grammar ended on a stop token the request does not stop at (ignore_eos).
         c.pieces.append(c.stops.finish())
         c.stop_reason = token

@@ -1,9 +1,10 @@
 """What the engine keeps per request while it runs, and what one committed step hands over.
 
 Invariants: a Request holds its n Completions, each of which is one request in the core
-scheduler (by `core_id`) while `in_core`; a completion's `token_ids` and `pieces` only grow
-(a stop inside a multi-token step replaces the token list with a shorter copy, never cuts it in
-place: the model thread may be reading it); `finish_reason` is set once.
+scheduler (by `core_id`) while `in_core`. A completion's tokens are kept twice: `sampled_ids`,
+every token the core committed (written and read on the model thread only: the sampler's
+penalties read them), and `token_ids`, the tokens delivered to the caller (written on the event
+loop only, with their text); both only grow. `finish_reason` is set once, on the event loop.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ class Completion:
     stops: StopStrings
     stop_ids: frozenset[int]
     pieces: list[str] = field(default_factory=list)  # output text, in the pieces it came in
-    token_ids: list[int] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)  # delivered (event loop)
+    sampled_ids: list[int] = field(default_factory=list)  # committed (model thread)
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
@@ -61,7 +63,7 @@ class Completion:
         return SampleRequest(
             params=self.params,
             prompt_ids=self.request.prompt_ids,
-            output_ids=self.token_ids,
+            output_ids=self.sampled_ids,
             stop_ids=self.stop_ids,
             seed_offset=self.index,
             constraint=self.constraint,
@@ -120,14 +122,15 @@ class StepRow(NamedTuple):
     """One completion's share of a committed step."""
 
     completion: Completion
-    tokens: list[int]  # the tokens the step added (already in completion.token_ids)
+    tokens: list[int]  # the tokens the step added (already in completion.sampled_ids)
     logprob: LogprobRow | None
     core_finish: Finished | None  # set when the core ended it (a stop token, the length limit)
+    grammar_ended: bool  # its grammar completed on the last token (the core has ended it)
 
 
 @dataclass
 class StepOutputs:
-    """A committed step's tokens, recorded in their completions' token ids, their text not
+    """A committed step's tokens, recorded in their completions' sampled ids, their text not
     made yet."""
 
     time: float
