@@ -157,17 +157,23 @@ class StepLoop:
             committed = self.scheduler.commit(result.tokens, result.counts)
         finished = {f.request_id: f for f in committed}
         outputs = StepOutputs(time.monotonic())
-        counts = result.counts
-        sizes = np.ones(len(result.tokens), dtype=np.int64) if counts is None else counts
-        ends = np.cumsum(sizes).tolist()
         flat = result.tokens.tolist()
-        for row, c in enumerate(completions):
+        if result.counts is None:  # one token per row
+            per_row = [flat[row : row + 1] for row in range(len(flat))]
+        else:
+            sizes = result.counts.tolist()
+            ends = np.cumsum(sizes).tolist()
+            per_row = [flat[end - n : end] for end, n in zip(ends, sizes, strict=True)]
+        rows = len(completions)
+        verified = [False] * rows if result.verified is None else result.verified.tolist()
+        for c, fresh, logprob, verify in zip(
+            completions, per_row, result.logprobs, verified, strict=True
+        ):
             outputs.requests[c.request.request_id] = c.request
             if c.finished:  # ended while in flight
                 continue
-            fresh = flat[ends[row] - int(sizes[row]) : ends[row]]
-            c.verify_steps += bool(result.verified is not None and result.verified[row])
-            done = finished.get(c.core_id)
+            c.verify_steps += verify
+            done = finished.get(c.core_id) if finished else None
             if done is not None:  # the core stopped at a stop token or the length limit
                 fresh = fresh[: done.num_output_tokens - len(c.sampled_ids)]
             c.sampled_ids.extend(fresh)
@@ -175,7 +181,7 @@ class StepLoop:
             if grammar_ended:  # a stop token the request does not stop at (ignore_eos)
                 with self._lock:
                     self.scheduler.finish(c.core_id, "stop")
-            outputs.rows.append(StepRow(c, fresh, result.logprobs[row], done, grammar_ended))
+            outputs.rows.append(StepRow(c, fresh, logprob, done, grammar_ended))
         return outputs
 
     def _post(self, outputs: StepOutputs) -> None:
