@@ -58,10 +58,15 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
+def cpu_available() -> bool:
+    """Whether this system has the /proc that the readings come from."""
+    return (PROC / "self" / "stat").exists()
+
+
 def tree_cpu_seconds(pid: int) -> float | None:
     """User + system CPU seconds of `pid`'s process tree (see the module docstring); None
     without /proc or when `pid` does not exist."""
-    if not (PROC / "self" / "stat").exists() or _stat_fields(pid) is None:
+    if not cpu_available() or _stat_fields(pid) is None:
         return None
     ticks = 0
     for p in process_tree(pid):

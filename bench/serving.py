@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from server_cpu import local_server_pid, tree_cpu_seconds
+from server_cpu import cpu_available, local_server_pid, tree_cpu_seconds
 
 from pyllama4.bench_data import SHAREGPT, iter_json_list
 
@@ -491,30 +491,47 @@ class Target:
     pid: int | None
 
 
-async def run_benchmark(
-    args: argparse.Namespace, rows: list[DatasetRow], target: Target, warmup: int
-) -> tuple[list[RequestRecord], float, float | None, float | None]:
-    """Send `warmup` untimed short requests, then the rows; returns the records, the duration,
-    the server's accept length if it reports one, and its CPU seconds over the timed part."""
+def http_client() -> Any:
+    """An httpx.AsyncClient without timeouts or connection limits, with $OPENAI_API_KEY."""
     import httpx
 
     headers = {}
     if os.environ.get("OPENAI_API_KEY"):
         headers["Authorization"] = f"Bearer {os.environ['OPENAI_API_KEY']}"
-    ignore_eos = not args.disable_ignore_eos
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with httpx.AsyncClient(timeout=None, limits=limits, headers=headers) as client:
+    return httpx.AsyncClient(timeout=None, limits=limits, headers=headers)
+
+
+async def warm_up(args: argparse.Namespace, target: Target, row: DatasetRow) -> None:
+    """--warmup-requests untimed requests of `row`'s prompt and at most 16 output tokens."""
+    short = DatasetRow(row.prompt, row.prompt_len, min(row.output_len, 16))
+    async with http_client() as client:
+        for _ in range(args.warmup_requests):
+            rec = await send_request(
+                client,
+                target.base_url,
+                target.backend,
+                target.model,
+                short,
+                not args.disable_ignore_eos,
+            )
+            if not rec.success:
+                raise SystemExit(f"error: the warmup request to {target.label} failed: {rec.error}")
+
+
+async def run_benchmark(
+    args: argparse.Namespace, rows: list[DatasetRow], target: Target
+) -> tuple[list[RequestRecord], float, float | None, float | None]:
+    """Send the rows to `target`; returns the records, the duration, the server's accept length
+    if it reports one, and the server's CPU seconds over the run (None: unmeasured)."""
+    ignore_eos = not args.disable_ignore_eos
+    async with http_client() as client:
 
         def go(row: DatasetRow):
             return send_request(
                 client, target.base_url, target.backend, target.model, row, ignore_eos
             )
 
-        short = DatasetRow(rows[0].prompt, rows[0].prompt_len, min(rows[0].output_len, 16))
-        for _ in range(warmup):
-            rec = await go(short)
-            if not rec.success:
-                raise SystemExit(f"error: the warmup request failed: {rec.error}")
         sem = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
         progress = Progress(len(rows))
 
@@ -599,6 +616,18 @@ def _base_url(url: str | None, host: str, port: int | None, backend: str) -> str
     return url[:-3] if url.endswith("/v1") else url
 
 
+def _add_compare_args(ap: argparse.ArgumentParser) -> None:
+    cmp = ap.add_argument_group("comparing with a second server B (A is --base-url / --port)")
+    cmp.add_argument("--compare-base-url", default=None, help="server B's URL")
+    cmp.add_argument("--compare-port", type=int, default=None, help="server B's port on --host")
+    cmp.add_argument("--compare-backend", choices=BACKENDS, default=None, help="default --backend")
+    cmp.add_argument("--compare-model", default=None, help="default --model")
+    cmp.add_argument("--compare-server-pid", type=int, default=None)
+    cmp.add_argument("--rounds", type=int, default=3, help="runs per server, A B A B ...")
+    cmp.add_argument("--label-a", default="A")
+    cmp.add_argument("--label-b", default="B")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -640,8 +669,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--warmup-requests",
         type=int,
         default=1,
-        help="untimed requests of at most 16 output tokens before the run\n"
-        "(with --compare: before each server's first round)",
+        help="untimed requests of at most 16 output tokens to each server before\nthe first run",
     )
     ap.add_argument("--disable-ignore-eos", action="store_true")
     ap.add_argument("--output-file", default=None, help="append one JSON line per run")
@@ -653,15 +681,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the server's pid, for its CPU time (default: the process listening on\n"
         "the port of a 127.0.0.1 / localhost base URL)",
     )
-    cmp = ap.add_argument_group("comparing with a second server B (A is --base-url / --port)")
-    cmp.add_argument("--compare-base-url", default=None, help="server B's URL")
-    cmp.add_argument("--compare-port", type=int, default=None, help="server B's port on --host")
-    cmp.add_argument("--compare-backend", choices=BACKENDS, default=None, help="default --backend")
-    cmp.add_argument("--compare-model", default=None, help="default --model")
-    cmp.add_argument("--compare-server-pid", type=int, default=None)
-    cmp.add_argument("--rounds", type=int, default=3, help="runs per server, A B A B ...")
-    cmp.add_argument("--label-a", default="A")
-    cmp.add_argument("--label-b", default="B")
+    _add_compare_args(ap)
     args = ap.parse_args(argv)
     args.base_url = _base_url(args.base_url, args.host, args.port, args.backend)
     args.compare = args.compare_base_url is not None or args.compare_port is not None
@@ -692,7 +712,9 @@ def resolve_tokenizer(name: str | None, model: str) -> Any:
     return AutoTokenizer.from_pretrained(name)
 
 
-def make_target(label: str, base_url: str, backend: str, model: str | None, pid: int | None):
+def make_target(
+    label: str, base_url: str, backend: str, model: str | None, pid: int | None
+) -> Target:
     """The server at `base_url`: its model (else the first of GET /v1/models) and the pid whose
     process tree's CPU time is read (`pid`, else the local listener on the URL's port)."""
     import httpx
@@ -702,11 +724,14 @@ def make_target(label: str, base_url: str, backend: str, model: str | None, pid:
             model = httpx.get(base_url + "/v1/models", timeout=10).json()["data"][0]["id"]
         except Exception as e:  # noqa: BLE001
             raise SystemExit(f"error: cannot read {base_url}/v1/models: {e}") from None
-    if pid is None:
+    if not cpu_available():
+        print("note: server CPU is unavailable on this system (it reads /proc)", file=sys.stderr)
+        pid = None
+    elif pid is None:
         pid = local_server_pid(base_url)
     elif tree_cpu_seconds(pid) is None:
         print(
-            f"warning: server CPU of pid {pid} is unavailable (no such process, or no /proc)",
+            f"warning: server CPU is not measured: there is no process {pid}",
             file=sys.stderr,
         )
         pid = None
@@ -716,6 +741,7 @@ def make_target(label: str, base_url: str, backend: str, model: str | None, pid:
 def sample_rows(
     args: argparse.Namespace, tokenizer: Any, sharegpt: Path | None
 ) -> list[DatasetRow]:
+    """The workload, the same for every run: --num-prompts rows of the dataset, from --seed."""
     random.seed(args.seed)
     if sharegpt is not None:
         n, out_len = args.num_prompts, args.sharegpt_output_len
@@ -736,12 +762,11 @@ def bench_one(
     rows: list[DatasetRow],
     target: Target,
     count: Callable[[str], int],
-    warmup: int,
     record: dict[str, Any],
 ) -> tuple[dict[str, Any], list[RequestRecord]]:
     """One measured run against `target`: prints its block, appends its JSON line (with
     `record`'s fields) to --output-file, and returns its metrics and records."""
-    records, duration, accept_length, cpu = asyncio.run(run_benchmark(args, rows, target, warmup))
+    records, duration, accept_length, cpu = asyncio.run(run_benchmark(args, rows, target))
     failed = [r for r in records if not r.success]
     if failed:
         print(f"warning: {len(failed)} requests failed; first: {failed[0].error}", file=sys.stderr)
@@ -769,17 +794,22 @@ def bench_one(
 
 
 def compare(
-    args: argparse.Namespace, rows: list[DatasetRow], a: Target, b: Target, count: Callable
+    args: argparse.Namespace,
+    rows: list[DatasetRow],
+    a: Target,
+    b: Target,
+    count: Callable[[str], int],
 ) -> bool:
-    """--rounds runs of each server, alternating A B A B ..., then the summary; True if every
-    run completed some request."""
+    """Warm both servers up, then --rounds runs of each, alternating A B A B ..., then the
+    summary; True if every run completed some request."""
+    for t in (a, b):
+        asyncio.run(warm_up(args, t, rows[0]))
     runs: dict[str, list[dict[str, Any]]] = {a.label: [], b.label: []}
     for r in range(1, args.rounds + 1):
         for t in (a, b):
             print(f"\n#### {t.label} ({t.base_url}), round {r}/{args.rounds}", flush=True)
-            warmup = args.warmup_requests if r == 1 else 0
             record = {"label": t.label, "round": r, "base_url": t.base_url}
-            runs[t.label].append(bench_one(args, rows, t, count, warmup, record)[0])
+            runs[t.label].append(bench_one(args, rows, t, count, record)[0])
     print()
     print(format_comparison(a.label, runs[a.label], b.label, runs[b.label]))
     return all(m["completed"] for ms in runs.values() for m in ms)
@@ -812,7 +842,8 @@ def main(argv: list[str] | None = None) -> int:
             args.compare_server_pid,
         )
         return 0 if compare(args, rows, a, b, count) else 1
-    m, records = bench_one(args, rows, a, count, args.warmup_requests, {})
+    asyncio.run(warm_up(args, a, rows[0]))
+    m, records = bench_one(args, rows, a, count, {})
     if args.plot:
         plot(args.plot, records, m)
     return 0 if m["completed"] else 1

@@ -26,9 +26,11 @@ def _load(name: str, path: Path):
     return module
 
 
-# bench/serving.py imports its sibling by name, as it does when run by path.
+# bench/serving.py imports its sibling by name, as it does when run by path; the name leaves
+# sys.modules again, where no bench script's name may be importable.
 server_cpu = _load("server_cpu", ROOT / "bench" / "server_cpu.py")
 bs = _load("bench_serving", SCRIPT)
+del sys.modules["server_cpu"]
 
 # The labels of SGLang's "Serving Benchmark Result" block, copied line for line from the seed
 # document (/work/shared/seed/000_21057d9993ebb82e.txt, §5.1.1 "Test Results", the output of
@@ -303,10 +305,13 @@ def test_cpu_seconds_of_a_busy_process_tree_grow():
     assert server_cpu.tree_cpu_seconds(proc.pid) is None  # gone
 
 
-def test_cpu_seconds_are_unavailable_without_proc(monkeypatch, tmp_path):
+def test_cpu_seconds_are_unavailable_without_proc(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(server_cpu, "PROC", tmp_path / "no-proc")
     assert server_cpu.tree_cpu_seconds(os.getpid()) is None
     assert server_cpu.listening_pid(1) is None
+    target = bs.make_target("A", "http://127.0.0.1:1", "vllm", "m", os.getpid())
+    assert target.pid is None
+    assert "server CPU is unavailable on this system" in capsys.readouterr().err
 
 
 def test_the_port_lookup_finds_this_process_listening():
