@@ -11,14 +11,31 @@ the same "Serving Benchmark Result" block as SGLang, with the same metric defini
 - Throughputs are over the benchmark duration; peak output throughput is the largest number of
   content chunks in a 1-second bucket; concurrency = sum of E2E / duration.
 
+- Server CPU (Linux): user + system seconds of the server's process and all its descendants over
+  the measured run (bench/server_cpu.py), and those per output token. The server is --server-pid,
+  or else the process listening on the port of a 127.0.0.1 / localhost base URL; the two lines are
+  left out when neither is found.
+
 Example (the demo model served by pyllama4 on port 30000):
 
     python bench/serving.py --backend pyllama4 --port 30000 --tokenizer demo \\
         --dataset-name random --random-input-len 512 --random-output-len 128 \\
         --num-prompts 64 --max-concurrency 16
 
-One file on purpose: a benchmark script that a user runs by path, whose measuring and whose report
-belong together.
+Comparing two servers on one machine (--compare-port or --compare-base-url): the same sampled
+prompts go to server A, then B, alternating for --rounds rounds each (A B A B ...), each run
+printing its own block under its label; a summary follows with each server's median (min-max)
+output throughput, mean TPOT, mean TTFT and server CPU ms per output token, and the ratios A/B.
+E.g. pyllama4 on port 30000 against vLLM on port 8100, both through the OpenAI completions API,
+each serving the checkpoint in $CKPT:
+
+    python bench/serving.py --backend vllm --port 30000 --compare-port 8100 \\
+        --label-a pyllama4 --label-b vllm --tokenizer $CKPT --rounds 3 \\
+        --dataset-name random --random-input-len 256 --random-output-len 64 \\
+        --num-prompts 32 --max-concurrency 8
+
+One file on purpose (with its /proc reader beside it): a benchmark script that a user runs by
+path, whose measuring and whose report belong together.
 """
 
 from __future__ import annotations
@@ -38,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from server_cpu import cpu_available, local_server_pid, tree_cpu_seconds
 
 from pyllama4.bench_data import SHAREGPT, iter_json_list
 
@@ -170,6 +188,20 @@ def compute_metrics(
     return m
 
 
+def cpu_metrics(cpu_seconds: float | None, output_tokens: int) -> dict[str, float | None]:
+    """The server's CPU seconds over a run and its CPU ms per output token (None: unmeasured)."""
+    per_token = None
+    if cpu_seconds is not None and output_tokens:
+        per_token = 1000.0 * cpu_seconds / output_tokens
+    return {"server_cpu_seconds": cpu_seconds, "server_cpu_ms_per_output_token": per_token}
+
+
+CPU_LINES = (
+    ("Server CPU seconds:", "server_cpu_seconds"),
+    ("Server CPU ms per output token:", "server_cpu_ms_per_output_token"),
+)
+
+
 def _fmt(label: str, value: Any, spec: str = "") -> str:
     return f"{label:<40} {value:<10{spec}}".rstrip()
 
@@ -204,6 +236,9 @@ def format_result(
     ]
     if accept_length is not None:
         lines.append(_fmt("Accept length:", accept_length, ".2f"))
+    for label, key in CPU_LINES:
+        if m.get(key) is not None:
+            lines.append(_fmt(label, m[key], ".2f"))
     sections = [
         ("End-to-End Latency", "e2e_latency", "E2E Latency", ("mean", "median")),
         ("Time to First Token", "ttft", "TTFT", ("mean", "median", "p99")),
@@ -216,6 +251,48 @@ def format_result(
         for s in stats:
             lines.append(_fmt(f"{names[s]} {label} (ms):", m[f"{s}_{key}_ms"], ".2f"))
     lines.append("=" * 50)
+    return "\n".join(lines)
+
+
+COMPARED = (
+    ("Output token throughput (tok/s):", "output_throughput"),
+    ("Mean TPOT (ms):", "mean_tpot_ms"),
+    ("Mean TTFT (ms):", "mean_ttft_ms"),
+    ("Server CPU ms per output token:", "server_cpu_ms_per_output_token"),
+)
+
+
+def _median(runs: Sequence[dict[str, Any]], key: str) -> float | None:
+    values = [m.get(key) for m in runs]
+    return None if not values or None in values else float(np.median(values))
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return "n/a" if a is None or not b else f"{a / b:.3f}"
+
+
+def format_comparison(
+    label_a: str, runs_a: Sequence[dict[str, Any]], label_b: str, runs_b: Sequence[dict[str, Any]]
+) -> str:
+    """Summary of two servers' runs: per metric each one's median (min-max), then the ratios A/B
+    of the medians of output throughput and mean TPOT."""
+
+    def cell(runs: Sequence[dict[str, Any]], key: str) -> str:
+        med = _median(runs, key)
+        if med is None:
+            return "n/a"
+        values = [m[key] for m in runs]
+        return f"{med:.2f} ({min(values):.2f}-{max(values):.2f})"
+
+    title = f" Comparison: median (min-max) of {len(runs_a)} / {len(runs_b)} runs "
+    lines = [title.center(90, "="), f"{'':<34}{'A: ' + label_a:<28}{'B: ' + label_b}"]
+    for title, key in COMPARED:
+        lines.append(f"{title:<34}{cell(runs_a, key):<28}{cell(runs_b, key)}".rstrip())
+    names = f"({label_a} / {label_b})"
+    for title, key in (("Output throughput", "output_throughput"), ("Mean TPOT", "mean_tpot_ms")):
+        ratio = _ratio(_median(runs_a, key), _median(runs_b, key))
+        lines.append(f"{title} ratio A/B {names}: {ratio}")
+    lines.append("=" * 90)
     return "\n".join(lines)
 
 
@@ -403,23 +480,58 @@ class Progress:
         sys.stderr.flush()
 
 
-async def run_benchmark(args: argparse.Namespace, rows: list[DatasetRow], model: str):
+@dataclass
+class Target:
+    """One server under test: where it listens, how it is asked, and its pid for CPU readings."""
+
+    label: str
+    base_url: str
+    backend: str
+    model: str
+    pid: int | None
+
+
+def http_client() -> Any:
+    """An httpx.AsyncClient without timeouts or connection limits, with $OPENAI_API_KEY."""
     import httpx
 
     headers = {}
     if os.environ.get("OPENAI_API_KEY"):
         headers["Authorization"] = f"Bearer {os.environ['OPENAI_API_KEY']}"
-    ignore_eos = not args.disable_ignore_eos
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with httpx.AsyncClient(timeout=None, limits=limits, headers=headers) as client:
+    return httpx.AsyncClient(timeout=None, limits=limits, headers=headers)
+
+
+async def warm_up(args: argparse.Namespace, target: Target, row: DatasetRow) -> None:
+    """--warmup-requests untimed requests of `row`'s prompt and at most 16 output tokens."""
+    short = DatasetRow(row.prompt, row.prompt_len, min(row.output_len, 16))
+    async with http_client() as client:
+        for _ in range(args.warmup_requests):
+            rec = await send_request(
+                client,
+                target.base_url,
+                target.backend,
+                target.model,
+                short,
+                not args.disable_ignore_eos,
+            )
+            if not rec.success:
+                raise SystemExit(f"error: the warmup request to {target.label} failed: {rec.error}")
+
+
+async def run_benchmark(
+    args: argparse.Namespace, rows: list[DatasetRow], target: Target
+) -> tuple[list[RequestRecord], float, float | None, float | None]:
+    """Send the rows to `target`; returns the records, the duration, the server's accept length
+    if it reports one, and the server's CPU seconds over the run (None: unmeasured)."""
+    ignore_eos = not args.disable_ignore_eos
+    async with http_client() as client:
 
         def go(row: DatasetRow):
-            return send_request(client, args.base_url, args.backend, model, row, ignore_eos)
+            return send_request(
+                client, target.base_url, target.backend, target.model, row, ignore_eos
+            )
 
-        for _ in range(args.warmup_requests):
-            rec = await go(rows[0])
-            if not rec.success:
-                raise SystemExit(f"error: the warmup request failed: {rec.error}")
         sem = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
         progress = Progress(len(rows))
 
@@ -433,20 +545,23 @@ async def run_benchmark(args: argparse.Namespace, rows: list[DatasetRow], model:
             return rec
 
         rng = np.random.default_rng(args.seed + 1)
+        cpu_start = tree_cpu_seconds(target.pid) if target.pid is not None else None
         start = time.perf_counter()
         tasks = [
             asyncio.create_task(one(row)) async for row in arrivals(rows, args.request_rate, rng)
         ]
         records = await asyncio.gather(*tasks)
         duration = time.perf_counter() - start
+        cpu_end = tree_cpu_seconds(target.pid) if target.pid is not None else None
+        cpu = cpu_end - cpu_start if cpu_start is not None and cpu_end is not None else None
         accept_length = None
         try:
-            info = (await client.get(args.base_url + "/get_server_info", timeout=5)).json()
+            info = (await client.get(target.base_url + "/get_server_info", timeout=5)).json()
             states = info.get("internal_states") or [info]
             accept_length = states[0].get("avg_spec_accept_length")
         except Exception:  # noqa: BLE001 - the server may not have the endpoint
             pass
-    return list(records), duration, accept_length
+    return list(records), duration, accept_length, cpu
 
 
 # ---- plot -------------------------------------------------------------------------------------
@@ -494,9 +609,30 @@ def plot(path: str, records: list[RequestRecord], m: dict[str, Any]) -> None:
 # ---- command line -----------------------------------------------------------------------------
 
 
+def _base_url(url: str | None, host: str, port: int | None, backend: str) -> str:
+    if url is None:
+        url = f"http://{host}:{port or (8000 if backend == 'vllm' else 30000)}"
+    url = url.rstrip("/")
+    return url[:-3] if url.endswith("/v1") else url
+
+
+def _add_compare_args(ap: argparse.ArgumentParser) -> None:
+    cmp = ap.add_argument_group("comparing with a second server B (A is --base-url / --port)")
+    cmp.add_argument("--compare-base-url", default=None, help="server B's URL")
+    cmp.add_argument("--compare-port", type=int, default=None, help="server B's port on --host")
+    cmp.add_argument("--compare-backend", choices=BACKENDS, default=None, help="default --backend")
+    cmp.add_argument("--compare-model", default=None, help="default --model")
+    cmp.add_argument("--compare-server-pid", type=int, default=None)
+    cmp.add_argument("--rounds", type=int, default=3, help="runs per server, A B A B ...")
+    cmp.add_argument("--label-a", default="A")
+    cmp.add_argument("--label-b", default="B")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__[__doc__.index("Example") : __doc__.index("One file on purpose")],
+        formatter_class=argparse.RawTextHelpFormatter,
     )
     ap.add_argument("--backend", choices=BACKENDS, default="sglang")
     ap.add_argument("--base-url", default=None, help="e.g. http://127.0.0.1:30000")
@@ -529,17 +665,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--request-rate", type=float, default=float("inf"), help="Poisson arrivals, req/s"
     )
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--warmup-requests", type=int, default=1)
+    ap.add_argument(
+        "--warmup-requests",
+        type=int,
+        default=1,
+        help="untimed requests of at most 16 output tokens to each server before\nthe first run",
+    )
     ap.add_argument("--disable-ignore-eos", action="store_true")
     ap.add_argument("--output-file", default=None, help="append one JSON line per run")
     ap.add_argument("--plot", default=None, metavar="FILE", help="PNG: latency CDFs, throughput")
+    ap.add_argument(
+        "--server-pid",
+        type=int,
+        default=None,
+        help="the server's pid, for its CPU time (default: the process listening on\n"
+        "the port of a 127.0.0.1 / localhost base URL)",
+    )
+    _add_compare_args(ap)
     args = ap.parse_args(argv)
-    if args.base_url is None:
-        port = args.port or (8000 if args.backend == "vllm" else 30000)
-        args.base_url = f"http://{args.host}:{port}"
-    args.base_url = args.base_url.rstrip("/")
-    if args.base_url.endswith("/v1"):
-        args.base_url = args.base_url[:-3]
+    args.base_url = _base_url(args.base_url, args.host, args.port, args.backend)
+    args.compare = args.compare_base_url is not None or args.compare_port is not None
+    if args.compare:
+        args.compare_backend = args.compare_backend or args.backend
+        args.compare_model = args.compare_model or args.model
+        args.compare_base_url = _base_url(
+            args.compare_base_url, args.host, args.compare_port, args.compare_backend
+        )
+        if args.plot:
+            ap.error("--plot draws one run; it does not go with --compare")
+        if args.label_a == args.label_b or args.rounds < 1:
+            ap.error("--compare needs two different labels and --rounds >= 1")
     return args
 
 
@@ -557,55 +712,71 @@ def resolve_tokenizer(name: str | None, model: str) -> Any:
     return AutoTokenizer.from_pretrained(name)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.plot and importlib.util.find_spec("matplotlib") is None:
-        raise SystemExit("error: --plot needs matplotlib, which is not installed")
-    sharegpt = None
-    if args.dataset_name == "sharegpt":
-        sharegpt = Path(args.dataset_path or SHAREGPT.path("--dataset-path"))
+def make_target(
+    label: str, base_url: str, backend: str, model: str | None, pid: int | None
+) -> Target:
+    """The server at `base_url`: its model (else the first of GET /v1/models) and the pid whose
+    process tree's CPU time is read (`pid`, else the local listener on the URL's port)."""
     import httpx
 
-    model = args.model
     if model is None:
         try:
-            model = httpx.get(args.base_url + "/v1/models", timeout=10).json()["data"][0]["id"]
+            model = httpx.get(base_url + "/v1/models", timeout=10).json()["data"][0]["id"]
         except Exception as e:  # noqa: BLE001
-            raise SystemExit(f"error: cannot read {args.base_url}/v1/models: {e}") from None
-    tokenizer = resolve_tokenizer(args.tokenizer, model)
+            raise SystemExit(f"error: cannot read {base_url}/v1/models: {e}") from None
+    if not cpu_available():
+        print("note: server CPU is unavailable on this system (it reads /proc)", file=sys.stderr)
+        pid = None
+    elif pid is None:
+        pid = local_server_pid(base_url)
+    elif tree_cpu_seconds(pid) is None:
+        print(
+            f"warning: server CPU is not measured: there is no process {pid}",
+            file=sys.stderr,
+        )
+        pid = None
+    return Target(label, base_url, backend, model, pid)
+
+
+def sample_rows(
+    args: argparse.Namespace, tokenizer: Any, sharegpt: Path | None
+) -> list[DatasetRow]:
+    """The workload, the same for every run: --num-prompts rows of the dataset, from --seed."""
     random.seed(args.seed)
-    rng = np.random.default_rng(args.seed)
     if sharegpt is not None:
         n, out_len = args.num_prompts, args.sharegpt_output_len
-        rows = sample_sharegpt(sharegpt, tokenizer, n, out_len, args.seed)
-    else:
-        rows = sample_random(
-            tokenizer,
-            args.num_prompts,
-            args.random_input_len,
-            args.random_output_len,
-            args.random_range_ratio,
-            rng,
-            as_ids=args.dataset_name == "random-ids",
-        )
-    if not rows:
-        raise SystemExit("error: no prompts to send")
-    print(f"#Input tokens: {sum(r.prompt_len for r in rows)}", file=sys.stderr)
-    print(f"#Output tokens: {sum(r.output_len for r in rows)}", file=sys.stderr)
+        return sample_sharegpt(sharegpt, tokenizer, n, out_len, args.seed)
+    return sample_random(
+        tokenizer,
+        args.num_prompts,
+        args.random_input_len,
+        args.random_output_len,
+        args.random_range_ratio,
+        np.random.default_rng(args.seed),
+        as_ids=args.dataset_name == "random-ids",
+    )
 
-    records, duration, accept_length = asyncio.run(run_benchmark(args, rows, model))
+
+def bench_one(
+    args: argparse.Namespace,
+    rows: list[DatasetRow],
+    target: Target,
+    count: Callable[[str], int],
+    record: dict[str, Any],
+) -> tuple[dict[str, Any], list[RequestRecord]]:
+    """One measured run against `target`: prints its block, appends its JSON line (with
+    `record`'s fields) to --output-file, and returns its metrics and records."""
+    records, duration, accept_length, cpu = asyncio.run(run_benchmark(args, rows, target))
     failed = [r for r in records if not r.success]
     if failed:
         print(f"warning: {len(failed)} requests failed; first: {failed[0].error}", file=sys.stderr)
-
-    def count(text: str) -> int:
-        return len(tokenizer.encode(text, add_special_tokens=False))
-
     m = compute_metrics(records, duration, count)
-    print(format_result(m, args.backend, args.request_rate, args.max_concurrency, accept_length))
+    m.update(cpu_metrics(cpu, m["total_output_tokens"]))
+    print(format_result(m, target.backend, args.request_rate, args.max_concurrency, accept_length))
     if args.output_file:
         result = {
-            "backend": args.backend,
+            **record,
+            "backend": target.backend,
             "dataset_name": args.dataset_name,
             "request_rate": args.request_rate if not math.isinf(args.request_rate) else "inf",
             "max_concurrency": args.max_concurrency,
@@ -613,12 +784,66 @@ def main(argv: list[str] | None = None) -> int:
             "random_input_len": args.random_input_len,
             "random_output_len": args.random_output_len,
             "random_range_ratio": args.random_range_ratio,
-            "model": model,
+            "model": target.model,
             **m,
             "accept_length": accept_length,
         }
         with open(args.output_file, "a") as f:
             f.write(json.dumps(result) + "\n")
+    return m, records
+
+
+def compare(
+    args: argparse.Namespace,
+    rows: list[DatasetRow],
+    a: Target,
+    b: Target,
+    count: Callable[[str], int],
+) -> bool:
+    """Warm both servers up, then --rounds runs of each, alternating A B A B ..., then the
+    summary; True if every run completed some request."""
+    for t in (a, b):
+        asyncio.run(warm_up(args, t, rows[0]))
+    runs: dict[str, list[dict[str, Any]]] = {a.label: [], b.label: []}
+    for r in range(1, args.rounds + 1):
+        for t in (a, b):
+            print(f"\n#### {t.label} ({t.base_url}), round {r}/{args.rounds}", flush=True)
+            record = {"label": t.label, "round": r, "base_url": t.base_url}
+            runs[t.label].append(bench_one(args, rows, t, count, record)[0])
+    print()
+    print(format_comparison(a.label, runs[a.label], b.label, runs[b.label]))
+    return all(m["completed"] for ms in runs.values() for m in ms)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        raise SystemExit("error: --plot needs matplotlib, which is not installed")
+    sharegpt = None
+    if args.dataset_name == "sharegpt":
+        sharegpt = Path(args.dataset_path or SHAREGPT.path("--dataset-path"))
+    a = make_target(args.label_a, args.base_url, args.backend, args.model, args.server_pid)
+    tokenizer = resolve_tokenizer(args.tokenizer, a.model)
+    rows = sample_rows(args, tokenizer, sharegpt)
+    if not rows:
+        raise SystemExit("error: no prompts to send")
+    print(f"#Input tokens: {sum(r.prompt_len for r in rows)}", file=sys.stderr)
+    print(f"#Output tokens: {sum(r.output_len for r in rows)}", file=sys.stderr)
+
+    def count(text: str) -> int:
+        return len(tokenizer.encode(text, add_special_tokens=False))
+
+    if args.compare:
+        b = make_target(
+            args.label_b,
+            args.compare_base_url,
+            args.compare_backend,
+            args.compare_model,
+            args.compare_server_pid,
+        )
+        return 0 if compare(args, rows, a, b, count) else 1
+    asyncio.run(warm_up(args, a, rows[0]))
+    m, records = bench_one(args, rows, a, count, {})
     if args.plot:
         plot(args.plot, records, m)
     return 0 if m["completed"] else 1

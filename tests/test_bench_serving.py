@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,10 +17,20 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "serving.py"
 
-_spec = importlib.util.spec_from_file_location("bench_serving", SCRIPT)
-bs = importlib.util.module_from_spec(_spec)
-sys.modules["bench_serving"] = bs
-_spec.loader.exec_module(bs)
+
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+# bench/serving.py imports its sibling by name, as it does when run by path; the name leaves
+# sys.modules again, where no bench script's name may be importable.
+server_cpu = _load("server_cpu", ROOT / "bench" / "server_cpu.py")
+bs = _load("bench_serving", SCRIPT)
+del sys.modules["server_cpu"]
 
 # The labels of SGLang's "Serving Benchmark Result" block, copied line for line from the seed
 # document (/work/shared/seed/000_21057d9993ebb82e.txt, §5.1.1 "Test Results", the output of
@@ -245,8 +257,195 @@ def test_bench_serving_against_a_live_server(launch_server, demo_dir, tmp_path):
     assert res["median_ttft_ms"] <= res["median_e2e_latency_ms"]
     assert res["total_output_tokens"] > 0 and res["total_output_tokens_retokenized"] > 0
     assert res["concurrency"] <= 3 + 1e-6
+    # The server listens on 127.0.0.1: its CPU time is found from the port.
+    assert res["server_cpu_seconds"] > 0 and res["server_cpu_ms_per_output_token"] > 0
     stdout = r.stdout.splitlines()
     start = stdout.index("============ Serving Benchmark Result ============")
-    block = stdout[start : start + len(SEED_LABELS)]
-    assert [ln if ln[0] in "=-" else ln[:40].rstrip() for ln in block] == SEED_LABELS
+    labels = SEED_LABELS[:18] + [label for label, _ in bs.CPU_LINES] + SEED_LABELS[18:]
+    block = stdout[start : start + len(labels)]
+    assert [ln if ln[0] in "=-" else ln[:40].rstrip() for ln in block] == labels
     assert "Successful requests:                     6" in block
+
+
+# ---- server CPU from /proc (bench/server_cpu.py) ---------------------------------------------
+
+# A parent that starts a child burning ~0.3 s of its own CPU time, which then reports and waits
+# for stdin to close (so it is a live descendant when read); the parent waits for the child.
+BURNING_TREE = """
+import subprocess, sys
+child = '''
+import sys, time
+while time.process_time() < 0.3:
+    pass
+print("burnt", flush=True)
+sys.stdin.read()
+'''
+subprocess.run([sys.executable, "-c", child])
+"""
+
+
+def test_cpu_seconds_of_a_busy_process_tree_grow():
+    proc = subprocess.Popen(
+        [sys.executable, "-c", BURNING_TREE],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        before = server_cpu.tree_cpu_seconds(proc.pid)
+        assert proc.stdout.readline().strip() == "burnt"
+        assert len(server_cpu.process_tree(proc.pid)) == 2
+        busy = server_cpu.tree_cpu_seconds(proc.pid)  # the child's time, read while it lives
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=60)
+    assert before is not None and busy is not None
+    assert 0.0 <= before <= busy
+    assert busy - before > 0.1
+    assert server_cpu.tree_cpu_seconds(proc.pid) is None  # gone
+
+
+def test_cpu_seconds_are_unavailable_without_proc(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(server_cpu, "PROC", tmp_path / "no-proc")
+    assert server_cpu.tree_cpu_seconds(os.getpid()) is None
+    assert server_cpu.listening_pid(1) is None
+    target = bs.make_target("A", "http://127.0.0.1:1", "vllm", "m", os.getpid())
+    assert target.pid is None
+    assert "server CPU is unavailable on this system" in capsys.readouterr().err
+
+
+def test_the_port_lookup_finds_this_process_listening():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert server_cpu.listening_pid(port) == os.getpid()
+        assert server_cpu.local_server_pid(f"http://127.0.0.1:{port}") == os.getpid()
+        assert server_cpu.local_server_pid(f"http://localhost:{port}/v1") == os.getpid()
+        assert server_cpu.local_server_pid(f"http://example.com:{port}") is None
+    assert server_cpu.listening_pid(port) is None  # closed
+
+
+def test_cpu_lines_only_when_measured():
+    m = bs.compute_metrics(timeline(), 2.0, len)
+    m.update(bs.cpu_metrics(None, m["total_output_tokens"]))
+    assert "Server CPU" not in bs.format_result(m, "sglang", 1.0, None)
+    m.update(bs.cpu_metrics(0.35, m["total_output_tokens"]))  # 7 output tokens
+    lines = bs.format_result(m, "sglang", 1.0, None).splitlines()
+    assert "Server CPU seconds:                      0.35" in lines
+    assert "Server CPU ms per output token:          50.00" in lines
+    after = lines.index("Concurrency:                             1.10") + 1
+    assert [ln[:40].rstrip() for ln in lines[after : after + 2]] == [lab for lab, _ in bs.CPU_LINES]
+
+
+def test_comparison_summary_has_medians_ranges_and_ratios():
+    def run(tput, tpot, cpu=None):
+        return {
+            "output_throughput": tput,
+            "mean_tpot_ms": tpot,
+            "mean_ttft_ms": 10.0,
+            "server_cpu_ms_per_output_token": cpu,
+        }
+
+    a = [run(100.0, 20.0, 5.0), run(120.0, 10.0, 7.0), run(110.0, 30.0, 6.0)]
+    b = [run(50.0, 40.0), run(60.0, 40.0), run(55.0, 40.0)]
+    lines = bs.format_comparison("ours", a, "theirs", b).splitlines()
+    assert "A: ours" in lines[1] and "B: theirs" in lines[1]
+    (tput,) = [ln for ln in lines if ln.startswith("Output token throughput (tok/s):")]
+    assert tput.split()[4:] == ["110.00", "(100.00-120.00)", "55.00", "(50.00-60.00)"]
+    (cpu,) = [ln for ln in lines if ln.startswith("Server CPU ms per output token:")]
+    assert cpu.split()[6:] == ["6.00", "(5.00-7.00)", "n/a"]
+    assert "Output throughput ratio A/B (ours / theirs): 2.000" in lines
+    assert "Mean TPOT ratio A/B (ours / theirs): 0.500" in lines
+
+
+# ---- --compare against two fake OpenAI-compatible servers -------------------------------------
+
+# Streams max_tokens chunks of " t" and then its usage, for any prompt; prints its port first.
+FAKE_SERVER = """
+import json, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+class Handler(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def reply(self, code, ctype, body):
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        if self.path == "/v1/models":
+            self.reply(200, "application/json", json.dumps({"data": [{"id": "fake"}]}).encode())
+        else:
+            self.reply(404, "text/plain", b"not found")
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        n = body["max_tokens"]
+        events = [{"choices": [{"text": " t"}]}] * n
+        events.append({"choices": [], "usage": {"completion_tokens": n}})
+        lines = [f"data: {json.dumps(e)}" for e in events] + ["data: [DONE]"]
+        self.reply(200, "text/event-stream", ("\\n\\n".join(lines) + "\\n\\n").encode())
+
+server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+print(server.server_address[1], flush=True)
+server.serve_forever()
+"""
+
+
+@pytest.fixture
+def fake_servers():
+    procs = [
+        subprocess.Popen([sys.executable, "-c", FAKE_SERVER], stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    try:
+        yield [(p.pid, int(p.stdout.readline())) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(timeout=30)
+
+
+def test_compare_alternates_the_two_servers_and_summarizes(fake_servers, demo_dir, tmp_path):
+    (pid_a, port_a), (pid_b, port_b) = fake_servers
+    out = tmp_path / "results.jsonl"
+    cmd = [sys.executable, str(SCRIPT), "--backend", "vllm", "--port", str(port_a)]
+    cmd += ["--compare-port", str(port_b), "--compare-server-pid", str(pid_b), "--rounds", "2"]
+    cmd += ["--label-a", "first", "--label-b", "second", "--tokenizer", str(demo_dir)]
+    cmd += ["--dataset-name", "random", "--random-input-len", "8", "--random-output-len", "4"]
+    cmd += ["--random-range-ratio", "1", "--num-prompts", "3", "--max-concurrency", "2"]
+    cmd += ["--output-file", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    stdout = r.stdout.splitlines()
+    heads = [ln for ln in stdout if ln.startswith("#### ")]
+    assert heads == [
+        f"#### first (http://127.0.0.1:{port_a}), round 1/2",
+        f"#### second (http://127.0.0.1:{port_b}), round 1/2",
+        f"#### first (http://127.0.0.1:{port_a}), round 2/2",
+        f"#### second (http://127.0.0.1:{port_b}), round 2/2",
+    ]
+    marks = [ln[:4] for ln in stdout if ln in heads or ln == SEED_LABELS[0]]
+    assert marks == ["####", "===="] * 4  # each run's heading, then its block
+    assert stdout.count("Successful requests:                     3") == 4
+    assert sum(ln.startswith("Server CPU seconds:") for ln in stdout) == 4
+    summary = stdout[stdout.index(next(ln for ln in stdout if " Comparison: " in ln)) :]
+    assert "A: first" in summary[1] and "B: second" in summary[1]
+    assert any(ln.startswith("Output throughput ratio A/B (first / second): ") for ln in summary)
+    assert any(ln.startswith("Mean TPOT ratio A/B (first / second): ") for ln in summary)
+    results = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(res["label"], res["round"]) for res in results] == [
+        ("first", 1),
+        ("second", 1),
+        ("first", 2),
+        ("second", 2),
+    ]
+    for res in results:  # A's pid is found from its port, B's is given
+        assert res["completed"] == 3 and res["backend"] == "vllm" and res["model"] == "fake"
+        assert res["total_output_tokens"] == 12
+        assert res["server_cpu_seconds"] >= 0.0
+        assert res["server_cpu_ms_per_output_token"] >= 0.0
