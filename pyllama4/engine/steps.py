@@ -80,10 +80,12 @@ class StepLoop:
         no other thread on the way; each committed step's outputs go to the event loop in one
         call. Requests arrive and leave through the core (under the core lock) meanwhile."""
         held: StepOutputs | None = None  # committed; posted once the next step is launched
-        while not self.stopping:
+        while True:
             if not self.overlap:
                 self._settle()  # the last step's text first: stop strings end requests now
-            self._work.clear()
+            self._work.clear()  # before the stop check: stop() sets the flag, then the event
+            if self.stopping:
+                break
             step = self._plan()
             if step is None:
                 if held is not None:
