@@ -25,14 +25,18 @@ from pyllama4.kv_cache import PagedKVCache
 
 @dataclass(frozen=True)
 class _Group:
-    """Requests padded to [R, Q] queries and [R, K] keys."""
+    """Requests padded to [R, Q] queries and [R, P] whole pages of keys (K = P * page_size keys,
+    the first at position first_page * page_size of each request)."""
 
     shape: tuple[int, int, int]  # (R, Q, K)
     query_index: torch.Tensor  # [R * Q] flat token index of each padded query (0 where padded)
     valid: torch.Tensor  # [V] positions in [R * Q] that are real queries
     tokens: torch.Tensor  # [V] their flat token indices
-    key_slots: torch.Tensor  # [R * K] pool slot of each key (0 where padded)
-    mask: torch.Tensor  # [R, 1, Q, K] bool: True where the query attends to the key
+    pages: torch.Tensor  # [R * P] pool page of each key page (the request's first where padded)
+    # Exactly one of: SDPA's [R, 1, Q, K] bool mask (True where the query attends to the key),
+    # or the batched matmuls' [R, Q, K] additive bias (0 there, -inf elsewhere) in the pool's dtype.
+    mask: torch.Tensor | None
+    bias: torch.Tensor | None
 
 
 @dataclass(frozen=True)
@@ -59,35 +63,32 @@ class AttentionMetadata:
     dense: _Dense | None = None
 
 
-def _group(
-    batch: StepBatch,
-    lo: int,
-    hi: int,
-    table: torch.Tensor,
-    page_size: int,
+# Groups whose queries are at most this many per request attend through batched matmuls per
+# KV head (_attend_matmul); longer ones through SDPA. Measured with bench/cpu_attention.py on a
+# 2-core CPU (1 thread, fp32 and bf16, 1-64 requests over 128-512 keys): the matmuls win by 2-10x
+# for one query, and SDPA's flash kernel from a few dozen on.
+MATMUL_MAX_QUERIES = 16
+
+
+def _mask(
+    ctx: np.ndarray,
+    seq: np.ndarray,
+    start: np.ndarray,
+    kpos: np.ndarray,
+    q_max: int,
     chunk: int | None,
-    table_width: int,
-    tree: np.ndarray | None = None,
-) -> _Group:
-    """tree: [R, Q', Q'] ancestor masks of the group's query tokens (draft trees, see StepBatch);
-    keys written this step then count by tree ancestry and real position, not by slot order."""
-    device = table.device
-    qs = batch.query_start[lo : hi + 1].astype(np.int64)
-    ctx = batch.context_lens[lo:hi].astype(np.int64)
-    seq = batch.seq_lens[lo:hi].astype(np.int64)
-    qlen = seq - ctx
-    # Keys: [0, seq) for full attention; from the chunk of the first query for chunk-local.
-    start = np.zeros_like(ctx) if chunk is None else ctx // chunk * chunk
-    q_max, k_max = int(qlen.max()), int((seq - start).max())
-    qj, kj = np.arange(q_max), np.arange(k_max)
+    tree: np.ndarray | None,
+) -> np.ndarray:
+    """[R, Q, K] bool: query j of request r (position ctx + j, or its tree depth) sees key kpos
+    [R, K]; padded query rows see key 0 only (no NaN)."""
+    qj = np.arange(q_max)
     qpos = ctx[:, None] + qj[None, :]
-    kpos = start[:, None] + kj[None, :]
-    query_valid = qj[None, :] < qlen[:, None]
-    key_valid = kpos < seq[:, None]
+    key_valid = (kpos >= start[:, None]) & (kpos < seq[:, None])
     if tree is None:
         mask = key_valid[:, None, :] & (kpos[:, None, :] <= qpos[:, :, None])
         kreal = kpos
     else:
+        k_max = kpos.shape[1]
         anc = np.zeros((len(ctx), q_max, q_max), dtype=bool)
         anc[:, : tree.shape[1], : tree.shape[2]] = tree[:, :q_max, :q_max]
         depth = anc.sum(axis=2) - 1  # a node's ancestors (itself included) count its depth + 1
@@ -105,26 +106,55 @@ def _group(
         )
     if chunk is not None:
         mask &= kreal[:, None, :] // chunk == qpos[:, :, None] // chunk
-    mask |= ~query_valid[:, :, None] & (kj == 0)[None, None, :]  # padded rows: no NaN
-    page = kpos // page_size
+    query_valid = qj[None, :] < (seq - ctx)[:, None]
+    mask[:, :, 0] |= ~query_valid
+    return mask
+
+
+def _group(
+    batch: StepBatch,
+    lo: int,
+    hi: int,
+    table: torch.Tensor,
+    page_size: int,
+    chunk: int | None,
+    table_width: int,
+    dtype: torch.dtype,
+    tree: np.ndarray | None = None,
+) -> _Group:
+    """tree: [R, Q', Q'] ancestor masks of the group's query tokens (draft trees, see StepBatch);
+    keys written this step then count by tree ancestry and real position, not by slot order."""
+    device = table.device
+    qs = batch.query_start[lo : hi + 1].astype(np.int64)
+    ctx = batch.context_lens[lo:hi].astype(np.int64)
+    seq = batch.seq_lens[lo:hi].astype(np.int64)
+    qlen = seq - ctx
+    # Keys: [0, seq) for full attention; from the chunk of the first query for chunk-local.
+    start = np.zeros_like(ctx) if chunk is None else ctx // chunk * chunk
+    first, last = start // page_size, (seq - 1) // page_size
+    q_max, p_max = int(qlen.max()), int((last - first).max()) + 1
+    qj, pj = np.arange(q_max), np.arange(p_max)
+    page = first[:, None] + pj[None, :]
     col = page if chunk is None else page % table_width
-    col = np.where(key_valid, col, 0)
+    col = np.where(page <= last[:, None], col, col[:, :1])
     rows = batch.rows[lo:hi]
     pages = table[rows[:, None], torch.from_numpy(col).to(device)]
-    key_slots = torch.where(
-        torch.from_numpy(key_valid).to(device),
-        pages * page_size + torch.from_numpy(kpos % page_size).to(device),
-        0,
-    )
+    kpos = first[:, None] * page_size + np.arange(p_max * page_size)[None, :]
+    mask = torch.from_numpy(_mask(ctx, seq, start, kpos, q_max, chunk, tree)).to(device)
+    query_valid = qj[None, :] < qlen[:, None]
     query_index = np.where(query_valid, qs[:-1, None] + qj[None, :], 0).reshape(-1)
     valid = np.flatnonzero(query_valid)
+    matmul = q_max <= MATMUL_MAX_QUERIES
     return _Group(
-        shape=(len(ctx), q_max, k_max),
+        shape=(len(ctx), q_max, p_max * page_size),
         query_index=torch.from_numpy(query_index).to(device),
         valid=torch.from_numpy(valid).to(device),
         tokens=torch.from_numpy(query_index[valid]).to(device),
-        key_slots=key_slots.reshape(-1),
-        mask=torch.from_numpy(mask[:, None]).to(device),
+        pages=pages.reshape(-1),
+        mask=None if matmul else mask[:, None],
+        bias=torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, -torch.inf)
+        if matmul
+        else None,
     )
 
 
@@ -176,7 +206,9 @@ def prepare(batch: StepBatch, cache: PagedKVCache, local: bool) -> AttentionMeta
     ]
     trees = (batch.tree_ancestors, None)
     groups = tuple(
-        _group(batch, lo, hi, table, cache.page_size, chunk, cache.local_table_width, tree)
+        _group(
+            batch, lo, hi, table, cache.page_size, chunk, cache.local_table_width, pool.dtype, tree
+        )
         for (lo, hi), tree in zip(bounds, trees, strict=True)
         if hi > lo
     )
@@ -221,12 +253,45 @@ def paged_attention(
         out.copy_(od.transpose(1, 2).reshape(b, hq, d))
     for g in meta.groups:
         r, nq, nk = g.shape
-        # index_select: several times faster than advanced indexing for row gathers on CPU.
-        qg = q.index_select(0, g.query_index).view(r, nq, hq, d).transpose(1, 2)
-        kg = k_cache.index_select(0, g.key_slots).view(r, nk, hkv, d).transpose(1, 2)
-        vg = v_cache.index_select(0, g.key_slots).view(r, nk, hkv, d).transpose(1, 2)
-        og = F.scaled_dot_product_attention(
-            qg, kg, vg, attn_mask=g.mask, scale=scale, enable_gqa=True
-        ).transpose(1, 2)  # [R, Q, Hq, D]
+        # index_select: several times faster than advanced indexing for row gathers on CPU;
+        # whole pages: a page_size-th of the index entries that single slots would take.
+        qg = q.index_select(0, g.query_index).view(r, nq, hq, d)
+        kg = k_cache.view(-1, meta.page_size, hkv, d).index_select(0, g.pages).view(r, nk, hkv, d)
+        vg = v_cache.view(-1, meta.page_size, hkv, d).index_select(0, g.pages).view(r, nk, hkv, d)
+        if g.bias is not None:
+            og = _attend_matmul(qg, kg, vg, g.bias, scale)
+        else:
+            og = F.scaled_dot_product_attention(
+                qg.transpose(1, 2),
+                kg.transpose(1, 2),
+                vg.transpose(1, 2),
+                attn_mask=g.mask,
+                scale=scale,
+                enable_gqa=True,
+            ).transpose(1, 2)
         out.index_copy_(0, g.tokens, og.reshape(r * nq, hq, d).index_select(0, g.valid))
     return out
+
+
+def _attend_matmul(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Attention of q [R, Q, Hq, D] over k/v [R, K, Hkv, D] with the additive bias [R, Q, K]:
+    per KV head, one batched matmul of its Hq / Hkv query heads' rows [R, G * Q, D] with its
+    keys (strided views, never copied or repeated per query head), softmax in float32, one
+    batched matmul with its values. Returns [R, Q, Hq, D]."""
+    r, nq, hq, d = q.shape
+    nk, hkv = k.shape[1], k.shape[2]
+    grp = hq // hkv
+    qh = q.view(r, nq, hkv, grp, d).permute(2, 0, 3, 1, 4).reshape(hkv, r, grp * nq, d)
+    out = q.new_empty(r, hkv, grp * nq, d)
+    for h in range(hkv):
+        kt = k[:, :, h].transpose(1, 2)  # [R, D, K]
+        if nq == 1:
+            s = torch.baddbmm(bias, qh[h], kt, alpha=scale)
+        else:
+            s = torch.bmm(qh[h], kt).mul_(scale)
+            s.view(r, grp, nq, nk).add_(bias[:, None])
+        p = torch.softmax(s, -1, dtype=torch.float32).to(v.dtype)
+        out[:, h] = torch.bmm(p, v[:, :, h])
+    return out.view(r, hkv, grp, nq, d).permute(0, 3, 1, 2, 4).reshape(r, nq, hq, d)
