@@ -29,9 +29,12 @@ class _Group:
     the first at position first_page * page_size of each request)."""
 
     shape: tuple[int, int, int]  # (R, Q, K)
-    query_index: torch.Tensor  # [R * Q] flat token index of each padded query (0 where padded)
-    valid: torch.Tensor  # [V] positions in [R * Q] that are real queries
-    tokens: torch.Tensor  # [V] their flat token indices
+    # Unpadded groups (every request has Q queries): their tokens are [span[0], span[1]) in
+    # order. Padded ones: index tensors instead, span None.
+    span: tuple[int, int] | None
+    query_index: torch.Tensor | None  # [R * Q] flat token index of each query (0 where padded)
+    valid: torch.Tensor | None  # [V] positions in [R * Q] that are real queries
+    tokens: torch.Tensor | None  # [V] their flat token indices
     pages: torch.Tensor  # [R * P] pool page of each key page (the request's first where padded)
     # Exactly one of: SDPA's [R, 1, Q, K] bool mask (True where the query attends to the key),
     # or the batched matmuls' [R, Q, K] additive bias (0 there, -inf elsewhere) in the pool's dtype.
@@ -140,21 +143,28 @@ def _group(
     rows = batch.rows[lo:hi]
     pages = table[rows[:, None], torch.from_numpy(col).to(device)]
     kpos = first[:, None] * page_size + np.arange(p_max * page_size)[None, :]
-    mask = torch.from_numpy(_mask(ctx, seq, start, kpos, q_max, chunk, tree)).to(device)
+    visible = _mask(ctx, seq, start, kpos, q_max, chunk, tree)
     query_valid = qj[None, :] < qlen[:, None]
     query_index = np.where(query_valid, qs[:-1, None] + qj[None, :], 0).reshape(-1)
     valid = np.flatnonzero(query_valid)
-    matmul = q_max <= MATMUL_MAX_QUERIES
+    padded = len(valid) < len(query_index)
+    index = [query_index, valid, query_index[valid]]
+    query_index, valid, tokens = (torch.from_numpy(i).to(device) if padded else None for i in index)
+    mask = bias = None
+    if q_max <= MATMUL_MAX_QUERIES:
+        bias = torch.from_numpy(np.where(visible, np.float32(0), np.float32(-np.inf)))
+        bias = bias.to(device, dtype)
+    else:
+        mask = torch.from_numpy(visible[:, None]).to(device)
     return _Group(
         shape=(len(ctx), q_max, p_max * page_size),
-        query_index=torch.from_numpy(query_index).to(device),
-        valid=torch.from_numpy(valid).to(device),
-        tokens=torch.from_numpy(query_index[valid]).to(device),
+        span=None if padded else (int(qs[0]), int(qs[-1])),
+        query_index=query_index,
+        valid=valid,
+        tokens=tokens,
         pages=pages.reshape(-1),
-        mask=None if matmul else mask[:, None],
-        bias=torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, -torch.inf)
-        if matmul
-        else None,
+        mask=mask,
+        bias=bias,
     )
 
 
@@ -255,7 +265,10 @@ def paged_attention(
         r, nq, nk = g.shape
         # index_select: several times faster than advanced indexing for row gathers on CPU;
         # whole pages: a page_size-th of the index entries that single slots would take.
-        qg = q.index_select(0, g.query_index).view(r, nq, hq, d)
+        if g.span is None:
+            qg = q.index_select(0, g.query_index).view(r, nq, hq, d)
+        else:
+            qg = q[g.span[0] : g.span[1]].view(r, nq, hq, d)
         kg = k_cache.view(-1, meta.page_size, hkv, d).index_select(0, g.pages).view(r, nk, hkv, d)
         vg = v_cache.view(-1, meta.page_size, hkv, d).index_select(0, g.pages).view(r, nk, hkv, d)
         if g.bias is not None:
@@ -269,7 +282,10 @@ def paged_attention(
                 scale=scale,
                 enable_gqa=True,
             ).transpose(1, 2)
-        out.index_copy_(0, g.tokens, og.reshape(r * nq, hq, d).index_select(0, g.valid))
+        if g.span is None:
+            out.index_copy_(0, g.tokens, og.reshape(r * nq, hq, d).index_select(0, g.valid))
+        else:
+            out[g.span[0] : g.span[1]] = og.reshape(r * nq, hq, d)
     return out
 
 
