@@ -7,8 +7,8 @@ pages of 16, random pages; for each batch size R, R requests with key counts dra
 prefill chunk). Prints, for fp32 and bf16:
 - prepare: attention.prepare for one pool (once per step);
 - per layer: paged_attention (KV write, gather, attention) through the batched matmuls
-  (attention.MATMUL_MAX_QUERIES as set) and through SDPA (MATMUL_MAX_QUERIES = 0), with the
-  path the default rule picks marked.
+  and through SDPA, whatever the rule (attention.MATMUL_MAX_QUERIES, MATMUL_MIN_REQUESTS)
+  would pick; the path it picks is marked.
 Times: median over --repeats of the mean of --iters calls, the variants interleaved.
 
 Run: python bench/cpu_attention.py [--batches 1 16 64] [--queries 1 4 16 32 128]
@@ -92,13 +92,14 @@ def timed(fns: dict[str, Callable[[], object]], repeats: int, iters: int) -> dic
 def layer_call(
     step: StepBatch, cache: SimpleNamespace, q, k, v, max_queries: int
 ) -> Callable[[], torch.Tensor]:
-    """One layer's paged_attention with metadata built under MATMUL_MAX_QUERIES = max_queries."""
-    default = attention.MATMUL_MAX_QUERIES
-    attention.MATMUL_MAX_QUERIES = max_queries
+    """One layer's paged_attention, its groups through the matmuls when they have at most
+    max_queries queries per request, else through SDPA."""
+    rule = attention.MATMUL_MAX_QUERIES, attention.MATMUL_MIN_REQUESTS
+    attention.MATMUL_MAX_QUERIES, attention.MATMUL_MIN_REQUESTS = max_queries, 0
     try:
         meta = attention.prepare(step, cache, local=False)
     finally:
-        attention.MATMUL_MAX_QUERIES = default
+        attention.MATMUL_MAX_QUERIES, attention.MATMUL_MIN_REQUESTS = rule
     scale = q.shape[-1] ** -0.5
     slots = step.global_slots
     return lambda: attention.paged_attention(q, k, v, cache.k[0], cache.v[0], slots, meta, scale)
@@ -136,7 +137,9 @@ def main() -> None:
                         args.repeats,
                         args.iters,
                     )
-                    default = "matmul" if queries <= attention.MATMUL_MAX_QUERIES else "sdpa"
+                    matmul = queries <= attention.MATMUL_MAX_QUERIES
+                    matmul &= batch >= attention.MATMUL_MIN_REQUESTS
+                    default = "matmul" if matmul else "sdpa"
                     name = str(dtype).removeprefix("torch.")
                     print(
                         f"{name:8s} {batch:3d} {queries:4d} {t['prepare']:11.1f}"

@@ -71,8 +71,9 @@ def assert_close(case: DecodeCase, dtype: torch.dtype, num_decodes: int) -> None
 @pytest.fixture(params=["matmul", "sdpa"])
 def path(request, monkeypatch):
     """Every group through the batched matmuls, or every group through SDPA."""
-    most = 1 << 30 if request.param == "matmul" else 0
-    monkeypatch.setattr(attention, "MATMUL_MAX_QUERIES", most)
+    matmul = request.param == "matmul"
+    monkeypatch.setattr(attention, "MATMUL_MAX_QUERIES", 1 << 30 if matmul else 0)
+    monkeypatch.setattr(attention, "MATMUL_MIN_REQUESTS", 0)
     return request.param
 
 
@@ -118,10 +119,15 @@ def test_short_queries_with_padded_rows_and_prefill(path, dtype, chunk):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_the_rule_picks_matmuls_for_short_queries_and_sdpa_for_long(dtype):
-    case = decode_case([9, 60], queries=[1, attention.MATMUL_MAX_QUERIES + 1], device="cpu")
-    batch, cache = step(case, dtype, num_decodes=1)
-    decode, prefill = attention.prepare(batch, cache, local=False).groups
-    assert decode.bias is not None and decode.mask is None
-    assert decode.bias.dtype == dtype
+def test_the_rule_picks_matmuls_for_batched_decodes_and_sdpa_otherwise(dtype):
+    """Two one-query decodes: the matmuls (bias in the pool's dtype); a lone decode and a
+    prefill chunk of more queries: SDPA (a bool mask)."""
+    case = decode_case([9, 20, 60], queries=[1, 1, 2], device="cpu")
+    batch, cache = step(case, dtype, num_decodes=2)
+    decodes, prefill = attention.prepare(batch, cache, local=False).groups
+    assert decodes.bias is not None and decodes.mask is None
+    assert decodes.bias.dtype == dtype
     assert prefill.mask is not None and prefill.bias is None
+    batch, cache = step(decode_case([9], device="cpu"), dtype, num_decodes=1)
+    (lone,) = attention.prepare(batch, cache, local=False).groups
+    assert lone.mask is not None and lone.bias is None

@@ -4,7 +4,10 @@ Invariant: a query at position p of a request attends to that request's keys at 
 j <= p — all of them on full-attention layers, only those with floor(j / C) == floor(p / C) on
 chunk-local layers — read through the block tables, after this step's keys and values have been
 written at the plan's slots. Works for any mix of decodes (with speculative slots) and prefill
-chunks. Decodes and prefills are padded separately so short queries never pay for long ones.
+chunks. Decodes and prefills are padded separately so short queries never pay for long ones;
+each group gathers its requests' keys and values as whole pages and attends through SDPA, or,
+for batches of one-query decodes (the rule at MATMUL_MAX_QUERIES), through batched matmuls per
+KV head with a float32 softmax: the same function of the visible keys either way.
 On a GPU with the kernel library (hip/), decode tokens go through the paged attention kernel
 (pyllama4.kernels.attention), which must give the same result; prefill chunks keep torch's SDPA
 over the gathered keys.
@@ -12,6 +15,7 @@ over the gathered keys.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,11 +70,14 @@ class AttentionMetadata:
     dense: _Dense | None = None
 
 
-# Groups whose queries are at most this many per request attend through batched matmuls per
-# KV head (_attend_matmul); longer ones through SDPA. Measured with bench/cpu_attention.py on a
-# 2-core CPU (1 thread, fp32 and bf16, 1-64 requests over 128-512 keys): the matmuls win by 2-10x
-# for one query, and SDPA's flash kernel from a few dozen on.
-MATMUL_MAX_QUERIES = 16
+# Groups of at least MATMUL_MIN_REQUESTS requests of at most MATMUL_MAX_QUERIES queries each
+# attend through batched matmuls per KV head (_attend_matmul); others through SDPA's flash kernel.
+# Measured with bench/cpu_attention.py (2-core CPU, 1 thread, 8 query / 2 KV heads of 32, 128-512
+# keys): one query per request, the matmuls take 0.75x SDPA's time at 2-64 requests in fp32 and
+# 0.25-0.6x in bf16 (SDPA's one-query bf16 path is slow), but 1.2-1.25x for a single request;
+# from 2 queries on the two are within ~10% up to 4 queries, and SDPA is ~2x faster at 16.
+MATMUL_MAX_QUERIES = 1
+MATMUL_MIN_REQUESTS = 2
 
 
 def _mask(
@@ -151,7 +158,7 @@ def _group(
     index = [query_index, valid, query_index[valid]]
     query_index, valid, tokens = (torch.from_numpy(i).to(device) if padded else None for i in index)
     mask = bias = None
-    if q_max <= MATMUL_MAX_QUERIES:
+    if q_max <= MATMUL_MAX_QUERIES and len(ctx) >= MATMUL_MIN_REQUESTS:
         bias = torch.from_numpy(np.where(visible, np.float32(0), np.float32(-np.inf)))
         bias = bias.to(device, dtype)
     else:
@@ -269,8 +276,7 @@ def paged_attention(
             qg = q.index_select(0, g.query_index).view(r, nq, hq, d)
         else:
             qg = q[g.span[0] : g.span[1]].view(r, nq, hq, d)
-        kg = k_cache.view(-1, meta.page_size, hkv, d).index_select(0, g.pages).view(r, nk, hkv, d)
-        vg = v_cache.view(-1, meta.page_size, hkv, d).index_select(0, g.pages).view(r, nk, hkv, d)
+        kg, vg = (x.view(r, nk, hkv, d) for x in _gather_pages(k_cache, v_cache, g.pages, meta))
         if g.bias is not None:
             og = _attend_matmul(qg, kg, vg, g.bias, scale)
         else:
@@ -287,6 +293,31 @@ def paged_attention(
         else:
             out[g.span[0] : g.span[1]] = og.reshape(r * nq, hq, d)
     return out
+
+
+_scratch = threading.local()  # .buffer: this thread's gathered K and V on the CPU
+
+
+def _gather_pages(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, pages: torch.Tensor, meta: AttentionMetadata
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and values of `pages` [N], each [N, page_size, Hkv, D], valid until the next
+    call on this thread. On the CPU they go to one buffer per thread, reused by every layer and
+    step (grown by half when outgrown): fresh tensors of megabytes there fault their pages in on
+    every call, which costs about as much as the copy."""
+    k_pages = k_cache.view(-1, meta.page_size, *k_cache.shape[1:])
+    v_pages = v_cache.view(k_pages.shape)
+    if k_cache.device.type != "cpu":
+        return k_pages.index_select(0, pages), v_pages.index_select(0, pages)
+    shape = (2, pages.numel(), *k_pages.shape[1:])
+    numel = 2 * pages.numel() * k_pages[0].numel()
+    buffer = getattr(_scratch, "buffer", None)
+    if buffer is None or buffer.dtype != k_cache.dtype or buffer.numel() < numel:
+        buffer = _scratch.buffer = torch.empty(numel * 3 // 2, dtype=k_cache.dtype)
+    kv = buffer[:numel].view(shape)
+    torch.index_select(k_pages, 0, pages, out=kv[0])
+    torch.index_select(v_pages, 0, pages, out=kv[1])
+    return kv[0], kv[1]
 
 
 def _attend_matmul(
