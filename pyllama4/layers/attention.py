@@ -276,7 +276,8 @@ def paged_attention(
             qg = q.index_select(0, g.query_index).view(r, nq, hq, d)
         else:
             qg = q[g.span[0] : g.span[1]].view(r, nq, hq, d)
-        kg, vg = (x.view(r, nk, hkv, d) for x in _gather_pages(k_cache, v_cache, g.pages, meta))
+        kg, vg = _gather_pages(k_cache, v_cache, g.pages, meta.page_size)
+        kg, vg = kg.view(r, nk, hkv, d), vg.view(r, nk, hkv, d)
         if g.bias is not None:
             og = _attend_matmul(qg, kg, vg, g.bias, scale)
         else:
@@ -299,13 +300,13 @@ _scratch = threading.local()  # .buffer: this thread's gathered K and V on the C
 
 
 def _gather_pages(
-    k_cache: torch.Tensor, v_cache: torch.Tensor, pages: torch.Tensor, meta: AttentionMetadata
+    k_cache: torch.Tensor, v_cache: torch.Tensor, pages: torch.Tensor, page_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The keys and values of `pages` [N], each [N, page_size, Hkv, D], valid until the next
     call on this thread. On the CPU they go to one buffer per thread, reused by every layer and
     step (grown by half when outgrown): fresh tensors of megabytes there fault their pages in on
     every call, which costs about as much as the copy."""
-    k_pages = k_cache.view(-1, meta.page_size, *k_cache.shape[1:])
+    k_pages = k_cache.view(-1, page_size, *k_cache.shape[1:])
     v_pages = v_cache.view(k_pages.shape)
     if k_cache.device.type != "cpu":
         return k_pages.index_select(0, pages), v_pages.index_select(0, pages)
