@@ -4,7 +4,10 @@ Invariant: a query at position p of a request attends to that request's keys at 
 j <= p — all of them on full-attention layers, only those with floor(j / C) == floor(p / C) on
 chunk-local layers — read through the block tables, after this step's keys and values have been
 written at the plan's slots. Works for any mix of decodes (with speculative slots) and prefill
-chunks. Decodes and prefills are padded separately so short queries never pay for long ones.
+chunks. Decodes and prefills are padded separately so short queries never pay for long ones;
+each group gathers its requests' keys and values as whole pages and attends through SDPA, or,
+for batches of one-query decodes (the rule at MATMUL_MAX_QUERIES), through batched matmuls per
+KV head with a float32 softmax: the same function of the visible keys either way.
 On a GPU with the kernel library (hip/), decode tokens go through the paged attention kernel
 (pyllama4.kernels.attention), which must give the same result; prefill chunks keep torch's SDPA
 over the gathered keys.
@@ -12,6 +15,7 @@ over the gathered keys.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,14 +29,21 @@ from pyllama4.kv_cache import PagedKVCache
 
 @dataclass(frozen=True)
 class _Group:
-    """Requests padded to [R, Q] queries and [R, K] keys."""
+    """Requests padded to [R, Q] queries and [R, P] whole pages of keys (K = P * page_size keys,
+    the first at position first_page * page_size of each request)."""
 
     shape: tuple[int, int, int]  # (R, Q, K)
-    query_index: torch.Tensor  # [R * Q] flat token index of each padded query (0 where padded)
-    valid: torch.Tensor  # [V] positions in [R * Q] that are real queries
-    tokens: torch.Tensor  # [V] their flat token indices
-    key_slots: torch.Tensor  # [R * K] pool slot of each key (0 where padded)
-    mask: torch.Tensor  # [R, 1, Q, K] bool: True where the query attends to the key
+    # Unpadded groups (every request has Q queries): their tokens are [span[0], span[1]) in
+    # order. Padded ones: index tensors instead, span None.
+    span: tuple[int, int] | None
+    query_index: torch.Tensor | None  # [R * Q] flat token index of each query (0 where padded)
+    valid: torch.Tensor | None  # [V] positions in [R * Q] that are real queries
+    tokens: torch.Tensor | None  # [V] their flat token indices
+    pages: torch.Tensor  # [R * P] pool page of each key page (the request's first where padded)
+    # Exactly one of: SDPA's [R, 1, Q, K] bool mask (True where the query attends to the key),
+    # or the batched matmuls' [R, Q, K] additive bias (0 there, -inf elsewhere) in the pool's dtype.
+    mask: torch.Tensor | None
+    bias: torch.Tensor | None
 
 
 @dataclass(frozen=True)
@@ -59,35 +70,35 @@ class AttentionMetadata:
     dense: _Dense | None = None
 
 
-def _group(
-    batch: StepBatch,
-    lo: int,
-    hi: int,
-    table: torch.Tensor,
-    page_size: int,
+# Groups of at least MATMUL_MIN_REQUESTS requests of at most MATMUL_MAX_QUERIES queries each
+# attend through batched matmuls per KV head (_attend_matmul); others through SDPA's flash kernel.
+# Measured with bench/cpu_attention.py (2-core CPU, 1 thread, 8 query / 2 KV heads of 32, 128-512
+# keys): one query per request, the matmuls take 0.75x SDPA's time at 2-64 requests in fp32 and
+# 0.25-0.6x in bf16 (SDPA's one-query bf16 path is slow), but 1.2-1.25x for a single request;
+# from 2 queries on the two are within ~10% up to 4 queries, and SDPA is ~2x faster at 16.
+MATMUL_MAX_QUERIES = 1
+MATMUL_MIN_REQUESTS = 2
+
+
+def _mask(
+    ctx: np.ndarray,
+    seq: np.ndarray,
+    start: np.ndarray,
+    kpos: np.ndarray,
+    q_max: int,
     chunk: int | None,
-    table_width: int,
-    tree: np.ndarray | None = None,
-) -> _Group:
-    """tree: [R, Q', Q'] ancestor masks of the group's query tokens (draft trees, see StepBatch);
-    keys written this step then count by tree ancestry and real position, not by slot order."""
-    device = table.device
-    qs = batch.query_start[lo : hi + 1].astype(np.int64)
-    ctx = batch.context_lens[lo:hi].astype(np.int64)
-    seq = batch.seq_lens[lo:hi].astype(np.int64)
-    qlen = seq - ctx
-    # Keys: [0, seq) for full attention; from the chunk of the first query for chunk-local.
-    start = np.zeros_like(ctx) if chunk is None else ctx // chunk * chunk
-    q_max, k_max = int(qlen.max()), int((seq - start).max())
-    qj, kj = np.arange(q_max), np.arange(k_max)
+    tree: np.ndarray | None,
+) -> np.ndarray:
+    """[R, Q, K] bool: query j of request r (position ctx + j, or its tree depth) sees key kpos
+    [R, K]; padded query rows see key 0 only (no NaN)."""
+    qj = np.arange(q_max)
     qpos = ctx[:, None] + qj[None, :]
-    kpos = start[:, None] + kj[None, :]
-    query_valid = qj[None, :] < qlen[:, None]
-    key_valid = kpos < seq[:, None]
+    key_valid = (kpos >= start[:, None]) & (kpos < seq[:, None])
     if tree is None:
         mask = key_valid[:, None, :] & (kpos[:, None, :] <= qpos[:, :, None])
         kreal = kpos
     else:
+        k_max = kpos.shape[1]
         anc = np.zeros((len(ctx), q_max, q_max), dtype=bool)
         anc[:, : tree.shape[1], : tree.shape[2]] = tree[:, :q_max, :q_max]
         depth = anc.sum(axis=2) - 1  # a node's ancestors (itself included) count its depth + 1
@@ -105,26 +116,62 @@ def _group(
         )
     if chunk is not None:
         mask &= kreal[:, None, :] // chunk == qpos[:, :, None] // chunk
-    mask |= ~query_valid[:, :, None] & (kj == 0)[None, None, :]  # padded rows: no NaN
-    page = kpos // page_size
+    query_valid = qj[None, :] < (seq - ctx)[:, None]
+    mask[:, :, 0] |= ~query_valid
+    return mask
+
+
+def _group(
+    batch: StepBatch,
+    lo: int,
+    hi: int,
+    table: torch.Tensor,
+    page_size: int,
+    chunk: int | None,
+    table_width: int,
+    dtype: torch.dtype,
+    tree: np.ndarray | None = None,
+) -> _Group:
+    """tree: [R, Q', Q'] ancestor masks of the group's query tokens (draft trees, see StepBatch);
+    keys written this step then count by tree ancestry and real position, not by slot order."""
+    device = table.device
+    qs = batch.query_start[lo : hi + 1].astype(np.int64)
+    ctx = batch.context_lens[lo:hi].astype(np.int64)
+    seq = batch.seq_lens[lo:hi].astype(np.int64)
+    qlen = seq - ctx
+    # Keys: [0, seq) for full attention; from the chunk of the first query for chunk-local.
+    start = np.zeros_like(ctx) if chunk is None else ctx // chunk * chunk
+    first, last = start // page_size, (seq - 1) // page_size
+    q_max, p_max = int(qlen.max()), int((last - first).max()) + 1
+    qj, pj = np.arange(q_max), np.arange(p_max)
+    page = first[:, None] + pj[None, :]
     col = page if chunk is None else page % table_width
-    col = np.where(key_valid, col, 0)
+    col = np.where(page <= last[:, None], col, col[:, :1])
     rows = batch.rows[lo:hi]
     pages = table[rows[:, None], torch.from_numpy(col).to(device)]
-    key_slots = torch.where(
-        torch.from_numpy(key_valid).to(device),
-        pages * page_size + torch.from_numpy(kpos % page_size).to(device),
-        0,
-    )
+    kpos = first[:, None] * page_size + np.arange(p_max * page_size)[None, :]
+    visible = _mask(ctx, seq, start, kpos, q_max, chunk, tree)
+    query_valid = qj[None, :] < qlen[:, None]
     query_index = np.where(query_valid, qs[:-1, None] + qj[None, :], 0).reshape(-1)
     valid = np.flatnonzero(query_valid)
+    padded = len(valid) < len(query_index)
+    index = [query_index, valid, query_index[valid]]
+    query_index, valid, tokens = (torch.from_numpy(i).to(device) if padded else None for i in index)
+    mask = bias = None
+    if q_max <= MATMUL_MAX_QUERIES and len(ctx) >= MATMUL_MIN_REQUESTS:
+        bias = torch.from_numpy(np.where(visible, np.float32(0), np.float32(-np.inf)))
+        bias = bias.to(device, dtype)
+    else:
+        mask = torch.from_numpy(visible[:, None]).to(device)
     return _Group(
-        shape=(len(ctx), q_max, k_max),
-        query_index=torch.from_numpy(query_index).to(device),
-        valid=torch.from_numpy(valid).to(device),
-        tokens=torch.from_numpy(query_index[valid]).to(device),
-        key_slots=key_slots.reshape(-1),
-        mask=torch.from_numpy(mask[:, None]).to(device),
+        shape=(len(ctx), q_max, p_max * page_size),
+        span=None if padded else (int(qs[0]), int(qs[-1])),
+        query_index=query_index,
+        valid=valid,
+        tokens=tokens,
+        pages=pages.reshape(-1),
+        mask=mask,
+        bias=bias,
     )
 
 
@@ -176,7 +223,9 @@ def prepare(batch: StepBatch, cache: PagedKVCache, local: bool) -> AttentionMeta
     ]
     trees = (batch.tree_ancestors, None)
     groups = tuple(
-        _group(batch, lo, hi, table, cache.page_size, chunk, cache.local_table_width, tree)
+        _group(
+            batch, lo, hi, table, cache.page_size, chunk, cache.local_table_width, pool.dtype, tree
+        )
         for (lo, hi), tree in zip(bounds, trees, strict=True)
         if hi > lo
     )
@@ -221,12 +270,76 @@ def paged_attention(
         out.copy_(od.transpose(1, 2).reshape(b, hq, d))
     for g in meta.groups:
         r, nq, nk = g.shape
-        # index_select: several times faster than advanced indexing for row gathers on CPU.
-        qg = q.index_select(0, g.query_index).view(r, nq, hq, d).transpose(1, 2)
-        kg = k_cache.index_select(0, g.key_slots).view(r, nk, hkv, d).transpose(1, 2)
-        vg = v_cache.index_select(0, g.key_slots).view(r, nk, hkv, d).transpose(1, 2)
-        og = F.scaled_dot_product_attention(
-            qg, kg, vg, attn_mask=g.mask, scale=scale, enable_gqa=True
-        ).transpose(1, 2)  # [R, Q, Hq, D]
-        out.index_copy_(0, g.tokens, og.reshape(r * nq, hq, d).index_select(0, g.valid))
+        # index_select: several times faster than advanced indexing for row gathers on CPU;
+        # whole pages: a page_size-th of the index entries that single slots would take.
+        if g.span is None:
+            qg = q.index_select(0, g.query_index).view(r, nq, hq, d)
+        else:
+            qg = q[g.span[0] : g.span[1]].view(r, nq, hq, d)
+        kg, vg = _gather_pages(k_cache, v_cache, g.pages, meta.page_size)
+        kg, vg = kg.view(r, nk, hkv, d), vg.view(r, nk, hkv, d)
+        if g.bias is not None:
+            og = _attend_matmul(qg, kg, vg, g.bias, scale)
+        else:
+            og = F.scaled_dot_product_attention(
+                qg.transpose(1, 2),
+                kg.transpose(1, 2),
+                vg.transpose(1, 2),
+                attn_mask=g.mask,
+                scale=scale,
+                enable_gqa=True,
+            ).transpose(1, 2)
+        if g.span is None:
+            out.index_copy_(0, g.tokens, og.reshape(r * nq, hq, d).index_select(0, g.valid))
+        else:
+            out[g.span[0] : g.span[1]] = og.reshape(r * nq, hq, d)
     return out
+
+
+_scratch = threading.local()  # .buffer: this thread's gathered K and V on the CPU
+
+
+def _gather_pages(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, pages: torch.Tensor, page_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and values of `pages` [N], each [N, page_size, Hkv, D], valid until the next
+    call on this thread. On the CPU they go to one buffer per thread, reused by every layer and
+    step (grown by half when outgrown): fresh tensors of megabytes there fault their pages in on
+    every call, which costs about as much as the copy."""
+    k_pages = k_cache.view(-1, page_size, *k_cache.shape[1:])
+    v_pages = v_cache.view(k_pages.shape)
+    if k_cache.device.type != "cpu":
+        return k_pages.index_select(0, pages), v_pages.index_select(0, pages)
+    shape = (2, pages.numel(), *k_pages.shape[1:])
+    numel = 2 * pages.numel() * k_pages[0].numel()
+    buffer = getattr(_scratch, "buffer", None)
+    if buffer is None or buffer.dtype != k_cache.dtype or buffer.numel() < numel:
+        buffer = _scratch.buffer = torch.empty(numel * 3 // 2, dtype=k_cache.dtype)
+    kv = buffer[:numel].view(shape)
+    torch.index_select(k_pages, 0, pages, out=kv[0])
+    torch.index_select(v_pages, 0, pages, out=kv[1])
+    return kv[0], kv[1]
+
+
+def _attend_matmul(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Attention of q [R, Q, Hq, D] over k/v [R, K, Hkv, D] with the additive bias [R, Q, K]:
+    per KV head, one batched matmul of its Hq / Hkv query heads' rows [R, G * Q, D] with its
+    keys (strided views, never copied or repeated per query head), softmax in float32, one
+    batched matmul with its values. Returns [R, Q, Hq, D]."""
+    r, nq, hq, d = q.shape
+    nk, hkv = k.shape[1], k.shape[2]
+    grp = hq // hkv
+    qh = q.view(r, nq, hkv, grp, d).permute(2, 0, 3, 1, 4).reshape(hkv, r, grp * nq, d)
+    out = q.new_empty(r, hkv, grp * nq, d)
+    for h in range(hkv):
+        kt = k[:, :, h].transpose(1, 2)  # [R, D, K]
+        if nq == 1:
+            s = torch.baddbmm(bias, qh[h], kt, alpha=scale)
+        else:
+            s = torch.bmm(qh[h], kt).mul_(scale)
+            s.view(r, grp, nq, nk).add_(bias[:, None])
+        p = torch.softmax(s, -1, dtype=torch.float32).to(v.dtype)
+        out[:, h] = torch.bmm(p, v[:, :, h])
+    return out.view(r, hkv, grp, nq, d).permute(0, 3, 1, 2, 4).reshape(r, nq, hq, d)
