@@ -3,9 +3,10 @@
 Invariants (as in transformers): the router score is sigmoid(top-k logit), computed in float32,
 cast to the activation dtype, and multiplies the expert INPUT; the shared expert sees the
 unscaled input; expert weights are input-major (`gate_up_proj` [E, H, 2I]: gate then up;
-`down_proj` [E, I, H]). Dispatch is sparse: each expert computes only the tokens routed to it,
-all experts in two grouped matmuls (torch._grouped_mm: no host sync for the counts), or expert
-by expert (fp8 experts; a torch without the grouped matmul for the dtype).
+`down_proj` [E, I, H]). Dispatch is sparse: each expert computes only the tokens routed to it:
+on a GPU all experts in two grouped matmuls (torch._grouped_mm: no host sync for the counts); on
+the CPU, for fp8 experts, or where torch has no grouped matmul for the dtype, expert by expert
+over each expert's contiguous rows, empty experts skipped. Both give the same bits on the CPU.
 Small bf16 batches on a GPU use the fused MoE kernels instead (pyllama4.kernels.moe), which
 compute the same in fp32 with one bf16 rounding at the end.
 
@@ -30,6 +31,10 @@ from pyllama4.kernels import moe as moe_gpu
 
 log = logging.getLogger("pyllama4.layers")
 _GROUPED_MM: dict[tuple[str, torch.dtype], bool] = {}  # False: torch._grouped_mm failed there
+# On the CPU the routed experts run one by one (the counts are free to read there, and
+# torch._grouped_mm's CPU kernel visits every expert, empty ones too). Benchmarks switch it off
+# to compare with the grouped matmul.
+CPU_EXPERT_LOOP = True
 
 
 class SwiGLU(nn.Module):
@@ -84,6 +89,8 @@ class Experts(nn.Module):
         tp: TensorParallel = SINGLE,
     ):
         super().__init__()
+        self.tp = tp
+        self.all_intermediate_size = intermediate_size
         self.intermediate = tp.split(intermediate_size, "intermediate_size")  # [start, stop)
         self.intermediate_size = inter = self.intermediate[1] - self.intermediate[0]  # this rank's
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, hidden_size, 2 * inter))
@@ -173,21 +180,42 @@ class MoE(nn.Module):
         # Group the N*k (token, expert) pairs by expert: one contiguous run per expert.
         flat_experts = top_experts.reshape(-1)
         order = torch.argsort(flat_experts, stable=True)
-        tokens = order // self.top_k
+        tokens = order // self.top_k if self.top_k > 1 else order
         routed_in = x[tokens] * scores.reshape(-1, 1)[order]
-        # Tokens per expert by a scatter: torch.bincount would wait for the device (its size).
-        counts = torch.zeros(self.experts.gate_up_proj.shape[0], dtype=torch.int64, device=x.device)
-        counts.scatter_add_(0, flat_experts, torch.ones_like(flat_experts))
-        routed_out = None
-        if isinstance(self.experts, Experts):
-            routed_out = self.experts.grouped(routed_in, counts.cumsum(0).to(torch.int32))
-        if routed_out is None:  # fp8 experts, or no grouped matmul here: expert by expert
-            routed_out = torch.empty_like(routed_in)
-            start = 0
-            for e, n in enumerate(counts.tolist()):
-                if n:
-                    rows = routed_in[start : start + n]
-                    routed_out[start : start + n] = self.experts.expert(e, rows)
-                    start += n
+        if x.device.type == "cpu" and CPU_EXPERT_LOOP or not isinstance(self.experts, Experts):
+            routed_out = self._expert_by_expert(routed_in, flat_experts)
+        else:
+            routed_out = self._grouped(routed_in, flat_experts)
         out = self.shared_expert.partial(x)
         return self.tp.all_reduce(out.index_add_(0, tokens, routed_out))
+
+    def _grouped(self, routed_in: torch.Tensor, flat_experts: torch.Tensor) -> torch.Tensor:
+        """The routed rows (sorted by expert) through their experts in two grouped matmuls, or
+        expert by expert where this device has none for the dtype."""
+        # Tokens per expert by a scatter: torch.bincount would wait for the device (its size).
+        num_experts = self.experts.gate_up_proj.shape[0]
+        counts = torch.zeros(num_experts, dtype=torch.int64, device=routed_in.device)
+        counts.scatter_add_(0, flat_experts, torch.ones_like(flat_experts))
+        routed_out = self.experts.grouped(routed_in, counts.cumsum(0).to(torch.int32))
+        if routed_out is None:
+            return self._expert_by_expert(routed_in, flat_experts, counts)
+        return routed_out
+
+    def _expert_by_expert(
+        self,
+        routed_in: torch.Tensor,
+        flat_experts: torch.Tensor,
+        counts: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The routed rows (sorted by expert) through their experts one at a time, each on its
+        contiguous run, empty experts skipped (the counts are read on the host)."""
+        if counts is None:
+            counts = torch.bincount(flat_experts, minlength=self.experts.gate_up_proj.shape[0])
+        routed_out = torch.empty_like(routed_in)
+        start = 0
+        for e, n in enumerate(counts.tolist()):
+            if n:
+                stop = start + n
+                routed_out[start:stop] = self.experts.expert(e, routed_in[start:stop])
+                start = stop
+        return routed_out
