@@ -109,13 +109,23 @@ def test_moe_expert_by_expert_equals_grouped(top_k, dtype, monkeypatch):
     with torch.no_grad():
         moe.router.weight[3] = -1
     x = torch.rand(23, 64, dtype=dtype) + 0.1
+    moe.experts.prefers_one_by_one = True  # as packed experts: one by one at any batch
     with torch.inference_mode():
         chosen = torch.topk(moe.router(x), top_k, dim=-1).indices.unique().tolist()
         assert len(chosen) < 4, chosen
+        assert moe._one_by_one(x)
         one_by_one = moe(x)
         monkeypatch.setattr(ffn, "CPU_EXPERT_LOOP", False)
+        assert not moe._one_by_one(x)
         grouped = moe(x)
     assert torch.equal(one_by_one, grouped)
+
+
+def test_the_cpu_runs_few_rows_one_by_one_and_many_grouped():
+    moe = moe_module(1, torch.float32)
+    assert moe._one_by_one(torch.zeros(3, 64))  # fewer rows than the 4 experts
+    assert not moe._one_by_one(torch.zeros(4, 64))
+    assert moe._one_by_one(torch.zeros(4, 64, device="meta")) is False  # not the CPU
 
 
 @needs_packing

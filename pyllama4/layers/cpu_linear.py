@@ -114,6 +114,7 @@ class PackedExperts(Experts):
     """layers.ffn.Experts computing each expert's two bf16 matmuls on the CPU with oneDNN-packed
     copies of its weights ([out, in], derived from the input-major parameters)."""
 
+    prefers_one_by_one = True  # the packed matmuls beat torch._grouped_mm at any batch
     _packed: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     _key: tuple[tuple[int, int], tuple[int, int]] | None = None
 
@@ -134,13 +135,15 @@ class PackedExperts(Experts):
             self._key = key
         return self._packed
 
-    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """Expert e on the rows routed to it (already scaled by their router scores)."""
+    def gate_up(self, e: int, x: torch.Tensor) -> torch.Tensor:
         if not _uses_packed(x, self.gate_up_proj):
-            return super().expert(e, x)
-        gate_up, down = self._packed_weights()[e]
-        gate, up = _packed_mm(x, gate_up).chunk(2, dim=-1)
-        return _packed_mm(up * F.silu(gate), down)
+            return super().gate_up(e, x)
+        return _packed_mm(x, self._packed_weights()[e][0])
+
+    def down(self, e: int, a: torch.Tensor) -> torch.Tensor:
+        if not _uses_packed(a, self.down_proj):
+            return super().down(e, a)
+        return _packed_mm(a, self._packed_weights()[e][1])
 
 
 def prepare_cpu(model: nn.Module) -> int:
