@@ -2,13 +2,18 @@
 paths (pyllama4.layers.cpu_linear's packed bf16 weights; the MoE's expert-by-expert loop).
 
 For each dtype and batch it builds engines in three variants (same checkpoint, same requests):
-- `grouped`: the routed experts in torch._grouped_mm, weights unpacked (the earlier CPU path);
-- `loop`: experts one by one over their rows, empty ones skipped, weights unpacked;
-- `packed`: the loop, and bf16 linears / experts on oneDNN-packed weights (the default; the same
-  as `loop` in fp32 or on a CPU without native bf16).
+- `grouped`: the routed experts always in torch._grouped_mm, weights unpacked (the earlier path);
+- `loop`: the CPU's choice (ffn.CPU_EXPERT_LOOP): one by one with fewer routed rows than experts,
+  else grouped; weights unpacked;
+- `packed`: the default: bf16 linears and experts on oneDNN-packed weights, packed experts one by
+  one (the same as `loop` in fp32 or on a CPU without native bf16).
 A step is runner.forward(plan) + argmax + scheduler commit on the main thread, one torch thread,
 every request decoding (128-token prompts). The variants are timed interleaved, round after
-round; each figure is the median over rounds of the mean ms per step in a round.
+round; each figure is the median (and the minimum) over rounds of the mean ms per step in a round.
+
+A second table times one MoE block alone (hidden 256, intermediate 512, top-1, 4 and 16 experts,
+random weights), the same variants interleaved: the routed experts' share of a step without the
+attention's.
 
 Run: python bench/cpu_arith.py [checkpoint] [--batch 1,16,64] [--rounds 7] [--steps 20]
 (no checkpoint: a random tiny one of the same shape as the tests' is written to a temp dir).
@@ -103,6 +108,41 @@ class Setup:
             return (time.perf_counter() - start) / steps * 1e3
 
 
+def moe_block(dtype: torch.dtype, experts: int, packed: bool) -> ffn.MoE:
+    torch.manual_seed(0)
+    moe = ffn.MoE(256, 512, experts, 1)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0, 0.05)
+    moe = moe.to(dtype).eval()
+    if packed:
+        cpu_linear.prepare_cpu(moe)
+    return moe
+
+
+def moe_table(dtypes: list[str], batches: list[int], names: list[str], rounds: int) -> None:
+    """Median us per MoE block call, variants interleaved."""
+    print("\nMoE block alone (hidden 256, intermediate 512, top-1), us per call")
+    print("| dtype | experts | batch | " + " | ".join(names) + " |")
+    print("|---|---|---|" + "---|" * len(names))
+    for dtype in dtypes:
+        for experts in (4, 16):
+            blocks = {n: moe_block(getattr(torch, dtype), experts, n == "packed") for n in names}
+            for batch in batches:
+                x = torch.randn(batch, 256, dtype=getattr(torch, dtype))
+                times: dict[str, list[float]] = {n: [] for n in names}
+                with torch.inference_mode():
+                    for _ in range(rounds + 1):  # the first round warms up
+                        for name in names:
+                            with variant(name):
+                                start = time.perf_counter()
+                                for _ in range(30):
+                                    blocks[name](x)
+                                times[name].append((time.perf_counter() - start) / 30 * 1e6)
+                row = " | ".join(f"{statistics.median(times[n][1:]):.0f}" for n in names)
+                print(f"| {dtype} | {experts} | {batch} | {row} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", nargs="?", type=Path, default=None)
@@ -136,13 +176,15 @@ def main() -> None:
     for batch in args.batch.split(","):
         for dtype in args.dtypes.split(","):
             row = [
-                f"{statistics.median(times[id(s)]):.2f}"
+                f"{statistics.median(times[id(s)]):.2f} (min {min(times[id(s)]):.2f})"
                 for s in setups
                 if s.batch == int(batch) and s.dtype == dtype
             ]
             print(f"| {dtype} | {batch} | " + " | ".join(row) + " |")
     for s in setups:
         s.engine.close()
+    batches = [int(b) for b in args.batch.split(",")]
+    moe_table(args.dtypes.split(","), batches, args.variants.split(","), args.rounds)
 
 
 if __name__ == "__main__":
