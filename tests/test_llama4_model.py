@@ -234,9 +234,13 @@ def test_bf16_logits_stay_close_to_transformers_bf16():
     assert np.median(vs_fp32) <= 1.5 * np.median(hf16_vs_fp32)
 
 
-def test_moe_dispatch_is_sparse():
+def test_moe_dispatch_is_sparse(monkeypatch):
     """Each expert computes exactly the tokens routed to it, scaled by their sigmoid scores: the
-    rows the grouped matmul gives expert e (offsets[e - 1]..offsets[e]) are its tokens."""
+    rows the grouped matmul (the GPU's path, also on the CPU here) gives expert e
+    (offsets[e - 1]..offsets[e]) are its tokens."""
+    from pyllama4.layers import ffn
+
+    monkeypatch.setattr(ffn, "CPU_EXPERT_LOOP", False)
     hf = random_hf_model("scout", seed=4)
     model = ours_from(hf)
     moe = model.model.layers[0].feed_forward
@@ -271,6 +275,7 @@ def test_grouped_experts_equal_expert_by_expert(dtype, monkeypatch):
     expert gets no token."""
     from pyllama4.layers import ffn
 
+    monkeypatch.setattr(ffn, "CPU_EXPERT_LOOP", False)  # the GPU's grouped path, on the CPU
     hf = random_hf_model("scout", seed=5)
     moe = ours_from(hf).model.layers[0].feed_forward.to(dtype)
     x = torch.randn(9, 64, dtype=dtype)

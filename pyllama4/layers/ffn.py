@@ -3,9 +3,11 @@
 Invariants (as in transformers): the router score is sigmoid(top-k logit), computed in float32,
 cast to the activation dtype, and multiplies the expert INPUT; the shared expert sees the
 unscaled input; expert weights are input-major (`gate_up_proj` [E, H, 2I]: gate then up;
-`down_proj` [E, I, H]). Dispatch is sparse: each expert computes only the tokens routed to it,
-all experts in two grouped matmuls (torch._grouped_mm: no host sync for the counts), or expert
-by expert (fp8 experts; a torch without the grouped matmul for the dtype).
+`down_proj` [E, I, H]). Dispatch is sparse: each expert computes only the tokens routed to it:
+all experts in two grouped matmuls (torch._grouped_mm: no host sync for the counts), or expert by
+expert over each expert's contiguous rows, empty experts skipped (on the CPU where that is faster:
+CPU_EXPERT_LOOP; fp8 experts; a torch without the grouped matmul for the dtype). Both give the
+same bits on the CPU.
 Small bf16 batches on a GPU use the fused MoE kernels instead (pyllama4.kernels.moe), which
 compute the same in fp32 with one bf16 rounding at the end.
 
@@ -30,6 +32,11 @@ from pyllama4.kernels import moe as moe_gpu
 
 log = logging.getLogger("pyllama4.layers")
 _GROUPED_MM: dict[tuple[str, torch.dtype], bool] = {}  # False: torch._grouped_mm failed there
+# On the CPU (the counts are free to read there) the routed experts run one by one where that
+# is faster than torch._grouped_mm: for packed experts (Experts.prefers_one_by_one), and when
+# there are fewer routed rows than experts (the grouped kernel then spends its time on idle
+# experts). Benchmarks switch it off to compare with the grouped matmul.
+CPU_EXPERT_LOOP = True
 
 
 class SwiGLU(nn.Module):
@@ -76,6 +83,8 @@ class SwiGLU(nn.Module):
 class Experts(nn.Module):
     """Routed experts in transformers' fused, input-major layout."""
 
+    prefers_one_by_one = False  # True: one_by_one beats grouped on the CPU at any batch
+
     def __init__(
         self,
         num_experts: int,
@@ -84,6 +93,8 @@ class Experts(nn.Module):
         tp: TensorParallel = SINGLE,
     ):
         super().__init__()
+        self.tp = tp
+        self.all_intermediate_size = intermediate_size
         self.intermediate = tp.split(intermediate_size, "intermediate_size")  # [start, stop)
         self.intermediate_size = inter = self.intermediate[1] - self.intermediate[0]  # this rank's
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, hidden_size, 2 * inter))
@@ -100,8 +111,29 @@ class Experts(nn.Module):
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e on the rows routed to it (already scaled by their router scores)."""
-        gate, up = (x @ self.gate_up_proj[e]).chunk(2, dim=-1)
-        return (up * F.silu(gate)) @ self.down_proj[e]
+        gate, up = self.gate_up(e, x).chunk(2, dim=-1)
+        return self.down(e, up * F.silu(gate))
+
+    def gate_up(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """x [n, H] -> [n, 2I]: expert e's gate then up projection."""
+        return x @ self.gate_up_proj[e]
+
+    def down(self, e: int, a: torch.Tensor) -> torch.Tensor:
+        """a [n, I] -> [n, H]: expert e's down projection."""
+        return a @ self.down_proj[e]
+
+    def one_by_one(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Every expert on its rows of x (rows sorted by expert; counts[e]: expert e's rows), the
+        matmuls expert by expert with empty experts skipped, SiLU(gate) * up once over all rows;
+        equal to expert() run expert by expert (elementwise ops do not depend on the batch)."""
+        runs, start = [], 0
+        for e, n in enumerate(counts):
+            if n:
+                runs.append((e, start, start + n))
+                start += n
+        gate, up = _cat([self.gate_up(e, x[lo:hi]) for e, lo, hi in runs]).chunk(2, dim=-1)
+        a = up * F.silu(gate)
+        return _cat([self.down(e, a[lo:hi]) for e, lo, hi in runs])
 
     def kernel_weights(self) -> Experts:
         """What the fused MoE kernels read (pyllama4.kernels.moe): these bf16 weights."""
@@ -124,6 +156,10 @@ class Experts(nn.Module):
                 "grouped matmul unavailable for %s %s (%s); experts run one by one", *key, error
             )
             return None
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 class Router(nn.Linear):
@@ -173,21 +209,54 @@ class MoE(nn.Module):
         # Group the N*k (token, expert) pairs by expert: one contiguous run per expert.
         flat_experts = top_experts.reshape(-1)
         order = torch.argsort(flat_experts, stable=True)
-        tokens = order // self.top_k
+        tokens = order // self.top_k if self.top_k > 1 else order
         routed_in = x[tokens] * scores.reshape(-1, 1)[order]
-        # Tokens per expert by a scatter: torch.bincount would wait for the device (its size).
-        counts = torch.zeros(self.experts.gate_up_proj.shape[0], dtype=torch.int64, device=x.device)
-        counts.scatter_add_(0, flat_experts, torch.ones_like(flat_experts))
-        routed_out = None
-        if isinstance(self.experts, Experts):
-            routed_out = self.experts.grouped(routed_in, counts.cumsum(0).to(torch.int32))
-        if routed_out is None:  # fp8 experts, or no grouped matmul here: expert by expert
-            routed_out = torch.empty_like(routed_in)
-            start = 0
-            for e, n in enumerate(counts.tolist()):
-                if n:
-                    rows = routed_in[start : start + n]
-                    routed_out[start : start + n] = self.experts.expert(e, rows)
-                    start += n
+        if self._one_by_one(routed_in):
+            routed_out = self._expert_by_expert(routed_in, flat_experts)
+        else:
+            routed_out = self._grouped(routed_in, flat_experts)
         out = self.shared_expert.partial(x)
         return self.tp.all_reduce(out.index_add_(0, tokens, routed_out))
+
+    def _one_by_one(self, routed_in: torch.Tensor) -> bool:
+        """Whether the routed experts run one by one (see CPU_EXPERT_LOOP); always for experts
+        that are not Experts (fp8)."""
+        if not isinstance(self.experts, Experts):
+            return True
+        if not (CPU_EXPERT_LOOP and routed_in.is_cpu):
+            return False
+        num_experts = self.experts.gate_up_proj.shape[0]
+        return self.experts.prefers_one_by_one or routed_in.shape[0] < num_experts
+
+    def _grouped(self, routed_in: torch.Tensor, flat_experts: torch.Tensor) -> torch.Tensor:
+        """The routed rows (sorted by expert) through their experts in two grouped matmuls, or
+        expert by expert where this device has none for the dtype."""
+        # Tokens per expert by a scatter: torch.bincount would wait for the device (its size).
+        num_experts = self.experts.gate_up_proj.shape[0]
+        counts = torch.zeros(num_experts, dtype=torch.int64, device=routed_in.device)
+        counts.scatter_add_(0, flat_experts, torch.ones_like(flat_experts))
+        routed_out = self.experts.grouped(routed_in, counts.cumsum(0).to(torch.int32))
+        if routed_out is None:
+            return self._expert_by_expert(routed_in, flat_experts, counts)
+        return routed_out
+
+    def _expert_by_expert(
+        self,
+        routed_in: torch.Tensor,
+        flat_experts: torch.Tensor,
+        counts: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The routed rows (sorted by expert) through their experts one at a time, each on its
+        contiguous run, empty experts skipped (the counts are read on the host)."""
+        if counts is None:
+            counts = torch.bincount(flat_experts, minlength=self.experts.gate_up_proj.shape[0])
+        if isinstance(self.experts, Experts):
+            return self.experts.one_by_one(routed_in, counts.tolist())
+        routed_out = torch.empty_like(routed_in)
+        start = 0
+        for e, n in enumerate(counts.tolist()):
+            if n:
+                stop = start + n
+                routed_out[start:stop] = self.experts.expert(e, routed_in[start:stop])
+                start = stop
+        return routed_out

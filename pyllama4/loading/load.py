@@ -13,6 +13,10 @@ weights and fp32 scales are loaded unchanged (no dequantize-requantize; the othe
 `dtype`), then converted exactly to e4m3fnuz if fp8_format asks for it. Online quantization of such
 a checkpoint is a ValueError: it already is FP8.
 
+On the CPU, the loaded text model's bf16 linears and routed experts compute with oneDNN-packed
+copies of their weights where the CPU has native bf16 (`pyllama4.layers.cpu_linear.prepare_cpu`,
+last: it packs the final weights; the parameters and state_dict are unchanged).
+
 Tensor parallelism (`tp`): the text model is built with this rank's shapes and holds exactly this
 rank's parts of the checkpoint's tensors (`Llama4ForCausalLM.weight_shards`), read as slices: a
 rank never materialises a whole sharded tensor. Not with FP8 yet (a ValueError); the vision tower
@@ -28,6 +32,7 @@ import torch
 from pyllama4.config import TextConfig, VisionConfig
 from pyllama4.distributed.parallel import SINGLE, TensorParallel
 from pyllama4.fp8_format import check_format
+from pyllama4.layers.cpu_linear import prepare_cpu
 from pyllama4.loading.checkpoint import vision_name
 from pyllama4.loading.fp8_checkpoint import convert_to_fnuz, install_fp8_modules, read_fp8_scheme
 from pyllama4.loading.quantize import quantize_model
@@ -89,6 +94,7 @@ def load_model(
         convert_to_fnuz(model)
     if quantization == "fp8":
         quantize_model(model, fp8_format)
+    prepare_cpu(model)
     return model.eval()
 
 
