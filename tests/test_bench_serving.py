@@ -1,5 +1,6 @@
-"""bench/serving.py: SGLang's bench_serving metrics on synthetic timelines, the printed block's
-labels against the seed's, and one run against a live pyllama4 server on the demo model."""
+"""bench/serving.py and its parts: SGLang's bench_serving metrics on synthetic timelines, the
+printed block's labels against the seed's, and one run against a live pyllama4 server on the demo
+model."""
 
 from __future__ import annotations
 
@@ -26,11 +27,23 @@ def _load(name: str, path: Path):
     return module
 
 
-# bench/serving.py imports its sibling by name, as it does when run by path; the name leaves
-# sys.modules again, where no bench script's name may be importable.
-server_cpu = _load("server_cpu", ROOT / "bench" / "server_cpu.py")
+# bench/serving.py and its parts import their siblings by name, as they do when run by path, so
+# each is loaded under its own name after those it imports; the names leave sys.modules again,
+# where no bench script's name may be importable.
+PARTS = (
+    "server_cpu",
+    "serving_data",
+    "serving_metrics",
+    "serving_clients",
+    "serving_load",
+    "serving_report",
+)
+parts = {name: _load(name, ROOT / "bench" / f"{name}.py") for name in PARTS}
+server_cpu, sampling, metrics = parts["server_cpu"], parts["serving_data"], parts["serving_metrics"]
+clients, report = parts["serving_clients"], parts["serving_report"]
 bs = _load("bench_serving", SCRIPT)
-del sys.modules["server_cpu"]
+for name in PARTS:
+    del sys.modules[name]
 
 # The labels of SGLang's "Serving Benchmark Result" block, copied line for line from the seed
 # document (/work/shared/seed/000_21057d9993ebb82e.txt, §5.1.1 "Test Results", the output of
@@ -83,7 +96,7 @@ SEED_LINES = [
 
 
 def rec(prompt_len, send, chunks, end, text, out=None, success=True):
-    return bs.RequestRecord(
+    return metrics.RequestRecord(
         prompt_len=prompt_len,
         send_time=send,
         chunk_times=list(chunks),
@@ -110,7 +123,7 @@ def timeline():
 
 
 def test_metrics_on_a_synthetic_timeline():
-    m = bs.compute_metrics(timeline(), 2.0, len)
+    m = metrics.compute_metrics(timeline(), 2.0, len)
     approx = pytest.approx
     assert m["completed"] == 3 and m["failed"] == 1
     assert m["total_input_tokens"] == 60
@@ -142,7 +155,7 @@ def test_metrics_on_a_synthetic_timeline():
     assert m["p99_itl_ms"] == approx(np.percentile(itls, 99))
     assert m["max_itl_ms"] == approx(1000.0)
     # 1-second buckets from the first send: chunks [5, 2, 0]; requests in flight [2, 2, 0]
-    assert bs.peak_buckets(timeline()) == ([5, 2, 0], [2, 2, 0])
+    assert metrics.peak_buckets(timeline()) == ([5, 2, 0], [2, 2, 0])
     assert m["max_output_tokens_per_s"] == 5.0
     assert m["max_concurrent_requests"] == 2
 
@@ -153,7 +166,7 @@ def test_one_request_at_a_time_has_concurrency_one():
     for i in range(5):
         chunks = [i + 0.1 * (k + 1) for k in range(10)]
         records.append(rec(8, float(i), chunks, i + 1.0, "t" * 10, out=10))
-    m = bs.compute_metrics(records, 5.0, len)
+    m = metrics.compute_metrics(records, 5.0, len)
     assert m["concurrency"] == pytest.approx(1.0)
     assert m["mean_ttft_ms"] == pytest.approx(100.0)
     assert m["mean_itl_ms"] == pytest.approx(100.0)
@@ -162,14 +175,15 @@ def test_one_request_at_a_time_has_concurrency_one():
 
 
 def test_no_successful_request_gives_zeros():
-    m = bs.compute_metrics([rec(5, 0.0, [], 0.1, "", success=False)], 1.0, len)
+    m = metrics.compute_metrics([rec(5, 0.0, [], 0.1, "", success=False)], 1.0, len)
     assert m["completed"] == 0 and m["mean_ttft_ms"] == 0.0 and m["max_concurrent_requests"] == 0
-    assert bs.format_result(m, "pyllama4", float("inf"), None).splitlines()[3].endswith("not set")
+    lines = report.format_result(m, "pyllama4", float("inf"), None).splitlines()
+    assert lines[3].endswith("not set")
 
 
 def test_printed_labels_equal_the_seeds():
-    m = bs.compute_metrics(timeline(), 2.0, len)
-    lines = bs.format_result(m, "sglang", float("inf"), 1).splitlines()
+    m = metrics.compute_metrics(timeline(), 2.0, len)
+    lines = report.format_result(m, "sglang", float("inf"), 1).splitlines()
     labels = [ln if ln[0] in "=-" else ln[:40].rstrip() for ln in lines]
     assert labels == SEED_LABELS
     for ln in lines:
@@ -180,25 +194,25 @@ def test_printed_labels_equal_the_seeds():
 
 
 def test_value_lines_match_the_seed_format():
-    m = bs.compute_metrics(timeline(), 74.6213, len)
+    m = metrics.compute_metrics(timeline(), 74.6213, len)
     m["total_input_tokens"] = 6101
-    out = bs.format_result(m, "sglang", float("inf"), 1).splitlines()
+    out = report.format_result(m, "sglang", float("inf"), 1).splitlines()
     for line in SEED_LINES:
         assert line in out
 
 
 def test_accept_length_line_only_when_reported():
-    m = bs.compute_metrics(timeline(), 2.0, len)
-    lines = bs.format_result(m, "sglang", 4.0, 16, accept_length=2.5).splitlines()
+    m = metrics.compute_metrics(timeline(), 2.0, len)
+    lines = report.format_result(m, "sglang", 4.0, 16, accept_length=2.5).splitlines()
     assert "Accept length:                           2.50" in lines
     assert "Traffic request rate:                    4.0" in lines
 
 
 def test_random_range_ratio_has_sglangs_meaning():
     rng = np.random.default_rng(0)
-    assert set(bs.random_lengths(10, 0.5, 500, rng)) == set(range(5, 11))
-    assert set(bs.random_lengths(10, 0.0, 500, rng)) == set(range(1, 11))
-    assert bs.random_lengths(10, 1.0, 20, rng) == [10] * 20
+    assert set(sampling.random_lengths(10, 0.5, 500, rng)) == set(range(5, 11))
+    assert set(sampling.random_lengths(10, 0.0, 500, rng)) == set(range(1, 11))
+    assert sampling.random_lengths(10, 1.0, 20, rng) == [10] * 20
 
 
 class WordTokenizer:
@@ -213,21 +227,21 @@ def test_sharegpt_sampling_filters_like_sglang(tmp_path):
     data = [conv("a b c", "d e"), conv("x", "y z"), {"conversations": []}, conv("p q", "r s t")]
     path = tmp_path / "sg.json"
     path.write_text(json.dumps(data)[:-40])  # truncated inside the last conversation
-    rows = bs.sample_sharegpt(path, WordTokenizer(), 5, None, seed=0)
+    rows = sampling.sample_sharegpt(path, WordTokenizer(), 5, None, seed=0)
     assert sorted((r.prompt, r.prompt_len, r.output_len) for r in rows) == [("a b c", 3, 2)]
-    rows = bs.sample_sharegpt(path, WordTokenizer(), 5, 7, seed=0)
+    rows = sampling.sample_sharegpt(path, WordTokenizer(), 5, 7, seed=0)
     assert {r.output_len for r in rows} == {7}
 
 
 def test_requests_per_backend():
-    row = bs.DatasetRow([5, 6, 7], 3, 4)
-    path, body = bs.build_request("sglang", "m", row, True)
+    row = sampling.DatasetRow([5, 6, 7], 3, 4)
+    path, body = clients.build_request("sglang", "m", row, True)
     assert path == "/generate" and body["input_ids"] == [5, 6, 7]
     assert body["sampling_params"] == {"temperature": 0.0, "max_new_tokens": 4, "ignore_eos": True}
-    path, body = bs.build_request("pyllama4", "m", row, False)
+    path, body = clients.build_request("pyllama4", "m", row, False)
     assert path == "/v1/completions" and body["prompt"] == [5, 6, 7] and body["max_tokens"] == 4
     assert body["stream"] and body["stream_options"] == {"include_usage": True}
-    path, body = bs.build_request("openai-chat", "m", bs.DatasetRow("hi", 1, 4), True)
+    path, body = clients.build_request("openai-chat", "m", sampling.DatasetRow("hi", 1, 4), True)
     assert path == "/v1/chat/completions" and body["messages"][0]["content"] == "hi"
 
 
@@ -261,7 +275,7 @@ def test_bench_serving_against_a_live_server(launch_server, demo_dir, tmp_path):
     assert res["server_cpu_seconds"] > 0 and res["server_cpu_ms_per_output_token"] > 0
     stdout = r.stdout.splitlines()
     start = stdout.index("============ Serving Benchmark Result ============")
-    labels = SEED_LABELS[:18] + [label for label, _ in bs.CPU_LINES] + SEED_LABELS[18:]
+    labels = SEED_LABELS[:18] + [label for label, _ in report.CPU_LINES] + SEED_LABELS[18:]
     block = stdout[start : start + len(labels)]
     assert [ln if ln[0] in "=-" else ln[:40].rstrip() for ln in block] == labels
     assert "Successful requests:                     6" in block
@@ -327,15 +341,16 @@ def test_the_port_lookup_finds_this_process_listening():
 
 
 def test_cpu_lines_only_when_measured():
-    m = bs.compute_metrics(timeline(), 2.0, len)
-    m.update(bs.cpu_metrics(None, m["total_output_tokens"]))
-    assert "Server CPU" not in bs.format_result(m, "sglang", 1.0, None)
-    m.update(bs.cpu_metrics(0.35, m["total_output_tokens"]))  # 7 output tokens
-    lines = bs.format_result(m, "sglang", 1.0, None).splitlines()
+    m = metrics.compute_metrics(timeline(), 2.0, len)
+    m.update(metrics.cpu_metrics(None, m["total_output_tokens"]))
+    assert "Server CPU" not in report.format_result(m, "sglang", 1.0, None)
+    m.update(metrics.cpu_metrics(0.35, m["total_output_tokens"]))  # 7 output tokens
+    lines = report.format_result(m, "sglang", 1.0, None).splitlines()
     assert "Server CPU seconds:                      0.35" in lines
     assert "Server CPU ms per output token:          50.00" in lines
     after = lines.index("Concurrency:                             1.10") + 1
-    assert [ln[:40].rstrip() for ln in lines[after : after + 2]] == [lab for lab, _ in bs.CPU_LINES]
+    labels = [lab for lab, _ in report.CPU_LINES]
+    assert [ln[:40].rstrip() for ln in lines[after : after + 2]] == labels
 
 
 def test_comparison_summary_has_medians_ranges_and_ratios():
@@ -349,7 +364,7 @@ def test_comparison_summary_has_medians_ranges_and_ratios():
 
     a = [run(100.0, 20.0, 5.0), run(120.0, 10.0, 7.0), run(110.0, 30.0, 6.0)]
     b = [run(50.0, 40.0), run(60.0, 40.0), run(55.0, 40.0)]
-    lines = bs.format_comparison("ours", a, "theirs", b).splitlines()
+    lines = report.format_comparison("ours", a, "theirs", b).splitlines()
     assert "A: ours" in lines[1] and "B: theirs" in lines[1]
     (tput,) = [ln for ln in lines if ln.startswith("Output token throughput (tok/s):")]
     assert tput.split()[4:] == ["110.00", "(100.00-120.00)", "55.00", "(50.00-60.00)"]
