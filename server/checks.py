@@ -71,10 +71,18 @@ def checkpoint_is_quantized(path: Path) -> bool:
 
 
 def resolve_dtype(args: argparse.Namespace, device: str) -> str:
+    """--dtype; auto: bfloat16 on a GPU; on the CPU bfloat16 where the CPU computes it natively
+    and faster than float32 (measured at start, logged with why), else float32."""
     dtype = DTYPE_ALIASES.get(args.dtype, args.dtype)
-    if dtype == "auto":
-        return "bfloat16" if device == "cuda" else "float32"
-    return dtype
+    if dtype != "auto":
+        return dtype
+    if device == "cuda":
+        return "bfloat16"
+    from pyllama4.engine import auto_dtype
+
+    chosen, why = auto_dtype(device)
+    log.info("--dtype auto on the CPU: %s", why)
+    return chosen
 
 
 def _check_model_path(value: str) -> str | None:

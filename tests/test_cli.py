@@ -380,7 +380,7 @@ def test_a_command_with_only_supported_flags_passes(tiny, tmp_path, caplog):
     )
     with caplog.at_level(logging.INFO, logger="pyllama4.serve"):
         checks.check_supported(args)
-    assert checks.resolve_dtype(args, checks.resolve_device(args)) == "float32"
+    assert checks.resolve_dtype(args, checks.resolve_device(args)) == cpu_auto()
     assert (args.chunked_prefill_size, args.max_running_requests, args.page_size) == (64, 4, 8)
     assert args.schedule_policy == "lpm" and args.disable_radix_cache and args.log_level == "debug"
     notes = [r.getMessage() for r in caplog.records]
@@ -427,11 +427,19 @@ def test_allowed_local_media_path_must_be_a_directory(tiny, tmp_path):
     checks.check_supported(cli_flags.parse_args([*line, str(tmp_path)]))
 
 
-def test_defaults_follow_sglang_and_the_demo_runs_on_the_cpu_in_float32():
+def cpu_auto() -> str:
+    """What --dtype auto is on this CPU: bfloat16 where it has native bf16 and it measures
+    faster, else float32."""
+    from pyllama4.engine import auto_dtype
+
+    return auto_dtype("cpu")[0]
+
+
+def test_defaults_follow_sglang_and_the_demo_runs_on_the_cpu():
     args = cli_flags.parse_args([])
     assert (args.host, args.port, args.tp, args.model_path) == ("127.0.0.1", 30000, 1, None)
     assert checks.resolve_device(args) == "cpu"
-    assert checks.resolve_dtype(args, "cpu") == "float32"
+    assert checks.resolve_dtype(args, "cpu") == cpu_auto() in ("float32", "bfloat16")
     assert checks.resolve_dtype(args, "cuda") == "bfloat16"
     assert cli_flags.parse_args(["--dtype", "half"]).dtype == "float16"
     checks.check_supported(args)

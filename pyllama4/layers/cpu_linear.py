@@ -186,10 +186,11 @@ def _median_us(fn: object, repeats: int = 7, calls: int = 5) -> float:
     return statistics.median(times)
 
 
+@functools.cache
 def cpu_auto_dtype() -> tuple[torch.dtype, str]:
     """The CPU's serving dtype and why: bfloat16 where the CPU has native bf16 dot products and a
     packed bf16 linear beats an fp32 one (256 -> 1024 at 16 rows, median of a few; a few ms),
-    else float32."""
+    else float32. Decided once per process."""
     flag = fast_bf16_flag()
     if flag is None:
         return torch.float32, "float32: the CPU has no native bf16 (avx512_bf16 / amx_bf16)"
