@@ -33,10 +33,24 @@ class CpuLayout:
         if self.cores is not None and hasattr(os, "sched_setaffinity"):
             os.sched_setaffinity(0, self.cores)  # 0: the calling thread on Linux
 
+    @property
+    def free(self) -> tuple[int, ...]:
+        """The usable cores the compute threads are not bound to (none when unbound)."""
+        if self.cores is None:
+            return ()
+        return tuple(c for c in self.usable if c not in self.cores)
+
+    def keep_caller_off_compute_cores(self) -> None:
+        """Binds the calling thread, and the threads it starts from now on (the event loop's
+        workers), to the free cores, so the operating system never places them beside a compute
+        thread. For a process that serves (the server's main thread, once the engine is built:
+        plan() reads the calling thread's cores); a no-op without free cores."""
+        if self.free and hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(0, self.free)
+
     def describe(self) -> str:
         where = "unbound" if self.cores is None else f"bound to cores {_ranges(self.cores)}"
-        free = sorted(set(self.usable) - set(self.cores or ()))
-        rest = f"; cores {_ranges(free)} left to the event loop and HTTP" if self.cores else ""
+        rest = f"; cores {_ranges(self.free)} left to the event loop and HTTP" if self.free else ""
         return (
             f"CPU: {self.threads} torch compute thread(s) ({self.source}), {where}{rest} "
             f"({len(self.usable)} usable cores)"

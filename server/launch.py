@@ -252,6 +252,9 @@ def _load(args: argparse.Namespace, config: EngineConfig) -> Engine:
     except (ValueError, OSError) as e:  # ConfigError, a KV budget too small, missing files
         log.debug("loading failed", exc_info=True)
         _fail(args, f"cannot load {path}: {e}")
+    layout = config.cpu_layout()  # the plan the model thread applied (this thread is unbound)
+    if layout is not None:
+        layout.keep_caller_off_compute_cores()
     if engine.workers is not None:
         engine.workers.watch(lambda message: _worker_died(engine, message))
     _log_plan(engine, config, time.monotonic() - start)

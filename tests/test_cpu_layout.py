@@ -75,3 +75,22 @@ def test_apply_sets_the_calling_threads_torch_threads_and_binding():
     t.join()
     assert seen == {"threads": 1, "cores": {core}}
     assert os.sched_getaffinity(0) == before  # only the thread that applied it is bound
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="needs Linux CPU affinity and two usable cores",
+)
+def test_the_serving_thread_keeps_off_the_compute_cores():
+    layout = cpu_layout.plan(environ={})
+    assert layout.free and not set(layout.free) & set(layout.cores or ())
+    seen: dict[str, object] = {}
+
+    def main_thread() -> None:
+        layout.keep_caller_off_compute_cores()
+        seen["cores"] = os.sched_getaffinity(0)
+
+    t = threading.Thread(target=main_thread)
+    t.start()
+    t.join()
+    assert seen["cores"] == set(layout.free)
