@@ -344,9 +344,9 @@ def test_overlap_changes_no_output(weights, tokenizer):
 def test_text_is_made_while_the_next_step_computes(weights, tokenizer, monkeypatch, overlap):
     """With overlap, outputs are delivered (detokenized, streamed) while the model thread runs
     the next step; without, never. The steps are handed over as on a GPU: once the next step is
-    queued (on the CPU, where a step computes while it is launched, at commit)."""
+    queued (on the CPU, where a step computes while it is launched, once it is planned)."""
     engine = make_engine(weights, tokenizer, overlap=overlap)
-    engine.steps._post_at_commit = not overlap
+    engine.steps._handover = "launch" if overlap else "commit"
     state = {"in_flight": False}
     during: list[bool] = []
     execute, deliver = engine.executor.execute, engine.steps.deliver

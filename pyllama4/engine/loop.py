@@ -15,9 +15,10 @@ Invariants:
 - Outputs of a request never depend on what else is in the batch (batch invariance is a tested
   property on CPU fp32), nor on chunked prefill, prefix reuse or retraction, nor on overlap.
 - Overlap (on by default): the model thread runs at most MAX_AHEAD steps ahead of delivery; a
-  request that a stop string ends may compute a token or two more, discarded. On a GPU a step's
-  outputs are handed over once the next step is queued on the device, so that their text is
-  made while it computes. Without overlap, each step's text is made before the next is planned.
+  request that a stop string ends may compute a token or two more, discarded. A step's outputs
+  are handed over once the next step is queued on the device (on the CPU: planned), so that
+  their text is made while it computes. Without overlap, each step's text is made before the
+  next is planned.
 """
 
 from __future__ import annotations

@@ -53,9 +53,13 @@ class StepLoop:
         self.fail = fail
         self.images_encoded = 0
         self.stopping = False
-        # A GPU step's outputs are posted once the next step is queued; a CPU step computes
-        # while it is launched, so its outputs are posted at once.
-        self._post_at_commit = not overlap or executor.runner.device.type == "cpu"
+        # When a step's outputs go to the event loop: without overlap at once ("commit"); on a
+        # GPU once the next step is queued on the device ("launch"); on the CPU, where a step
+        # computes while it is launched, once the next step is planned ("plan"): the event loop
+        # then makes their text while the model thread's torch operations (which release the
+        # GIL) compute, not while its Python plans.
+        on_cpu = executor.runner.device.type == "cpu"
+        self._handover = "commit" if not overlap else "plan" if on_cpu else "launch"
         self._work = threading.Event()  # set when requests arrive: wakes an idle model thread
         self._delivered = threading.Condition()  # _posted fell: the event loop delivered a step
         self._posted = 0  # steps posted to the event loop, not delivered yet
@@ -79,7 +83,7 @@ class StepLoop:
         """The loop, on the model thread: schedule, run and commit one step after another, with
         no other thread on the way; each committed step's outputs go to the event loop in one
         call. Requests arrive and leave through the core (under the core lock) meanwhile."""
-        held: StepOutputs | None = None  # committed; posted once the next step is launched
+        held: StepOutputs | None = None  # committed; posted at the next step's handover point
         while True:
             if not self.overlap:
                 self._settle()  # the last step's text first: stop strings end requests now
@@ -94,9 +98,12 @@ class StepLoop:
                     continue
                 self._work.wait(timeout=None if self._idle() else 0.01)
                 continue
-            outputs = self._run(*step, held)
+            if held is not None and self._handover == "plan":
+                self._post(held)
+                held = None
+            outputs = self._run(*step, held)  # "launch": posts held once the step is queued
             held = None
-            if outputs is not None and self._post_at_commit:
+            if outputs is not None and self._handover == "commit":
                 self._post(outputs)
             else:
                 held = outputs
