@@ -7,14 +7,13 @@ server's token count; it is successful only when the stream carried content and 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any, NoReturn
 
-from serving_data import DatasetRow
+from serving_data import DatasetRow, part_of_serving
 from serving_metrics import RequestRecord
 
 BACKENDS = ("sglang", "vllm", "openai", "openai-chat", "pyllama4")
@@ -126,14 +125,7 @@ def http_client() -> Any:
 
 
 def main(argv: list[str] | None = None) -> NoReturn:
-    """A part of bench/serving.py, not a script of its own: --help says what it holds."""
-    ap = argparse.ArgumentParser(
-        description=__doc__,
-        epilog="Not a script: bench/serving.py imports it (python bench/serving.py --help).",
-        formatter_class=argparse.RawTextHelpFormatter,
-    )
-    ap.parse_args(argv)
-    ap.error("this module is a part of bench/serving.py; run that instead")
+    part_of_serving(__doc__, argv)
 
 
 if __name__ == "__main__":

@@ -84,15 +84,20 @@ def sample_sharegpt(
     return rows
 
 
-def main(argv: list[str] | None = None) -> NoReturn:
-    """A part of bench/serving.py, not a script of its own: --help says what it holds."""
+def part_of_serving(doc: str | None, argv: list[str] | None) -> NoReturn:
+    """The command line of a part of bench/serving.py, not a script of its own: --help says what
+    it holds (doc), anything else says to run bench/serving.py."""
     ap = argparse.ArgumentParser(
-        description=__doc__,
+        description=doc,
         epilog="Not a script: bench/serving.py imports it (python bench/serving.py --help).",
         formatter_class=argparse.RawTextHelpFormatter,
     )
     ap.parse_args(argv)
     ap.error("this module is a part of bench/serving.py; run that instead")
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    part_of_serving(__doc__, argv)
 
 
 if __name__ == "__main__":

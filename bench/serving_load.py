@@ -16,7 +16,7 @@ from typing import NoReturn
 import numpy as np
 from server_cpu import tree_cpu_seconds
 from serving_clients import http_client, send_request
-from serving_data import DatasetRow
+from serving_data import DatasetRow, part_of_serving
 from serving_metrics import RequestRecord
 
 
@@ -119,14 +119,7 @@ async def run_benchmark(
 
 
 def main(argv: list[str] | None = None) -> NoReturn:
-    """A part of bench/serving.py, not a script of its own: --help says what it holds."""
-    ap = argparse.ArgumentParser(
-        description=__doc__,
-        epilog="Not a script: bench/serving.py imports it (python bench/serving.py --help).",
-        formatter_class=argparse.RawTextHelpFormatter,
-    )
-    ap.parse_args(argv)
-    ap.error("this module is a part of bench/serving.py; run that instead")
+    part_of_serving(__doc__, argv)
 
 
 if __name__ == "__main__":

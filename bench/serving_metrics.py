@@ -6,13 +6,13 @@ token counts) and the run's duration; bench/serving.py's docstring states the de
 
 from __future__ import annotations
 
-import argparse
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 import numpy as np
+from serving_data import part_of_serving
 
 
 @dataclass
@@ -138,14 +138,7 @@ def cpu_metrics(cpu_seconds: float | None, output_tokens: int) -> dict[str, floa
 
 
 def main(argv: list[str] | None = None) -> NoReturn:
-    """A part of bench/serving.py, not a script of its own: --help says what it holds."""
-    ap = argparse.ArgumentParser(
-        description=__doc__,
-        epilog="Not a script: bench/serving.py imports it (python bench/serving.py --help).",
-        formatter_class=argparse.RawTextHelpFormatter,
-    )
-    ap.parse_args(argv)
-    ap.error("this module is a part of bench/serving.py; run that instead")
+    part_of_serving(__doc__, argv)
 
 
 if __name__ == "__main__":

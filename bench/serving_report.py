@@ -7,11 +7,11 @@ the requests' records); nothing here measures or computes a metric.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
 import numpy as np
+from serving_data import part_of_serving
 from serving_metrics import RequestRecord, peak_buckets
 
 CPU_LINES = (
@@ -154,14 +154,7 @@ def plot(path: str, records: list[RequestRecord], m: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> NoReturn:
-    """A part of bench/serving.py, not a script of its own: --help says what it holds."""
-    ap = argparse.ArgumentParser(
-        description=__doc__,
-        epilog="Not a script: bench/serving.py imports it (python bench/serving.py --help).",
-        formatter_class=argparse.RawTextHelpFormatter,
-    )
-    ap.parse_args(argv)
-    ap.error("this module is a part of bench/serving.py; run that instead")
+    part_of_serving(__doc__, argv)
 
 
 if __name__ == "__main__":
