@@ -213,7 +213,8 @@ class Engine:
     def _fail_step(self, core_ids: list[int], message: str) -> None:
         """On the event loop: ends the requests of a step that failed, with the error."""
         for core_id in core_ids:
-            c = self._by_core.get(core_id)
+            with self._lock:
+                c = self._by_core.get(core_id)
             if c is not None:
                 self._fail_request(c.request, message)
 
