@@ -13,9 +13,10 @@ weights and fp32 scales are loaded unchanged (no dequantize-requantize; the othe
 `dtype`), then converted exactly to e4m3fnuz if fp8_format asks for it. Online quantization of such
 a checkpoint is a ValueError: it already is FP8.
 
-On the CPU, the loaded text model's bf16 linears and routed experts compute with oneDNN-packed
-copies of their weights where the CPU has native bf16 (`pyllama4.layers.cpu_linear.prepare_cpu`,
-last: it packs the final weights; the parameters and state_dict are unchanged).
+On the CPU, a bf16 text model without FP8 weights computes its linears and routed experts with
+oneDNN-packed copies of their weights where the CPU has native bf16
+(`pyllama4.layers.cpu_linear.prepare_cpu`, last: it packs the final weights; the parameters and
+state_dict are unchanged).
 
 Tensor parallelism (`tp`): the text model is built with this rank's shapes and holds exactly this
 rank's parts of the checkpoint's tensors (`Llama4ForCausalLM.weight_shards`), read as slices: a
@@ -94,7 +95,8 @@ def load_model(
         convert_to_fnuz(model)
     if quantization == "fp8":
         quantize_model(model, fp8_format)
-    prepare_cpu(model)
+    if scheme is None and quantization is None:
+        prepare_cpu(model)  # an FP8 model keeps its other modules exactly as loaded
     return model.eval()
 
 
