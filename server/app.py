@@ -18,13 +18,17 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import anyio
+import msgspec
 
 from pyllama4 import Engine
 from pyllama4.multimodal.media import MediaPolicy
-from pyllama4.server.asgi import Handler, Receive, Router, Scope, Send, serve_lifespan
+from pyllama4.server import protocol as p
+from pyllama4.server.asgi import Handler, Receive, Scope, Send, respond, serve_lifespan
+from pyllama4.server.http_limits import HTTPLimits
 from pyllama4.server.metrics import MetricsRoute
 from pyllama4.server.native_routes import NativeRoutes
 from pyllama4.server.openai_routes import OpenAIRoutes
+from pyllama4.server.router import PrefixHandler, Router
 from pyllama4.server.serving import Serving
 
 log = logging.getLogger("pyllama4.server")
@@ -38,7 +42,9 @@ class AppConfig:
 
     served_model_name: str
     context_length: int
-    api_key: str | None = None
+    api_key: str | None = None  # every route but /health needs it
+    public_metrics: bool = False  # /metrics answers without the API key
+    limits: HTTPLimits = field(default_factory=HTTPLimits)  # body size and time, concurrency
     max_queued_requests: int | None = None  # None: no limit (503 + Retry-After beyond it)
     chat_template: str | None = None  # None: the tokenizer's
     media: MediaPolicy = field(default_factory=MediaPolicy)  # fetching and decoding images
@@ -59,7 +65,13 @@ class App:
             max_images=config.max_images_per_request,
             tool_call_parser=config.tool_call_parser,
         )
-        self.router = Router(routes(self.serving), config.api_key)
+        self.router = Router(
+            routes(self.serving),
+            config.api_key,
+            prefix_routes=prefix_routes(self.serving),
+            limits=config.limits,
+            public_metrics=config.public_metrics,
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -97,6 +109,22 @@ def routes(serving: Serving) -> dict[tuple[str, str], Handler]:
         ("GET", "/get_server_info"): native.server_info,
         ("GET", "/openapi.json"): native.openapi,
     }
+
+
+def prefix_routes(serving: Serving) -> dict[tuple[str, str], PrefixHandler]:
+    """The endpoints with a parameter at the end of their path, by (method, path prefix)."""
+    return {("GET", "/v1/models/"): partial(retrieve_model, serving)}
+
+
+async def retrieve_model(
+    serving: Serving, model: str, body: bytes, send: Send, receive: Receive
+) -> None:
+    """GET /v1/models/{model}: the served model's card (a 404 for any other name)."""
+    serving.check_model(model)
+    card = p.ModelCard(
+        serving.model, serving.created, root=serving.model, max_model_len=serving.context_length
+    )
+    await respond(send, 200, msgspec.json.encode(card))
 
 
 def create_app(engine: Engine, config: AppConfig) -> App:

@@ -1,17 +1,17 @@
-"""Raw ASGI plumbing: bodies in, JSON and server-sent events out, errors as OpenAI error bodies,
-routing, the API key and the lifespan protocol.
+"""Raw ASGI plumbing: bodies in, JSON and server-sent events out, errors as OpenAI error bodies
+and the lifespan protocol (routing, the API key and the request limits live in
+pyllama4.server.router).
 
 Invariants:
-- Every error a route raises before its response started is answered with an OpenAI-style body
-  {"error": {"message", "type", "param", "code"}} and its status (a RequestError is a 400 naming
-  its field; anything unexpected a 500); the server never dies on a request.
+- An HTTPError carries everything its OpenAI-style answer needs: status, message, type, param
+  and extra headers; error_body renders {"error": {"message", "type", "param", "code"}}.
+- A body is never held past its limit: read_body stops at the first chunk over it (413).
 - A stream (stream_sse) stops producing the moment its client disconnects: the producer is
   cancelled, which aborts the request it reads from.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -19,11 +19,8 @@ import anyio
 import msgspec
 
 from pyllama4.server import protocol as p
-from pyllama4.server.tools import RequestError
+from pyllama4.server.http_limits import MAX_BODY_BYTES
 
-log = logging.getLogger("pyllama4.server")
-
-MAX_BODY_BYTES = 64 << 20  # room for a few base64 images
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -51,7 +48,8 @@ def error_body(status: int, message: str, kind: str, param: str | None = None) -
     return msgspec.json.encode(p.ErrorResponse(p.ErrorDetail(message, kind, param, status)))
 
 
-async def read_body(receive: Receive) -> bytes:
+async def read_body(receive: Receive, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The whole request body; a 413 as soon as it grows past `limit` bytes."""
     chunks, size = [], 0
     while True:
         message = await receive()
@@ -59,8 +57,8 @@ async def read_body(receive: Receive) -> bytes:
             raise HTTPError(499, "client disconnected")
         chunk = message.get("body", b"")
         size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise HTTPError(413, f"the request body is over {MAX_BODY_BYTES} bytes")
+        if size > limit:
+            raise HTTPError(413, f"the request body is over {limit} bytes")
         chunks.append(chunk)
         if not message.get("more_body"):
             return b"".join(chunks)
@@ -129,61 +127,6 @@ async def stream_sse(
         except OSError:
             pass  # the client went away; leaving the stream aborted the request
         tg.cancel_scope.cancel()
-
-
-class Router:
-    """Dispatches an HTTP request to its route by (method, path); counts requests in flight."""
-
-    def __init__(self, routes: dict[tuple[str, str], Handler], api_key: str | None):
-        """api_key: the bearer token every /v1/ request must carry (None: no check)."""
-        self.routes = routes
-        self.api_key = api_key
-        self.in_flight = 0
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        started = False
-
-        async def tracked_send(message: dict[str, Any]) -> None:
-            nonlocal started
-            started = True
-            await send(message)
-
-        try:
-            await self.dispatch(scope, receive, tracked_send)
-        except HTTPError as e:
-            if not started:
-                body = error_body(e.status, e.message, e.kind, e.param)
-                await respond(send, e.status, body, headers=e.headers)
-        except RequestError as e:
-            if not started:
-                await respond(send, 400, error_body(400, str(e), "invalid_request_error", e.param))
-        except Exception as e:  # noqa: BLE001 - the server never dies on a request
-            log.exception("%s %s failed", scope["method"], scope["path"])
-            if not started:
-                body = error_body(500, f"internal error: {type(e).__name__}: {e}", "internal_error")
-                await respond(send, 500, body)
-
-    async def dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
-        handler = self.routes.get((scope["method"], scope["path"]))
-        if handler is None:
-            known = {path for _, path in self.routes}
-            status = 405 if scope["path"] in known else 404
-            kind = "not_found_error" if status == 404 else "invalid_request_error"
-            message = f"{scope['method']} {scope['path']} is not an endpoint"
-            raise HTTPError(status, message, kind=kind)
-        if self.api_key and scope["path"].startswith("/v1/"):
-            self.check_key(scope)
-        body = await read_body(receive) if scope["method"] == "POST" else b""
-        self.in_flight += 1
-        try:
-            await handler(body, send, receive)
-        finally:
-            self.in_flight -= 1
-
-    def check_key(self, scope: Scope) -> None:
-        headers = dict(scope["headers"])
-        if headers.get(b"authorization", b"").decode() != f"Bearer {self.api_key}":
-            raise HTTPError(401, "missing or wrong API key", kind="authentication_error")
 
 
 async def serve_lifespan(

@@ -13,6 +13,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
+from pyllama4.server.http_limits import BACKLOG, BODY_TIMEOUT_S, KEEP_ALIVE_S, MAX_BODY_BYTES
+
 PROG = "pyllama4-serve"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 30000  # SGLang's default
@@ -72,6 +74,16 @@ def _fraction(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not (math.isfinite(value) and 0.0 < value <= 1.0):
         raise argparse.ArgumentTypeError(f"{text} is out of range (expected 0 < value <= 1)")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0.0):
+        raise argparse.ArgumentTypeError(f"{text} is out of range (expected seconds > 0)")
     return value
 
 
@@ -353,7 +365,50 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     http.add_argument(
         "--api-key",
         metavar="KEY",
-        help="require `Authorization: Bearer KEY` on every endpoint except /health",
+        help="require `Authorization: Bearer KEY` on every path except GET /health (unknown "
+        "paths included: 401 before 404)",
+    )
+    http.add_argument(
+        "--public-metrics",
+        action="store_true",
+        help="with --api-key: /metrics answers without the key (for a Prometheus scraper)",
+    )
+    http.add_argument(
+        "--timeout-keep-alive",
+        type=_seconds,
+        default=KEEP_ALIVE_S,
+        metavar="S",
+        help="close a connection idle, or still sending its request's headers, for S seconds "
+        f"(default {KEEP_ALIVE_S:g})",
+    )
+    http.add_argument(
+        "--timeout-request-body",
+        type=_seconds,
+        default=BODY_TIMEOUT_S,
+        metavar="S",
+        help="a request's whole body must arrive within S seconds of its headers, else 408 and "
+        f"the connection is closed (default {BODY_TIMEOUT_S:g})",
+    )
+    http.add_argument(
+        "--max-request-body-bytes",
+        type=_int_in(1),
+        default=MAX_BODY_BYTES,
+        metavar="N",
+        help="larger bodies get 413, from their Content-Length before any byte is read "
+        f"(default {MAX_BODY_BYTES})",
+    )
+    http.add_argument(
+        "--limit-concurrency",
+        type=_int_in(1),
+        metavar="N",
+        help="answer 503 + Retry-After beyond N requests in the app at once, GET /health aside "
+        "(default: what the open files limit allows, 1024 descriptors spared; logged)",
+    )
+    http.add_argument(
+        "--backlog",
+        type=_int_in(1),
+        default=BACKLOG,
+        help=f"the listening socket's queue of connections not yet accepted (default {BACKLOG})",
     )
     http.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, default="info")
     return p

@@ -32,6 +32,12 @@ from pyllama4.server.checks import (
     speculative_config,
 )
 from pyllama4.server.flags import PROG, SHUTDOWN_TIMEOUT_S, parse_args
+from pyllama4.server.http_limits import (
+    HTTPLimits,
+    concurrency_cap,
+    configure_hypercorn,
+    raise_fd_limit,
+)
 
 if TYPE_CHECKING:  # torch and the engine load after the flags are checked
     from pyllama4.engine import Engine, EngineConfig
@@ -140,10 +146,13 @@ def _start_and_serve(args: argparse.Namespace) -> None:
         context,
     )
     engine = _load(args, settings)
+    limits = _http_limits(args)
     app_config = AppConfig(
         served_model_name=served_model_name,
         context_length=context,
         api_key=args.api_key,
+        public_metrics=args.public_metrics,
+        limits=limits,
         max_queued_requests=args.max_queued_requests,
         chat_template=chat_template,
         media=_media_policy(args),
@@ -151,7 +160,7 @@ def _start_and_serve(args: argparse.Namespace) -> None:
         tool_call_parser=TOOL_CALL_PARSERS.get(args.tool_call_parser or ""),
     )
     app = create_app(engine, app_config)
-    anyio.run(_serve, app, sock, SHUTDOWN_TIMEOUT_S, backend="asyncio")
+    anyio.run(_serve, app, sock, limits, SHUTDOWN_TIMEOUT_S, backend="asyncio")
     engine.close()
     log.info("stopped")
 
@@ -295,6 +304,19 @@ def _log_plan(engine: Engine, config: EngineConfig, seconds: float) -> None:
         log.info("%s", engine.speculative.describe())
 
 
+def _http_limits(args: argparse.Namespace) -> HTTPLimits:
+    """The HTTP limits the flags ask for; the open files limit raised first (it bounds the
+    default concurrency cap)."""
+    nofile = raise_fd_limit()
+    return HTTPLimits(
+        max_body_bytes=args.max_request_body_bytes,
+        body_timeout=args.timeout_request_body,
+        limit_concurrency=concurrency_cap(args.limit_concurrency, nofile),
+        keep_alive_timeout=args.timeout_keep_alive,
+        backlog=args.backlog,
+    )
+
+
 def _media_policy(args: argparse.Namespace) -> MediaPolicy:
     from pyllama4.multimodal.media import MediaPolicy
 
@@ -337,7 +359,9 @@ def _serve_ranks(args: argparse.Namespace) -> None:
     log.info("node %d: its ranks stopped", args.node_rank)
 
 
-async def _serve(app: Any, sock: socket.socket, shutdown_timeout: float) -> None:
+async def _serve(
+    app: Any, sock: socket.socket, limits: HTTPLimits, shutdown_timeout: float
+) -> None:
     """Serve until SIGTERM or SIGINT; then stop accepting, give in-flight requests up to
     shutdown_timeout to finish (app.shutdown aborts the rest) and return. A second signal
     during the drain exits at once (status 1)."""
@@ -345,8 +369,12 @@ async def _serve(app: Any, sock: socket.socket, shutdown_timeout: float) -> None
     from hypercorn.asyncio import serve
     from hypercorn.config import Config
 
+    from pyllama4.server import early_413
+
     url = _url(sock)
     config = Config()
+    configure_hypercorn(config, limits)
+    early_413.install(limits.max_body_bytes)  # 413 from the headers, before `100 Continue`
     config.bind = [f"fd://{sock.detach()}"]  # hypercorn takes the socket over
     config.errorlog = logging.getLogger("hypercorn.error")
     config.accesslog = (
