@@ -7,7 +7,9 @@ line's entry points (`pyllama4-serve`, `pyllama4 serve`; `python -m pyllama4.lau
 `flags` its flag table, `checks` what the flags may be on this machine and `launch` the server's
 lifecycle;
 `pyllama4.server.app` is the ASGI app it serves with hypercorn, wired from: `asgi` (bodies,
-responses, errors, routing, server-sent events), `openai_routes` and `native_routes` (the
-endpoints), `serving` (the engine and options routes share), `sampling` (request ->
-SamplingParams), `responses` (OpenAI response objects), `chat_prompt`, `metrics` and `openapi`.
+responses, errors, server-sent events), `router` (routing behind the API key and the request
+limits of `http_limits`; `early_413` refuses oversized bodies from their headers),
+`openai_routes` and `native_routes` (the endpoints), `serving` (the engine and options routes
+share), `sampling` (request -> SamplingParams), `responses` (OpenAI response objects),
+`chat_prompt`, `metrics` and `openapi`.
 """

@@ -48,6 +48,7 @@ def raise_fd_limit() -> int:
     if soft == resource.RLIM_INFINITY:
         return NOFILE_CEILING
     if soft >= target:
+        log.info("open files: soft limit %d (the hard limit)", soft)
         return soft
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))

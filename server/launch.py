@@ -136,6 +136,7 @@ def _start_and_serve(args: argparse.Namespace) -> None:
     settings = engine_config(args, path)
     context = settings.context_len
     assert context is not None  # engine_config resolves it
+    limits = _http_limits(args)
     sock = _bind(args)
     log.info(
         "loading %s as %r: dtype %s on %s, context %d tokens",
@@ -146,7 +147,6 @@ def _start_and_serve(args: argparse.Namespace) -> None:
         context,
     )
     engine = _load(args, settings)
-    limits = _http_limits(args)
     app_config = AppConfig(
         served_model_name=served_model_name,
         context_length=context,

@@ -8,7 +8,8 @@ Invariants:
 - At most `limit_concurrency` requests are in the app at once, counted from before their body
   is read; beyond it a request is answered 503 + Retry-After with `Connection: close`.
 - A body must arrive whole within `body_timeout` seconds (else 408, `Connection: close`) and is
-  cut at `max_body_bytes` (413).
+  cut at `max_body_bytes` (413). (A Content-Length over the limit never reaches the router:
+  pyllama4.server.early_413 answers it from the headers, before the API key is looked at.)
 - Every error is an OpenAI-style body with its status: a RequestError is a 400 naming its
   field; anything unexpected is a 500 naming only the exception's type (its traceback goes to
   the log); a 405 lists the path's methods in `Allow`. The server never dies on a request.
@@ -95,8 +96,9 @@ class Router:
 
     async def dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
         method, path = scope["method"], scope["path"]
-        if path == HEALTH and method == "GET":
-            await self.routes[(method, path)](b"", send, receive)
+        health = self.routes.get((method, path)) if (method, path) == ("GET", HEALTH) else None
+        if health is not None:
+            await health(b"", send, receive)
             return
         if not (path == METRICS and self.public_metrics):
             self.check_key(scope)
