@@ -349,6 +349,12 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         f"trees: default {SPEC_DEFAULT_TREE_TOKENS})",
     )
 
+    _add_http_flags(p)
+    return p
+
+
+def _add_http_flags(p: argparse.ArgumentParser) -> None:
+    """The "HTTP" group: where the server listens, the API key and what a client may hold."""
     http = p.add_argument_group("HTTP")
     http.add_argument("--host", default=DEFAULT_HOST, help=f"default {DEFAULT_HOST}")
     http.add_argument(
@@ -411,7 +417,6 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         help=f"the listening socket's queue of connections not yet accepted (default {BACKLOG})",
     )
     http.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, default="info")
-    return p
 
 
 def parse_args(argv: Sequence[str] | None = None, *, prog: str = PROG) -> argparse.Namespace:

@@ -124,11 +124,11 @@ class Router:
         if handler is not None:
             return handler
         for (route_method, prefix), prefixed in self.prefix_routes.items():
-            if route_method == method and path.startswith(prefix) and len(path) > len(prefix):
+            if route_method == method and _extends(path, prefix):
                 return partial(prefixed, path[len(prefix) :])
         allowed = sorted(
             {m for m, p in self.routes if p == path}
-            | {m for m, p in self.prefix_routes if path.startswith(p) and len(path) > len(p)}
+            | {m for m, p in self.prefix_routes if _extends(path, p)}
         )
         message = f"{method} {path} is not an endpoint"
         if not allowed:
@@ -157,3 +157,8 @@ class Router:
             raise HTTPError(
                 401, "missing or wrong API key", kind="authentication_error", headers=UNAUTHORIZED
             )
+
+
+def _extends(path: str, prefix: str) -> bool:
+    """Whether `path` is `prefix` followed by something (a prefix route's parameter)."""
+    return path.startswith(prefix) and len(path) > len(prefix)
