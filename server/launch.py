@@ -31,7 +31,7 @@ from pyllama4.server.checks import (
     resolve_fp8_format,
     speculative_config,
 )
-from pyllama4.server.flags import PROG, SHUTDOWN_TIMEOUT_S, parse_args
+from pyllama4.server.flags import PROG, parse_args
 
 if TYPE_CHECKING:  # torch and the engine load after the flags are checked
     from pyllama4.engine import Engine, EngineConfig
@@ -149,9 +149,10 @@ def _start_and_serve(args: argparse.Namespace) -> None:
         media=_media_policy(args),
         max_images_per_request=args.max_images_per_request,
         tool_call_parser=TOOL_CALL_PARSERS.get(args.tool_call_parser or ""),
+        shutdown_timeout=args.graceful_shutdown_timeout,
     )
     app = create_app(engine, app_config)
-    anyio.run(_serve, app, sock, SHUTDOWN_TIMEOUT_S, backend="asyncio")
+    anyio.run(_serve, app, sock, args.graceful_shutdown_timeout, backend="asyncio")
     engine.close()
     log.info("stopped")
 
