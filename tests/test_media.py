@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
 import os
 import random
 import socket
@@ -18,15 +19,19 @@ import time
 import zlib
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from ipaddress import IPv4Address, ip_address
 from pathlib import Path
 
 import anyio
 import pytest
 from PIL import Image
 
+from pyllama4.multimodal import fetch
+from pyllama4.multimodal.addresses import refusal
 from pyllama4.multimodal.media import MediaError, MediaPolicy, load_image
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
+SLOW_S = 20  # how long the test server stalls: far longer than any fetch that must not wait
 
 
 def encode(image: Image.Image, fmt: str, **options) -> bytes:
@@ -282,6 +287,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         self.server.requests.append((self.path, self.headers.get("User-Agent")))
+        self.server.hosts.append(self.headers.get("Host"))
         try:
             self.route()
         except (BrokenPipeError, ConnectionResetError):  # the client gave up, as it should
@@ -296,7 +302,7 @@ class Handler(BaseHTTPRequestHandler):
         elif path == "/page.html":
             self.send(200, "text/html; charset=utf-8", b"<html>hello</html>")
         elif path == "/slow.png":
-            time.sleep(2)
+            time.sleep(SLOW_S)
             self.send(200, "image/png", PNG)
         elif path == "/huge.png":  # no Content-Length: the body ends when the connection does
             self.send_response(200)
@@ -313,13 +319,15 @@ class Handler(BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(PNG)
             self.wfile.flush()
-            time.sleep(2)
+            time.sleep(SLOW_S)
         elif path == "/redirect":
             self.redirect("/img.png")
         elif path == "/redirect-file":
             self.redirect("file:///etc/passwd")
         elif path == "/loop":
             self.redirect("/loop")
+        elif path.startswith("/redirect-to/"):
+            self.redirect(path.removeprefix("/redirect-to/"))
         else:
             self.send(404, "text/plain", b"not found")
 
@@ -327,7 +335,7 @@ class Handler(BaseHTTPRequestHandler):
 @pytest.fixture(scope="module")
 def server() -> Iterator[ThreadingHTTPServer]:
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.requests = []
+    httpd.requests, httpd.hosts = [], []
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     yield httpd
@@ -338,72 +346,217 @@ def server() -> Iterator[ThreadingHTTPServer]:
 @pytest.fixture
 def base(server: ThreadingHTTPServer) -> str:
     server.requests.clear()
+    server.hosts.clear()
     return f"http://127.0.0.1:{server.server_address[1]}"
 
 
+# The test server is on 127.0.0.1, which only "any" lets a fetch connect to.
+LOCAL = MediaPolicy(fetch_networks="any")
+
+
+def failed(url: str) -> str:
+    """What the client is told about any fetch that went wrong upstream."""
+    return f"could not fetch the image from {url}"
+
+
 def test_http_png_and_jpeg(server: ThreadingHTTPServer, base: str):
-    assert is_pattern(load(f"{base}/img.png"))
-    assert load(f"{base}/img.jpg").format == "JPEG"
+    assert is_pattern(load(f"{base}/img.png", LOCAL))
+    assert load(f"{base}/img.jpg", LOCAL).format == "JPEG"
     assert server.requests == [("/img.png", "pyllama4"), ("/img.jpg", "pyllama4")]
 
 
 def test_http_follows_redirects(server: ThreadingHTTPServer, base: str):
-    assert load(f"{base}/redirect").size == (3, 2)
+    assert load(f"{base}/redirect", LOCAL).size == (3, 2)
     assert [path for path, _ in server.requests] == ["/redirect", "/img.png"]
 
 
 def test_http_redirect_to_file_is_refused(base: str):
-    message = error(f"{base}/redirect-file")
-    assert message.endswith("redirected to a non-HTTP URL: file:///etc/passwd")
+    assert error(f"{base}/redirect-file", LOCAL) == failed(f"{base}/redirect-file")
 
 
 def test_http_redirect_loop_stops(server: ThreadingHTTPServer, base: str):
-    assert "redirected more than 5 times" in error(f"{base}/loop")
+    assert error(f"{base}/loop", LOCAL) == failed(f"{base}/loop")
     assert len(server.requests) == 6
 
 
-def test_http_not_an_image(base: str):
-    message = error(f"{base}/page.html")
-    assert "is not an image" in message and "text/html" in message
-
-
-def test_http_status(base: str):
-    message = error(f"{base}/nothing.png")
-    assert "HTTP 404" in message and "/nothing.png" in message
+def test_http_upstream_status_and_type_are_not_told_but_logged(base: str, caplog):
+    caplog.set_level(logging.INFO, logger="pyllama4.multimodal")
+    assert error(f"{base}/nothing.png", LOCAL) == failed(f"{base}/nothing.png")
+    assert error(f"{base}/page.html", LOCAL) == failed(f"{base}/page.html")
+    assert "HTTP 404" in caplog.text and "text/html" in caplog.text
 
 
 def test_http_timeout(base: str):
     start = time.monotonic()
-    message = error(f"{base}/slow.png", MediaPolicy(fetch_timeout=0.3))
-    assert "timed out after 0.3 s" in message
-    assert time.monotonic() - start < 1.5
+    assert error(f"{base}/slow.png", MediaPolicy(fetch_timeout=0.3, fetch_networks="any")) == (
+        failed(f"{base}/slow.png")
+    )
+    assert time.monotonic() - start < SLOW_S / 2  # well before the server answers
 
 
 def test_http_body_over_limit(base: str):
-    assert "limit of 100000 bytes" in error(f"{base}/huge.png", MediaPolicy(max_bytes=100_000))
+    policy = MediaPolicy(max_bytes=100_000, fetch_networks="any")
+    assert "limit of 100000 bytes" in error(f"{base}/huge.png", policy)
 
 
 def test_http_declared_length_over_limit_is_refused_up_front(base: str):
     start = time.monotonic()
-    message = error(f"{base}/declared-huge.png", MediaPolicy(max_bytes=100_000))
-    assert "limit of 100000 bytes" in message
-    assert time.monotonic() - start < 1.5
+    policy = MediaPolicy(max_bytes=100_000, fetch_networks="any")
+    assert "limit of 100000 bytes" in error(f"{base}/declared-huge.png", policy)
+    assert time.monotonic() - start < SLOW_S / 2  # without waiting for the stalled body
 
 
 def test_http_fetch_disabled(server: ThreadingHTTPServer, base: str):
-    message = error(f"{base}/img.png", MediaPolicy(allow_fetch=False))
+    message = error(f"{base}/img.png", MediaPolicy(allow_fetch=False, fetch_networks="any"))
     assert "disabled" in message and "--disable-image-url-fetch" in message
     assert server.requests == []
 
 
-def test_http_connection_refused():
+def test_http_connection_refused_tells_nothing_more(caplog):
+    caplog.set_level(logging.INFO, logger="pyllama4.multimodal")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    message = error(f"http://127.0.0.1:{port}/img.png")
-    assert message.startswith(f"could not fetch the image from http://127.0.0.1:{port}/img.png: ")
+    url = f"http://127.0.0.1:{port}/img.png"
+    assert error(url, LOCAL) == failed(url)
+    assert "onnect" in caplog.text  # httpx's ConnectError text, in the log only
 
 
 def test_echoed_urls_are_truncated(base: str):
-    message = error(f"{base}/nothing.png?q={'x' * 5000}")
-    assert "HTTP 404" in message and "..." in message and len(message) < 200
+    message = error(f"{base}/nothing.png?q={'x' * 5000}", LOCAL)
+    assert message.startswith(failed(base)) and message.endswith("...") and len(message) < 200
+
+
+def test_malformed_urls():
+    assert "not a valid URL" in error("http://[::1/img.png")
+    assert "not an http(s) URL with a host" in error("http:///img.png")
+
+
+# ---- the fetch policy ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("address", "private", "public"),
+    [
+        ("127.0.0.1", "loopback", "loopback"),
+        ("127.9.8.7", "loopback", "loopback"),
+        ("::1", "loopback", "loopback"),
+        ("::ffff:127.0.0.1", "loopback", "loopback"),  # IPv4-mapped: judged as the IPv4 address
+        ("169.254.169.254", "link-local", "link-local"),  # cloud metadata
+        ("fe80::1", "link-local", "link-local"),
+        ("0.0.0.0", "unspecified", "unspecified"),
+        ("0.1.2.3", "unspecified", "unspecified"),
+        ("::", "unspecified", "unspecified"),
+        ("224.0.0.1", "multicast", "multicast"),
+        ("ff02::1", "multicast", "multicast"),
+        ("240.0.0.1", "reserved", "reserved"),
+        ("10.0.0.5", None, "not public"),
+        ("172.16.3.4", None, "not public"),
+        ("192.168.1.1", None, "not public"),
+        ("100.64.0.1", None, "not public"),  # carrier-grade NAT
+        ("fd12::1", None, "not public"),  # unique local
+        ("::ffff:10.0.0.5", None, "not public"),
+        ("93.184.215.14", None, None),
+        ("2606:4700::1111", None, None),
+    ],
+)
+def test_address_policy(address: str, private: str | None, public: str | None):
+    ip = ip_address(address)
+    assert refusal(ip, "private") == private
+    assert refusal(ip, "public") == public
+    assert refusal(ip, "any") is None
+
+
+def test_loopback_and_link_local_are_refused_by_default(server: ThreadingHTTPServer, base: str):
+    port = server.server_address[1]
+    for url in (
+        f"{base}/img.png",
+        f"http://localhost:{port}/img.png",  # a name that resolves to loopback
+        f"http://[::1]:{port}/img.png",
+        f"http://[::ffff:127.0.0.1]:{port}/img.png",
+        f"http://0.0.0.0:{port}/img.png",
+        f"http://2130706433:{port}/img.png",  # 127.0.0.1 as one number
+        "http://169.254.169.254/latest/meta-data/",
+        "http://[fe80::1]/img.png",
+    ):
+        for networks in ("private", "public"):
+            assert error(url, MediaPolicy(fetch_networks=networks)) == failed(url), url
+    assert server.requests == []  # refused before connecting
+
+
+def fake_dns(monkeypatch: pytest.MonkeyPatch, names: dict[str, list[str]]) -> list[str]:
+    """Resolve `names` to their addresses (and only them); returns the names looked up."""
+    looked_up: list[str] = []
+
+    async def getaddrinfo(host: str, port: int, **kwargs: object) -> list[tuple]:
+        looked_up.append(host)
+        if host not in names:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port)) for a in names[host]]
+
+    monkeypatch.setattr(anyio, "getaddrinfo", getaddrinfo)
+    return looked_up
+
+
+def test_every_resolved_address_is_checked(monkeypatch: pytest.MonkeyPatch, caplog):
+    caplog.set_level(logging.INFO, logger="pyllama4.multimodal")
+    fake_dns(monkeypatch, {"mixed.test": ["93.184.215.14", "127.0.0.1"], "lan.test": ["10.1.1.1"]})
+    assert error("http://mixed.test/a.png") == failed("http://mixed.test/a.png")
+    assert "127.0.0.1" in caplog.text and "loopback" in caplog.text
+    assert error("http://lan.test/a.png", MediaPolicy(fetch_networks="public")) == (
+        failed("http://lan.test/a.png")
+    )
+    assert "not public" in caplog.text
+
+
+def test_connects_to_the_checked_address_with_the_original_host(
+    server: ThreadingHTTPServer, base: str, monkeypatch: pytest.MonkeyPatch
+):
+    """images.test resolves only through the fake DNS: the fetch succeeds only if it connects to
+    the address it resolved (and checked) itself, and it asks for the name it was given."""
+    port = server.server_address[1]
+    looked_up = fake_dns(monkeypatch, {"images.test": ["127.0.0.1"]})
+    assert is_pattern(load(f"http://images.test:{port}/img.png", LOCAL))
+    assert looked_up == ["images.test"]
+    assert server.hosts == [f"images.test:{port}"]
+
+
+def test_a_redirect_to_a_refused_address_is_refused(
+    server: ThreadingHTTPServer, base: str, monkeypatch: pytest.MonkeyPatch, caplog
+):
+    """The test server on 127.0.0.1 stands in for a public host (the policy lets exactly that
+    address through); where it redirects to is checked as any first hop is."""
+    caplog.set_level(logging.INFO, logger="pyllama4.multimodal")
+    monkeypatch.setattr(
+        fetch, "refusal", lambda a, n: None if a == IPv4Address("127.0.0.1") else refusal(a, n)
+    )
+    port = server.server_address[1]
+    assert load(f"{base}/img.png").size == (3, 2)
+    for target in (
+        "http://169.254.169.254/latest/meta-data/",
+        f"http://127.0.0.2:{port}/img.png",
+        f"http://[::1]:{port}/img.png",
+    ):
+        url = f"{base}/redirect-to/{target}"
+        assert error(url) == failed(url)
+    assert [path for path, _ in server.requests][1:] == [
+        "/redirect-to/http://169.254.169.254/latest/meta-data/",
+        f"/redirect-to/http://127.0.0.2:{port}/img.png",
+        f"/redirect-to/http://[::1]:{port}/img.png",
+    ]
+    assert caplog.text.count("refused (") == 3
+
+
+def test_allowed_domains(server: ThreadingHTTPServer, base: str):
+    port = server.server_address[1]
+    only_ip = MediaPolicy(fetch_networks="any", allowed_domains=frozenset({"127.0.0.1"}))
+    assert load(f"{base}/img.png", only_ip).size == (3, 2)
+    message = error(f"http://localhost:{port}/img.png", only_ip)
+    assert "does not fetch from (--allowed-media-domains)" in message
+    # A redirect to another host is refused without saying where it went.
+    url = f"{base}/redirect-to/http://localhost:{port}/img.png"
+    assert error(url, only_ip) == failed(url)
+    assert [path for path, _ in server.requests] == ["/img.png", url.removeprefix(base)]
+    # Names match case-insensitively, without a final dot.
+    by_name = MediaPolicy(fetch_networks="any", allowed_domains=frozenset({"LocalHost."}))
+    assert load(f"http://localhost:{port}/img.png", by_name).size == (3, 2)
