@@ -10,24 +10,32 @@ the hop. The name is resolved once, here (anyio.getaddrinfo, in a worker thread)
 connection goes to a checked address by IP, with the original Host header and, for https, the
 original name as the TLS server name (httpx's `sni_hostname`), so the certificate is still
 verified against the name. Nothing resolves the name again between the check and the connect, so
-DNS rebinding cannot swap in another address. Proxy settings and .netrc credentials from the
-environment are not used: a proxy would connect to addresses this check never saw.
+DNS rebinding cannot swap in another address. No connection is kept alive for a later hop:
+connections are pooled by IP, and one verified for a name must not serve another. Proxy settings
+and .netrc credentials from the environment are not used (a proxy would connect to addresses
+this check never saw); SSL_CERT_FILE and SSL_CERT_DIR are, as httpx uses them.
 
 What the client may learn is what the server's own configuration decides: that a URL is
-malformed, that its host is not in `--allowed-media-domains`, that the body is over the size cap.
-Every other failure (the address policy, a DNS error, a refused or timed-out connection, an HTTP
-error status, a body that is not declared an image, a bad redirect) is the one message "could not
-fetch the image from <URL>"; the reason goes to the "pyllama4.multimodal" log at INFO.
+malformed, that its host is not in `--allowed-media-domains`, that a body is over the size cap
+(and, from the decoder, that a fetched image does not decode). Every other failure (the address
+policy, a DNS error, a refused or timed-out connection, an HTTP error status, a body not
+declared an image, a bad redirect) is the one message "could not fetch the image from <URL>";
+the reason goes to the "pyllama4.multimodal" log at INFO.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import socket
+import ssl
 from dataclasses import dataclass
 from ipaddress import ip_address
 
 import anyio
+import anyio.to_thread
+import certifi
 import httpx
 
 from pyllama4.multimodal.addresses import IPAddress, Networks, refusal
@@ -37,6 +45,8 @@ MAX_REDIRECTS = 5
 # size, and no compressed body can inflate past the limit in one chunk.
 _HEADERS = {"User-Agent": "pyllama4", "Accept-Encoding": "identity"}
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+# No keep-alive: connections are pooled by IP, and one verified for a name must not serve another.
+_ONE_CONNECTION_PER_HOP = httpx.Limits(max_keepalive_connections=0)
 
 log = logging.getLogger("pyllama4.multimodal")
 
@@ -105,8 +115,24 @@ def _host_key(host: str) -> str:
         return host
 
 
+@functools.cache
+def _tls_context(cafile: str | None, capath: str | None) -> ssl.SSLContext:
+    """The CAs httpx would trust: SSL_CERT_FILE, else SSL_CERT_DIR, else certifi's bundle."""
+    if cafile or capath:
+        return ssl.create_default_context(cafile=cafile or None, capath=None if cafile else capath)
+    return ssl.create_default_context(cafile=certifi.where())
+
+
 async def _follow(url: httpx.URL, policy: FetchPolicy) -> bytes:
-    async with httpx.AsyncClient(headers=_HEADERS, timeout=None, trust_env=False) as client:
+    ca = (os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR"))
+    tls = await anyio.to_thread.run_sync(_tls_context, *ca)  # loads a CA bundle the first time
+    async with httpx.AsyncClient(
+        headers=_HEADERS,
+        timeout=None,
+        verify=tls,
+        trust_env=False,
+        limits=_ONE_CONNECTION_PER_HOP,
+    ) as client:
         for hop in range(MAX_REDIRECTS + 1):
             problem = _hop_problem(url, policy.allowed_domains) if hop else None
             if problem is not None:
@@ -156,7 +182,7 @@ async def _connect(
         try:
             return await client.send(request(address), stream=True)
         except httpx.ConnectError as e:
-            log.debug("image fetch: %s (%s) refused a connection: %s", host, address, e)
+            log.debug("image fetch: no connection to %s at %s: %s", host, address, e)
     return await client.send(request(addresses[-1]), stream=True)
 
 
