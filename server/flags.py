@@ -183,6 +183,22 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         help="refuse http(s) image URLs (data: URLs still work)",
     )
     images.add_argument(
+        "--allowed-media-domains",
+        nargs="+",
+        metavar="HOST",
+        help="fetch image URLs only from these hosts (exact names or IP literals, checked on "
+        "every redirect too; default: any host)",
+    )
+    images.add_argument(
+        "--image-fetch-networks",
+        choices=("public", "private", "any"),
+        default="private",
+        help="addresses an image URL may be fetched from, checked for every resolved address of "
+        "every redirect: public (globally routable only), private (default: also RFC 1918, "
+        "CGNAT and fc00::/7; never loopback, link-local incl. 169.254.169.254, unspecified, "
+        "multicast or reserved) or any (no check: tests and local development only)",
+    )
+    images.add_argument(
         "--allowed-local-media-path",
         metavar="DIR",
         help="accept file:// image URLs and paths, only below DIR (default: refused)",

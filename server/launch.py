@@ -300,9 +300,12 @@ def _media_policy(args: argparse.Namespace) -> MediaPolicy:
     from pyllama4.multimodal.media import MediaPolicy
 
     local_media = args.allowed_local_media_path
+    domains = args.allowed_media_domains
     return MediaPolicy(
         allow_fetch=not args.disable_image_url_fetch,
         fetch_timeout=args.image_fetch_timeout,
+        allowed_domains=None if domains is None else frozenset(domains),
+        fetch_networks=args.image_fetch_networks,
         allowed_local_path=Path(local_media).expanduser() if local_media else None,
         max_pixels=args.max_image_pixels,
     )
