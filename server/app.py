@@ -8,7 +8,8 @@ Invariants:
 - Every request the engine accepted ends: with its output, with an error event on its stream,
   or aborted the moment its client disconnects (its KV pages are freed at once).
 - The engine's step loop runs for the app's lifetime (ASGI lifespan); shutdown lets in-flight
-  requests finish within a timeout, then aborts the rest.
+  requests finish within a timeout, then cuts the rest, each with an error its client can tell
+  from success (503, or an error event on a stream).
 """
 
 from __future__ import annotations
@@ -33,8 +34,6 @@ from pyllama4.server.serving import Serving
 
 log = logging.getLogger("pyllama4.server")
 
-LIFESPAN_SHUTDOWN_S = 30.0  # in-flight requests' grace when the ASGI server stops the app
-
 
 @dataclass(frozen=True)
 class AppConfig:
@@ -50,6 +49,7 @@ class AppConfig:
     media: MediaPolicy = field(default_factory=MediaPolicy)  # fetching and decoding images
     max_images_per_request: int = 10
     tool_call_parser: str | None = None  # "pythonic": tool-call outputs become tool_calls
+    shutdown_timeout: float = 20.0  # in-flight requests' grace at shutdown, then they are cut
 
 
 class App:
@@ -72,16 +72,19 @@ class App:
             limits=config.limits,
             public_metrics=config.public_metrics,
         )
+        self.shutdown_timeout = config.shutdown_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            stop = partial(self.shutdown, LIFESPAN_SHUTDOWN_S)
+            stop = partial(self.shutdown, self.shutdown_timeout)
             await serve_lifespan(receive, send, self.engine.run, stop)
         elif scope["type"] == "http":
             await self.router(scope, receive, send)
 
     async def shutdown(self, timeout: float) -> None:
-        """Lets in-flight requests finish for up to `timeout` seconds, then aborts the rest."""
+        """Lets in-flight requests finish for up to `timeout` seconds, then cuts the rest: each
+        ends with a 503 or, streaming, an error event. New requests get a 503 meanwhile."""
+        self.serving.stopping = True
         with anyio.move_on_after(timeout):
             while self.router.in_flight:
                 await anyio.sleep(0.05)

@@ -203,6 +203,8 @@ _IMAGE_FLAGS = (
     "max_image_pixels",
     "image_fetch_timeout",
     "disable_image_url_fetch",
+    "allowed_media_domains",
+    "image_fetch_networks",
     "allowed_local_media_path",
 )
 

@@ -20,8 +20,9 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 30000  # SGLang's default
 # pyllama4.kernels.moe.MAX_TOKENS: above it the MoE runs grouped matmuls, not tried in a graph yet
 DEFAULT_GRAPH_MAX_BS = 64
-# In-flight requests get this long to finish after SIGTERM / SIGINT; then they are aborted.
-SHUTDOWN_TIMEOUT_S = 30.0
+# In-flight requests get this long to finish after SIGTERM / SIGINT; then they are cut. With the
+# few seconds the exit takes, a drain fits Kubernetes' default 30 s grace period.
+SHUTDOWN_TIMEOUT_S = 20.0
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32", "half", "float")
 DTYPE_ALIASES = {"half": "float16", "float": "float32"}  # SGLang's (and vLLM's) spellings
 SPEC_DEFAULTS = (3, 1)  # --speculative-num-steps, --speculative-eagle-topk (SGLang's for Llama 4)
@@ -81,8 +82,15 @@ def _seconds(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (math.isfinite(value) and value > 0.0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not (math.isfinite(value) and value >= 0.0):
+        raise argparse.ArgumentTypeError(f"{text} is out of range (expected seconds >= 0)")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    value = _seconds(text)
+    if value == 0.0:
         raise argparse.ArgumentTypeError(f"{text} is out of range (expected seconds > 0)")
     return value
 
@@ -182,6 +190,22 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         "--disable-image-url-fetch",
         action="store_true",
         help="refuse http(s) image URLs (data: URLs still work)",
+    )
+    images.add_argument(
+        "--allowed-media-domains",
+        nargs="+",
+        metavar="HOST",
+        help="fetch image URLs only from these hosts (exact names or IP literals, checked on "
+        "every redirect too; default: any host)",
+    )
+    images.add_argument(
+        "--image-fetch-networks",
+        choices=("public", "private", "any"),
+        default="private",
+        help="addresses an image URL may be fetched from, checked for every resolved address of "
+        "every redirect: public (globally routable only), private (default: also RFC 1918, "
+        "CGNAT and fc00::/7; never loopback, link-local incl. 169.254.169.254, unspecified, "
+        "multicast or reserved) or any (no check: tests and local development only)",
     )
     images.add_argument(
         "--allowed-local-media-path",
@@ -381,7 +405,7 @@ def _add_http_flags(p: argparse.ArgumentParser) -> None:
     )
     http.add_argument(
         "--timeout-keep-alive",
-        type=_seconds,
+        type=_positive_seconds,
         default=KEEP_ALIVE_S,
         metavar="S",
         help="close a connection idle, or still sending its request's headers, for S seconds "
@@ -389,7 +413,7 @@ def _add_http_flags(p: argparse.ArgumentParser) -> None:
     )
     http.add_argument(
         "--timeout-request-body",
-        type=_seconds,
+        type=_positive_seconds,
         default=BODY_TIMEOUT_S,
         metavar="S",
         help="a request's whole body must arrive within S seconds of its headers, else 408 and "
@@ -415,6 +439,14 @@ def _add_http_flags(p: argparse.ArgumentParser) -> None:
         type=_int_in(1),
         default=BACKLOG,
         help=f"the listening socket's queue of connections not yet accepted (default {BACKLOG})",
+    )
+    http.add_argument(
+        "--graceful-shutdown-timeout",
+        type=_seconds,
+        default=SHUTDOWN_TIMEOUT_S,
+        metavar="S",
+        help="after SIGTERM, in-flight requests get S seconds to finish; the rest end with a "
+        f"503 (or an error event when streaming); default {SHUTDOWN_TIMEOUT_S:g}",
     )
     http.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, default="info")
 

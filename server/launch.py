@@ -31,7 +31,7 @@ from pyllama4.server.checks import (
     resolve_fp8_format,
     speculative_config,
 )
-from pyllama4.server.flags import PROG, SHUTDOWN_TIMEOUT_S, parse_args
+from pyllama4.server.flags import PROG, parse_args
 from pyllama4.server.http_limits import (
     HTTPLimits,
     concurrency_cap,
@@ -158,9 +158,10 @@ def _start_and_serve(args: argparse.Namespace) -> None:
         media=_media_policy(args),
         max_images_per_request=args.max_images_per_request,
         tool_call_parser=TOOL_CALL_PARSERS.get(args.tool_call_parser or ""),
+        shutdown_timeout=args.graceful_shutdown_timeout,
     )
     app = create_app(engine, app_config)
-    anyio.run(_serve, app, sock, limits, SHUTDOWN_TIMEOUT_S, backend="asyncio")
+    anyio.run(_serve, app, sock, limits, args.graceful_shutdown_timeout, backend="asyncio")
     engine.close()
     log.info("stopped")
 
@@ -321,9 +322,12 @@ def _media_policy(args: argparse.Namespace) -> MediaPolicy:
     from pyllama4.multimodal.media import MediaPolicy
 
     local_media = args.allowed_local_media_path
+    domains = args.allowed_media_domains
     return MediaPolicy(
         allow_fetch=not args.disable_image_url_fetch,
         fetch_timeout=args.image_fetch_timeout,
+        allowed_domains=None if domains is None else frozenset(domains),
+        fetch_networks=args.image_fetch_networks,
         allowed_local_path=Path(local_media).expanduser() if local_media else None,
         max_pixels=args.max_image_pixels,
     )

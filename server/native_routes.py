@@ -17,7 +17,15 @@ from pyllama4 import SamplingParams
 from pyllama4.multimodal.inputs import ImagePrompt
 from pyllama4.outputs import RequestOutput
 from pyllama4.server import protocol as p
-from pyllama4.server.asgi import HTTPError, Receive, Send, decode, respond, stream_sse
+from pyllama4.server.asgi import (
+    HTTPError,
+    Receive,
+    Send,
+    decode,
+    error_body,
+    respond,
+    stream_sse,
+)
 from pyllama4.server.openapi import openapi_document
 from pyllama4.server.responses import finish_reason
 from pyllama4.server.sampling import native_params
@@ -55,7 +63,7 @@ class NativeRoutes:
             events = self.generate_events(rid, outputs)
             await stream_sse(send, receive, events, headers=GENERATE_STREAM_HEADERS)
             return
-        result = self.native_outputs(rid, await collect(outputs, receive))
+        result = self.native_outputs(rid, await collect(self.serving, outputs, receive))
         await respond(send, 200, msgspec.json.encode(result[0] if sp.n == 1 else result))
 
     async def generate_prompt(self, req: p.GenerateRequest) -> list[int] | ImagePrompt:
@@ -78,7 +86,12 @@ class NativeRoutes:
     async def generate_events(
         self, rid: str, outputs: AsyncIterator[RequestOutput]
     ) -> AsyncIterator[bytes]:
+        """Each output's items; a request the server cut short ends with an error event."""
         async for out in outputs:
+            error = self.serving.cut_short(out) if out.finished else None
+            if error is not None:
+                yield error_body(error.status, error.message, error.kind)
+                return
             for item in self.native_outputs(rid, out):
                 yield msgspec.json.encode(item)
 

@@ -76,9 +76,9 @@ class OpenAIRoutes:
         tokenizer = s.engine.tokenizer if req.logprobs else None
         if req.stream:
             chunks = ChatChunks(rid, int(time.time()), s.model, tools.names, tokenizer)
-            await stream_sse(send, receive, chunk_events(outputs, chunks, req))
+            await stream_sse(send, receive, chunk_events(s, outputs, chunks, req))
             return
-        final = await collect(outputs, receive)
+        final = await collect(s, outputs, receive)
         choices = []
         for c in final.outputs:
             message, reason = chat_message(c, tools)
@@ -110,9 +110,9 @@ class OpenAIRoutes:
         tokenizer = s.engine.tokenizer if req.logprobs is not None else None
         if req.stream:
             chunks = CompletionChunks(rid, int(time.time()), s.model, tokenizer)
-            await stream_sse(send, receive, chunk_events(outputs, chunks, req))
+            await stream_sse(send, receive, chunk_events(s, outputs, chunks, req))
             return
-        final = await collect(outputs, receive)
+        final = await collect(s, outputs, receive)
         choices = [
             p.CompletionChoice(
                 c.index,
@@ -128,17 +128,18 @@ class OpenAIRoutes:
 
 
 async def chunk_events(
-    outputs: AsyncIterator[RequestOutput], chunks: Chunks, req: Any
+    serving: Serving, outputs: AsyncIterator[RequestOutput], chunks: Chunks, req: Any
 ) -> AsyncIterator[bytes]:
-    """A stream's events: each output's chunks, then an error event or the usage chunk."""
-    final: RequestOutput | None = None
+    """A stream's events: each output's chunks, then the usage chunk if asked for; a request
+    the server cut short ends with an error event instead of its last chunks."""
     async for out in outputs:
-        final = out
+        error = serving.cut_short(out) if out.finished else None
+        if error is not None:
+            yield error_body(error.status, error.message, error.kind)
+            return
         for c in out.outputs:
             chunk = chunks.chunk(c)
             if chunk is not None:
                 yield msgspec.json.encode(chunk)
-    if final is not None and final.error:
-        yield error_body(500, f"generation failed: {final.error}", "internal_error")
-    elif final is not None and req.stream_options and req.stream_options.include_usage:
-        yield msgspec.json.encode(chunks.usage_chunk(final))
+        if out.finished and req.stream_options and req.stream_options.include_usage:
+            yield msgspec.json.encode(chunks.usage_chunk(out))

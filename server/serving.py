@@ -35,6 +35,25 @@ class Serving:
     max_images: int = 10
     tool_call_parser: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
+    stopping: bool = False  # set when the server starts shutting down
+
+    def cut_short(self, final: RequestOutput) -> HTTPError | None:
+        """The error for a request the server ended without its output, None for one that
+        finished: 503 when the server is shutting down or cannot go on (a worker died), 500 for
+        a failed step. The message never carries the cause's text (it may hold internal paths;
+        the server log has it)."""
+        reasons = {c.finish_reason for c in final.outputs}
+        if not (final.error or reasons & {"abort", "error"}):
+            return None
+        if self.engine.failure is not None:
+            message = f"the server cannot go on ({self.engine.failure}); retry on another server"
+            return HTTPError(503, message, kind="service_unavailable")
+        if final.error:
+            cause = final.error.split(":", 1)[0]
+            message = f"generation failed ({cause}); the server's log has the details"
+            return HTTPError(500, message, kind="internal_error")
+        message = "the server is shutting down; the request was cut before it finished"
+        return HTTPError(503, message, kind="service_unavailable")
 
     def check_model(self, model: str) -> None:
         if model != self.model:
@@ -103,7 +122,10 @@ class Serving:
     def submit(
         self, prompt: list[int] | ImagePrompt, params: SamplingParams
     ) -> AsyncIterator[RequestOutput]:
-        """Queues the request (a 503 at the queue limit, a 400 if the engine refuses it)."""
+        """Queues the request (a 503 at the queue limit or once the server is shutting down, a
+        400 if the engine refuses it)."""
+        if self.stopping:
+            raise HTTPError(503, "the server is shutting down", kind="service_unavailable")
         if self.max_queued is not None and self.engine.stats().num_waiting >= self.max_queued:
             raise HTTPError(
                 503,
@@ -121,9 +143,11 @@ def prompt_length(prompt: list[int] | ImagePrompt) -> int:
     return len(prompt.token_ids) if isinstance(prompt, ImagePrompt) else len(prompt)
 
 
-async def collect(outputs: AsyncIterator[RequestOutput], receive: Receive) -> RequestOutput:
-    """The request's final output; a client disconnect aborts it (499), an engine error is a
-    500."""
+async def collect(
+    serving: Serving, outputs: AsyncIterator[RequestOutput], receive: Receive
+) -> RequestOutput:
+    """The request's final output; a client disconnect aborts it (499); a request the server
+    cut short is its Serving.cut_short error."""
     final: RequestOutput | None = None
     async with anyio.create_task_group() as tg:
         tg.start_soon(cancel_on_disconnect, receive, tg.cancel_scope)
@@ -132,6 +156,7 @@ async def collect(outputs: AsyncIterator[RequestOutput], receive: Receive) -> Re
         tg.cancel_scope.cancel()
     if final is None or not final.finished:
         raise HTTPError(499, "client disconnected")
-    if final.error:
-        raise HTTPError(500, f"generation failed: {final.error}", kind="internal_error")
+    error = serving.cut_short(final)
+    if error is not None:
+        raise error
     return final

@@ -2,7 +2,7 @@
 refused or broken one raises a MediaError whose message says why (and names the server flag to
 change where there is one).
 
-HTTP sources come from a real HTTP server on 127.0.0.1 in a background thread.
+HTTP sources are in test_media_fetch.py.
 """
 
 from __future__ import annotations
@@ -11,13 +11,8 @@ import base64
 import io
 import os
 import random
-import socket
 import struct
-import threading
-import time
 import zlib
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import anyio
@@ -258,152 +253,3 @@ def test_local_file_errors(media: Path):
         str(media / "a.png"), MediaPolicy(allowed_local_path=media, max_bytes=50)
     )
     assert "local file" in error("file://elsewhere/a.png", policy)
-
-
-# ---- http(s) -------------------------------------------------------------------------------
-
-
-class Handler(BaseHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-    def send(self, status: int, content_type: str, body: bytes) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def redirect(self, location: str) -> None:
-        self.send_response(302)
-        self.send_header("Location", location)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def do_GET(self) -> None:
-        self.server.requests.append((self.path, self.headers.get("User-Agent")))
-        try:
-            self.route()
-        except (BrokenPipeError, ConnectionResetError):  # the client gave up, as it should
-            pass
-
-    def route(self) -> None:
-        path = self.path.split("?")[0]
-        if path == "/img.png":
-            self.send(200, "image/png", PNG)
-        elif path == "/img.jpg":
-            self.send(200, "image/jpeg; charset=binary", JPEG)
-        elif path == "/page.html":
-            self.send(200, "text/html; charset=utf-8", b"<html>hello</html>")
-        elif path == "/slow.png":
-            time.sleep(2)
-            self.send(200, "image/png", PNG)
-        elif path == "/huge.png":  # no Content-Length: the body ends when the connection does
-            self.send_response(200)
-            self.send_header("Content-Type", "image/png")
-            self.end_headers()
-            for _ in range(64):
-                self.wfile.write(b"\0" * 2**16)
-        elif (
-            path == "/declared-huge.png"
-        ):  # says 1 GB, then stalls: only an up-front check is quick
-            self.send_response(200)
-            self.send_header("Content-Type", "image/png")
-            self.send_header("Content-Length", str(10**9))
-            self.end_headers()
-            self.wfile.write(PNG)
-            self.wfile.flush()
-            time.sleep(2)
-        elif path == "/redirect":
-            self.redirect("/img.png")
-        elif path == "/redirect-file":
-            self.redirect("file:///etc/passwd")
-        elif path == "/loop":
-            self.redirect("/loop")
-        else:
-            self.send(404, "text/plain", b"not found")
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[ThreadingHTTPServer]:
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.requests = []
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
-
-
-@pytest.fixture
-def base(server: ThreadingHTTPServer) -> str:
-    server.requests.clear()
-    return f"http://127.0.0.1:{server.server_address[1]}"
-
-
-def test_http_png_and_jpeg(server: ThreadingHTTPServer, base: str):
-    assert is_pattern(load(f"{base}/img.png"))
-    assert load(f"{base}/img.jpg").format == "JPEG"
-    assert server.requests == [("/img.png", "pyllama4"), ("/img.jpg", "pyllama4")]
-
-
-def test_http_follows_redirects(server: ThreadingHTTPServer, base: str):
-    assert load(f"{base}/redirect").size == (3, 2)
-    assert [path for path, _ in server.requests] == ["/redirect", "/img.png"]
-
-
-def test_http_redirect_to_file_is_refused(base: str):
-    message = error(f"{base}/redirect-file")
-    assert message.endswith("redirected to a non-HTTP URL: file:///etc/passwd")
-
-
-def test_http_redirect_loop_stops(server: ThreadingHTTPServer, base: str):
-    assert "redirected more than 5 times" in error(f"{base}/loop")
-    assert len(server.requests) == 6
-
-
-def test_http_not_an_image(base: str):
-    message = error(f"{base}/page.html")
-    assert "is not an image" in message and "text/html" in message
-
-
-def test_http_status(base: str):
-    message = error(f"{base}/nothing.png")
-    assert "HTTP 404" in message and "/nothing.png" in message
-
-
-def test_http_timeout(base: str):
-    start = time.monotonic()
-    message = error(f"{base}/slow.png", MediaPolicy(fetch_timeout=0.3))
-    assert "timed out after 0.3 s" in message
-    assert time.monotonic() - start < 1.5
-
-
-def test_http_body_over_limit(base: str):
-    assert "limit of 100000 bytes" in error(f"{base}/huge.png", MediaPolicy(max_bytes=100_000))
-
-
-def test_http_declared_length_over_limit_is_refused_up_front(base: str):
-    start = time.monotonic()
-    message = error(f"{base}/declared-huge.png", MediaPolicy(max_bytes=100_000))
-    assert "limit of 100000 bytes" in message
-    assert time.monotonic() - start < 1.5
-
-
-def test_http_fetch_disabled(server: ThreadingHTTPServer, base: str):
-    message = error(f"{base}/img.png", MediaPolicy(allow_fetch=False))
-    assert "disabled" in message and "--disable-image-url-fetch" in message
-    assert server.requests == []
-
-
-def test_http_connection_refused():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    message = error(f"http://127.0.0.1:{port}/img.png")
-    assert message.startswith(f"could not fetch the image from http://127.0.0.1:{port}/img.png: ")
-
-
-def test_echoed_urls_are_truncated(base: str):
-    message = error(f"{base}/nothing.png?q={'x' * 5000}")
-    assert "HTTP 404" in message and "..." in message and len(message) < 200

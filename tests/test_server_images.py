@@ -40,17 +40,30 @@ def message(text: str, *urls: str) -> list[dict]:
     return [{"role": "user", "content": parts}]
 
 
+_FETCHED: list[str] = []  # the paths the image host was asked for
+
+
 class _Images(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        _FETCHED.append(self.path)
         if self.path == "/red.png":
-            body = png(56, 56)
-            self.send_response(200)
-            self.send_header("Content-Type", "image/png")
-            self.send_header("Content-Length", str(len(body)))
+            self._send(200, "image/png", png(56, 56))
+        elif self.path == "/page.html":
+            self._send(200, "text/html; charset=utf-8", b"<html>internal</html>")
+        elif self.path == "/to-localhost":
+            self.send_response(302)
+            self.send_header("Location", f"http://localhost:{self.server.server_address[1]}/")
+            self.send_header("Content-Length", "0")
             self.end_headers()
-            self.wfile.write(body)
         else:
             self.send_error(404)
+
+    def _send(self, status: int, content_type: str, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
     def log_message(self, *args: object) -> None:
         pass
@@ -73,10 +86,20 @@ def media_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(launch_server, tiny_mm_dir, media_dir, tmp_path_factory):
+def server_log(tmp_path_factory):
+    return tmp_path_factory.mktemp("mm-server") / "server.log"
+
+
+@pytest.fixture(scope="module")
+def server(launch_server, tiny_mm_dir, media_dir, server_log):
+    """Fetches from 127.0.0.1 only (the image host): any address, one allowed host."""
     live = launch_server(
-        tmp_path_factory.mktemp("mm-server") / "server.log",
+        server_log,
         "--enable-multimodal",
+        "--image-fetch-networks",
+        "any",
+        "--allowed-media-domains",
+        "127.0.0.1",
         "--page-size",
         "8",
         "--max-images-per-request",
@@ -219,11 +242,58 @@ def test_each_bad_image_is_a_400_and_the_server_keeps_serving(server, client, ca
     assert_idle(server)
 
 
-def test_a_failed_fetch_is_a_400(server, image_host):
-    body = {"model": MODEL, "messages": message("Hi", image_host + "/missing.png")}
+def fetch_error(server: str, url: str) -> str:
+    """The message of the 400 that asking `server` about the image at `url` gets."""
+    body = {"model": MODEL, "messages": message("Hi", url), "max_tokens": 2}
     r = httpx.post(server + "/v1/chat/completions", json=body, timeout=60)
-    assert r.status_code == 400
-    assert "404" in r.json()["error"]["message"]
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "messages" and error["type"], error
+    return error["message"]
+
+
+def test_a_failed_fetch_tells_nothing_about_the_upstream(server, server_log, image_host):
+    for path in ("/missing.png", "/page.html", "/to-localhost"):
+        url = image_host + path
+        text = fetch_error(server, url)
+        assert text.endswith(f"could not fetch the image from {url}"), text
+        told = text.removesuffix(url)
+        assert "404" not in told and "text/html" not in told and "localhost" not in told
+    log = server_log.read_text()  # the reasons are in the server's log instead
+    assert "HTTP 404" in log and "text/html" in log and "--allowed-media-domains" in log
+
+
+def test_hosts_outside_allowed_media_domains_are_refused(server, image_host):
+    port = image_host.rsplit(":", 1)[1]
+    _FETCHED.clear()
+    text = fetch_error(server, f"http://localhost:{port}/red.png")
+    assert "--allowed-media-domains" in text
+    assert _FETCHED == []
+
+
+@pytest.fixture(scope="module")
+def default_server(launch_server, tiny_mm_dir, tmp_path_factory):
+    """The default fetch policy."""
+    log = tmp_path_factory.mktemp("mm-default") / "server.log"
+    live = launch_server(log, "--enable-multimodal", "--page-size", "8", model_dir=tiny_mm_dir)
+    yield live.base
+    live.stop()
+
+
+def test_local_and_metadata_addresses_are_refused_by_default(default_server, image_host):
+    port = image_host.rsplit(":", 1)[1]
+    _FETCHED.clear()
+    for url in (
+        image_host + "/red.png",
+        f"http://localhost:{port}/red.png",
+        f"http://[::1]:{port}/red.png",
+        "http://169.254.169.254/latest/meta-data/",
+    ):
+        assert fetch_error(default_server, url).endswith(f"could not fetch the image from {url}")
+    assert _FETCHED == []  # refused before connecting
+    client = openai.OpenAI(base_url=default_server + "/v1", api_key="unused", max_retries=0)
+    assert chat(client, message("Still there?", data_url(png(56, 56)))).usage.completion_tokens
+    assert_idle(default_server)
 
 
 def test_image_data_without_its_placeholder_is_a_400(server):

@@ -5,11 +5,14 @@ was encoded in, or raises `MediaError` whose text is a short message fit for a 4
 the way it never reads more than `max_bytes` of encoded data from any source, never decodes an
 image over `max_pixels` (checked from the header, before the pixels are decoded), never reads a
 local file whose real path lies outside `allowed_local_path`, never fetches when fetching is
-off, and never decodes base64 or pixels or reads a file on the event loop.
+off or from a host or address the policy refuses, and never decodes base64 or pixels or reads a
+file on the event loop.
 
 Sources:
   - `data:image/<format>;base64,<data>`: base64 is required;
-  - `http://` / `https://`: fetched (at most 5 redirects, each to http(s));
+  - `http://` / `https://`: fetched under the policy's host and address rules, which every
+    redirect must also pass (pyllama4.multimodal.fetch, which also says what a client is told
+    when a fetch fails);
   - `file://` URLs;
   - a string that is valid base64 (only base64 characters, length a multiple of 4): base64 image
     data (SGLang's `image_data`);
@@ -36,11 +39,12 @@ from urllib.parse import unquote, urlsplit
 
 import anyio
 import anyio.to_thread
-import httpx
 from PIL import Image
 
+from pyllama4.multimodal.addresses import DEFAULT_NETWORKS, Networks
+from pyllama4.multimodal.fetch import BodyTooLarge, FetchError, FetchPolicy, fetch, short
+
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
-MAX_REDIRECTS = 5
 
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
 _BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
@@ -58,7 +62,9 @@ class MediaError(ValueError):
 @dataclass(frozen=True)
 class MediaPolicy:
     allow_fetch: bool = True  # False: --disable-image-url-fetch (http/https refused)
-    fetch_timeout: float = 10.0  # seconds for the whole fetch (connect + body)
+    fetch_timeout: float = 10.0  # seconds for the whole fetch (every hop: resolve, connect, body)
+    allowed_domains: frozenset[str] | None = None  # --allowed-media-domains; None: any host
+    fetch_networks: Networks = DEFAULT_NETWORKS  # --image-fetch-networks: addresses fetched from
     max_bytes: int = 20 * 2**20  # encoded size limit for any source
     allowed_local_path: Path | None = None  # None: file:// and paths refused
     max_pixels: int = 40_000_000  # width*height limit, checked from the header before decoding
@@ -75,12 +81,8 @@ async def load_image(source: str, policy: MediaPolicy) -> Image.Image:
     return await anyio.to_thread.run_sync(_decode, data, policy.max_pixels)
 
 
-def _short(text: str, limit: int = 100) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _reason(e: Exception) -> str:
-    return _short(str(e) or type(e).__name__, 200)
+    return short(str(e) or type(e).__name__, 200)
 
 
 def _too_large(max_bytes: int) -> MediaError:
@@ -93,53 +95,18 @@ async def _fetch(url: str, policy: MediaPolicy) -> bytes:
             "remote image URLs are disabled on this server (--disable-image-url-fetch); "
             "send the image inline as a data:image/<format>;base64,... URL"
         )
-    shown = _short(url)
+    rules = FetchPolicy(
+        timeout=policy.fetch_timeout,
+        max_bytes=policy.max_bytes,
+        allowed_domains=policy.allowed_domains,
+        networks=policy.fetch_networks,
+    )
     try:
-        with anyio.fail_after(policy.fetch_timeout):
-            # Accept-Encoding identity: Content-Length and the streamed byte count are then the
-            # image's own size, and no compressed body can inflate past the limit in one chunk.
-            headers = {"User-Agent": "pyllama4", "Accept-Encoding": "identity"}
-            async with httpx.AsyncClient(headers=headers, timeout=None) as client:
-                target = httpx.URL(url)
-                for _ in range(MAX_REDIRECTS + 1):
-                    async with client.stream("GET", target) as response:
-                        if not response.is_redirect:
-                            return await _read_body(response, policy.max_bytes)
-                        location = response.headers["location"]
-                        target = response.url.join(location)
-                        if target.scheme not in ("http", "https"):
-                            raise MediaError(
-                                f"the image URL {shown} redirected to a non-HTTP URL: "
-                                f"{_short(location)}"
-                            )
-                raise MediaError(
-                    f"the image URL {shown} redirected more than {MAX_REDIRECTS} times"
-                )
-    except TimeoutError:
-        raise MediaError(
-            f"fetching the image from {shown} timed out after {policy.fetch_timeout:g} s"
-        ) from None
-    except (httpx.HTTPError, httpx.InvalidURL) as e:
-        raise MediaError(f"could not fetch the image from {shown}: {_reason(e)}") from None
-
-
-async def _read_body(response: httpx.Response, max_bytes: int) -> bytes:
-    shown = _short(str(response.url))
-    if not response.is_success:
-        raise MediaError(f"fetching the image from {shown} failed: HTTP {response.status_code}")
-    content_type = response.headers.get("content-type", "")
-    if not content_type.split(";")[0].strip().lower().startswith("image/"):
-        received = _short(content_type, 60) or "none"
-        raise MediaError(f"{shown} is not an image (Content-Type: {received})")
-    length = response.headers.get("content-length", "")
-    if length.isdigit() and int(length) > max_bytes:
-        raise _too_large(max_bytes)
-    body = bytearray()
-    async for chunk in response.aiter_bytes():
-        body += chunk
-        if len(body) > max_bytes:
-            raise _too_large(max_bytes)
-    return bytes(body)
+        return await fetch(url, rules)
+    except BodyTooLarge:
+        raise _too_large(policy.max_bytes) from None
+    except FetchError as e:
+        raise MediaError(str(e)) from None
 
 
 def _read_inline_or_local(source: str, policy: MediaPolicy) -> bytes:
@@ -154,7 +121,7 @@ def _read_inline_or_local(source: str, policy: MediaPolicy) -> bytes:
             raise MediaError("file:// URLs must name a local file (file:///path/to/image)")
         return _read_file(unquote(parts.path), policy)
     if scheme is not None:
-        raise MediaError(f"unsupported image source {_short(source)!r}: expected {_SOURCES}")
+        raise MediaError(f"unsupported image source {short(source)!r}: expected {_SOURCES}")
     if len(source) > _PATH_MAX or (len(source) % 4 == 0 and _BASE64.fullmatch(source)):
         return _from_base64(source, policy.max_bytes)
     return _read_file(source, policy)
@@ -166,7 +133,7 @@ def _from_data_url(url: str, max_bytes: int) -> bytes:
         raise MediaError("malformed data URL: expected data:image/<format>;base64,<data>")
     media_type, *params = (p.strip().lower() for p in header.split(";"))
     if not media_type.startswith("image/"):
-        raise MediaError(f"data URL media type must be image/*, got {_short(media_type, 60)!r}")
+        raise MediaError(f"data URL media type must be image/*, got {short(media_type, 60)!r}")
     if "base64" not in params:
         raise MediaError("data URLs must be base64-encoded: data:image/<format>;base64,<data>")
     return _from_base64(payload, max_bytes)
@@ -197,12 +164,12 @@ def _read_file(path: str, policy: MediaPolicy) -> bytes:
         )
     try:
         if not stat.S_ISREG(os.stat(real).st_mode):
-            raise MediaError(f"{_short(path)} is not a regular file")
+            raise MediaError(f"{short(path)} is not a regular file")
         with open(real, "rb") as f:
             data = f.read(policy.max_bytes + 1)
     except OSError as e:
         raise MediaError(
-            f"cannot read the image file {_short(path)}: {e.strerror or type(e).__name__}"
+            f"cannot read the image file {short(path)}: {e.strerror or type(e).__name__}"
         ) from None
     if len(data) > policy.max_bytes:
         raise _too_large(policy.max_bytes)
