@@ -1,13 +1,14 @@
 """How long /health takes to answer while the server works on heavy requests.
 
 Starts the demo model's server (`python -m pyllama4.launch_server`, as users do), then for each
-heavy request (a 50 MB chat message, a chat request with n=4 and a 1 MB stop string, a 10 MB
-/tokenize) sends it from a second thread and meanwhile calls /health every 20 ms; prints the
-heavy request's status and duration and /health's latency (median, p99, max). With the event
+heavy request (a 50 MB chat message, a chat request with n=4 and a 1 MB stop string, a 10 MB and
+a 600 KB /tokenize) sends it from a second thread and meanwhile calls /health every 20 ms; prints
+the heavy request's status and duration and /health's latency (median, p99, max). With the event
 loop free, /health stays in milliseconds; a request that blocks the loop shows up as a max of
 seconds (and as /health timeouts, counted as failures).
 
 Run: python bench/event_loop.py [--python PYTHON] [--cwd DIR] [--chat-mb 50] [--max-seconds 180]
+                               [--context-length 8192]
 (--python and --cwd pick another installation, e.g. another checkout's venv, for a before/after.)
 """
 
@@ -30,11 +31,13 @@ from pyllama4.demo import demo_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def start_server(python: str, cwd: Path, port: int, log: Path) -> subprocess.Popen:
+def start_server(
+    python: str, cwd: Path, port: int, context_length: int, log: Path
+) -> subprocess.Popen:
     cmd = [python, "-m", "pyllama4.launch_server", "--model-path", str(demo_checkpoint())]
     cmd += ["--served-model-name", "demo", "--host", "127.0.0.1", "--port", str(port)]
-    cmd += ["--device", "cpu", "--dtype", "float32", "--context-length", "1024"]
-    cmd += ["--max-total-tokens", "16384"]
+    cmd += ["--device", "cpu", "--dtype", "float32", "--context-length", str(context_length)]
+    cmd += ["--max-total-tokens", str(4 * context_length)]
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=cwd)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
@@ -100,10 +103,11 @@ def main() -> None:
     parser.add_argument("--chat-mb", type=int, default=50, help="the chat message's megabytes")
     parser.add_argument("--max-seconds", type=float, default=180, help="a heavy request's limit")
     parser.add_argument("--port", type=int, default=30123, help="the server's port")
+    parser.add_argument("--context-length", type=int, default=8192, help="the server's context")
     args = parser.parse_args()
     base = f"http://127.0.0.1:{args.port}"
     log = Path(tempfile.mkdtemp()) / "server.log"
-    proc = start_server(args.python, args.cwd, args.port, log)
+    proc = start_server(args.python, args.cwd, args.port, args.context_length, log)
     word = "hello world "
 
     def chat(content: str, **fields: Any) -> dict[str, Any]:
@@ -123,6 +127,8 @@ def main() -> None:
             chat("hi", n=4, stop=["x" * (1 << 20)]),
         ),
         ("/tokenize, 10 MB", "/tokenize", {"prompt": word * ((10 << 20) // len(word))}),
+        # Under the size bound at 8192 tokens (81 characters a token): tokenized, then refused.
+        ("/tokenize, 600 KB", "/tokenize", {"prompt": word * (600_000 // len(word))}),
     ]
     try:
         for name, path, body in cases:
