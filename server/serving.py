@@ -8,6 +8,7 @@ request (tokenizing, compiling its grammar or stop strings) runs in worker threa
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -40,10 +41,11 @@ class Serving:
     tool_call_parser: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
     stopping: bool = False  # set when the server starts shutting down
-    text: TextCodec = field(init=False)  # the tokenizer, off the event loop
 
-    def __post_init__(self) -> None:
-        self.text = TextCodec(self.engine.tokenizer, self.context_length)
+    @functools.cached_property
+    def text(self) -> TextCodec:
+        """The tokenizer's encode and decode for the routes, off the event loop."""
+        return TextCodec(self.engine.tokenizer, self.context_length)
 
     def cut_short(self, final: RequestOutput) -> HTTPError | None:
         """The error for a request the server ended without its output, None for one that

@@ -13,6 +13,7 @@ Invariants:
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -68,7 +69,11 @@ class TextCodec:
         backend = getattr(tokenizer, "backend_tokenizer", None)
         plain = not getattr(tokenizer, "split_special_tokens", False)
         self.backend = backend if isinstance(backend, tokenizers.Tokenizer) and plain else None
-        self.chars_per_token = max_chars_per_token(self.backend)
+
+    @functools.cached_property
+    def chars_per_token(self) -> int | None:
+        """max_chars_per_token of the tokenizer (read from its whole vocabulary: once)."""
+        return max_chars_per_token(self.backend)
 
     def check_size(self, text: str, param: str) -> None:
         """A 400 for a text too long for `limit` tokens in any tokenization (no tokenizing)."""
@@ -86,6 +91,8 @@ class TextCodec:
     async def encode(self, text: str, param: str, *, add_special_tokens: bool = True) -> list[int]:
         """The text's token ids, tokenized in a worker thread; a 400 on `param` if they are
         more than `limit` (refused from its length alone where that is enough)."""
+        if "chars_per_token" not in self.__dict__:  # the first text: found in a worker thread
+            await anyio.to_thread.run_sync(lambda: self.chars_per_token)
         self.check_size(text, param)
         return await anyio.to_thread.run_sync(self._encode, text, param, add_special_tokens)
 
