@@ -45,15 +45,18 @@ Invariants:
   suffix), so a stop string that later completes is never partly shown; everything emitted is a
   prefix of the final output. With no stop strings it is a pass-through.
 - Cost: an Aho-Corasick automaton over the stop strings reads each character once; a push costs
-  O(new text + longest stop string).
+  O(new text + longest stop string). The automaton (StopAutomaton) is built once per set of stop
+  strings, in time and memory linear in their total length, and never changes: the completions
+  of a request share it.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["IncrementalDetokenizer", "StopStrings"]
+__all__ = ["IncrementalDetokenizer", "StopAutomaton", "StopStrings", "compile_stops"]
 
 REPLACEMENT_CHAR = "\ufffd"
 
@@ -172,48 +175,70 @@ class IncrementalDetokenizer:
         return None
 
 
-class StopStrings:
-    """Cuts streamed text at the first stop string; see the module docstring for the invariants."""
+class StopAutomaton:
+    """The compiled stop strings: an immutable Aho-Corasick automaton that any number of
+    StopStrings (one per completion, each with its own state) read at once."""
 
-    def __init__(self, stop: Sequence[str], include_stop_str_in_output: bool = False) -> None:
+    def __init__(self, stop: Sequence[str]) -> None:
         if isinstance(stop, str):
             raise TypeError("stop must be a sequence of strings, not a string")
         if any(not s for s in stop):
             raise ValueError("stop strings must be non-empty")
-        self.stop = list(dict.fromkeys(stop))
+        self.stop: tuple[str, ...] = tuple(dict.fromkeys(stop))
+        # Node 0 is the root; a node is a prefix of some stop string.
+        goto: list[dict[str, int]] = [{}]
+        fail, depth = [0], [0]
+        match = [0]  # length of the longest stop that ends at this node, or 0
+        for s in self.stop:
+            node = 0
+            for ch in s:
+                nxt = goto[node].get(ch)
+                if nxt is None:
+                    nxt = len(goto)
+                    goto[node][ch] = nxt
+                    goto.append({})
+                    fail.append(0)
+                    depth.append(depth[node] + 1)
+                    match.append(0)
+                node = nxt
+            match[node] = len(s)
+        queue = list(goto[0].values())  # breadth first: fail links point to shallower nodes
+        for node in queue:
+            for ch, child in goto[node].items():
+                f = fail[node]
+                while f and ch not in goto[f]:
+                    f = fail[f]
+                fail[child] = goto[f].get(ch, 0)
+                if not match[child]:
+                    match[child] = match[fail[child]]
+                queue.append(child)
+        self.goto, self.fail = tuple(goto), tuple(fail)
+        self.depth, self.match = tuple(depth), tuple(match)
+
+
+@functools.lru_cache(maxsize=32)
+def compile_stops(stop: tuple[str, ...]) -> StopAutomaton:
+    """The automaton of these stop strings, cached: a server compiles a request's in a worker
+    thread, and the engine then finds it here."""
+    return StopAutomaton(stop)
+
+
+class StopStrings:
+    """Cuts streamed text at the first stop string; see the module docstring for the invariants.
+
+    `stop` is the stop strings or their compiled automaton (shared by the n completions of a
+    request: it is read-only, the state is per StopStrings)."""
+
+    def __init__(
+        self, stop: Sequence[str] | StopAutomaton, include_stop_str_in_output: bool = False
+    ) -> None:
+        self._automaton = stop if isinstance(stop, StopAutomaton) else StopAutomaton(stop)
+        self.stop = list(self._automaton.stop)
         self.include_stop_str_in_output = include_stop_str_in_output
         self.stopped = False
         self.matched: str | None = None  # the stop string found, once stopped
         self._held = ""  # not emitted yet: the longest suffix that is a proper prefix of a stop
-        # Aho-Corasick automaton: node 0 is the root; a node is a prefix of some stop string.
-        self._goto: list[dict[str, int]] = [{}]
-        self._fail: list[int] = [0]
-        self._depth: list[int] = [0]
-        self._match: list[int] = [0]  # length of the longest stop that ends at this node, or 0
         self._state = 0
-        for s in self.stop:
-            node = 0
-            for ch in s:
-                nxt = self._goto[node].get(ch)
-                if nxt is None:
-                    nxt = len(self._goto)
-                    self._goto[node][ch] = nxt
-                    self._goto.append({})
-                    self._fail.append(0)
-                    self._depth.append(self._depth[node] + 1)
-                    self._match.append(0)
-                node = nxt
-            self._match[node] = len(s)
-        queue = list(self._goto[0].values())  # breadth first: fail links point to shallower nodes
-        for node in queue:
-            for ch, child in self._goto[node].items():
-                f = self._fail[node]
-                while f and ch not in self._goto[f]:
-                    f = self._fail[f]
-                self._fail[child] = self._goto[f].get(ch, 0)
-                if not self._match[child]:
-                    self._match[child] = self._match[self._fail[child]]
-                queue.append(child)
 
     def push(self, new_text: str) -> tuple[str, bool]:
         """Add text; return (text safe to emit now, whether a stop string has been found)."""
@@ -221,7 +246,8 @@ class StopStrings:
             return "", True
         if not self.stop:
             return new_text, False
-        goto, fail, match = self._goto, self._fail, self._match
+        a = self._automaton
+        goto, fail, match = a.goto, a.fail, a.match
         state = self._state
         for i, ch in enumerate(new_text):
             while state and ch not in goto[state]:
@@ -236,7 +262,7 @@ class StopStrings:
                 return (text if self.include_stop_str_in_output else text[: len(text) - n]), True
         self._state = state
         text = self._held + new_text
-        keep = self._depth[state]
+        keep = a.depth[state]
         self._held = text[len(text) - keep :] if keep else ""
         return text[: len(text) - keep], False
 

@@ -13,6 +13,26 @@ from pyllama4.grammar import GrammarSpec
 
 MAX_TOP_LOGPROBS = 20
 MAX_N = 128  # completions per request: more is a denial of service, not a use case
+# Stop strings. OpenAI's chat and completions take "up to 4 sequences"; SGLang and vLLM set no
+# limit, so /generate (and the engine) take a few more. The length cap bounds the automaton
+# (StopAutomaton: about one dict per character, built per request): 16 x 1000 characters build
+# in tens of milliseconds; no stop string met in practice comes near 1000 characters.
+MAX_STOP_STRINGS = 16
+OPENAI_MAX_STOP_STRINGS = 4
+MAX_STOP_CHARS = 1000
+
+
+def check_stop(stop: list[str], max_count: int = MAX_STOP_STRINGS) -> None:
+    """Stop strings within the limits: ValueError("stop: ...") otherwise."""
+    if len(stop) > max_count:
+        raise ValueError(f"stop: {len(stop)} stop strings; at most {max_count} are allowed")
+    for s in stop:
+        if not s:
+            raise ValueError("stop: stop strings must be non-empty")
+        if len(s) > MAX_STOP_CHARS:
+            raise ValueError(
+                f"stop: a stop string of {len(s)} characters; at most {MAX_STOP_CHARS} are allowed"
+            )
 
 
 @dataclass
@@ -75,7 +95,6 @@ class SamplingParams:
             raise bad("min_tokens", "must be in [0, max_tokens]")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
             raise bad("logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}]")
-        if any(not s for s in self.stop):
-            raise bad("stop", "stop strings must be non-empty")
+        check_stop(self.stop)
         if any(t < 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", "token ids must be >= 0")

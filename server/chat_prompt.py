@@ -2,12 +2,15 @@
 
 Invariant: each image part becomes one {"type": "image"} template part (one <|image|>) and one
 source, in message order; text-only content stays a string, so templates without image support
-take it; a message or template error is a 400 on "messages".
+take it; a message or template error is a 400 on "messages". Templating and tokenizing run in
+worker threads (both grow with the messages).
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+import anyio
 
 from pyllama4.server import protocol as p
 from pyllama4.server.asgi import HTTPError
@@ -17,10 +20,18 @@ from pyllama4.server.tools import ToolPlan, template_message
 CHAT_ROLES = ("system", "user", "assistant", "tool", "ipython", "developer")
 
 
-def render_chat(
+async def render_chat(
     serving: Serving, req: p.ChatCompletionRequest, tools: ToolPlan
 ) -> tuple[list[int], list[str]]:
     """The prompt's token ids (one <|image|> per image) and the images' sources, in order."""
+    text, sources = await anyio.to_thread.run_sync(chat_text, serving, req, tools)
+    return await serving.text.encode(text, "messages", add_special_tokens=False), sources
+
+
+def chat_text(
+    serving: Serving, req: p.ChatCompletionRequest, tools: ToolPlan
+) -> tuple[str, list[str]]:
+    """The templated prompt text and the images' sources, in order."""
     if not req.messages:
         raise HTTPError(400, "messages must not be empty", param="messages")
     messages = []
@@ -34,9 +45,8 @@ def render_chat(
         if isinstance(m.content, list):
             content = message_parts(serving, i, m.content, sources)
         messages.append(template_message(i, m, content))
-    tokenizer = serving.engine.tokenizer
     try:
-        text = tokenizer.apply_chat_template(
+        text = serving.engine.tokenizer.apply_chat_template(
             messages,
             tools=tools.template_tools,
             chat_template=serving.chat_template,
@@ -49,7 +59,7 @@ def render_chat(
         raise HTTPError(
             400, f"the chat template failed on these messages: {e}", param="messages"
         ) from None
-    return tokenizer(text, add_special_tokens=False)["input_ids"], sources
+    return text, sources
 
 
 def message_parts(

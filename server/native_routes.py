@@ -54,8 +54,9 @@ class NativeRoutes:
     async def generate(self, body: bytes, send: Send, receive: Receive) -> None:
         """SGLang's native endpoint: cumulative text when streaming, meta_info per output."""
         req = decode(body, p.GenerateRequest)
-        prompt = await self.generate_prompt(req)
         sp = req.sampling_params or p.NativeSamplingParams()
+        await self.serving.compile_stops(sp.stop)
+        prompt = await self.generate_prompt(req)
         params = await self.generate_params(sp, prompt_length(prompt))
         outputs = self.serving.submit(prompt, params)
         rid = uuid.uuid4().hex
@@ -70,8 +71,10 @@ class NativeRoutes:
         """The prompt from text or input_ids, with image_data's images."""
         if (req.text is None) == (req.input_ids is None):
             raise HTTPError(400, "give exactly one of text and input_ids", param="text")
-        engine = self.serving.engine
-        prompt_ids = engine.tokenize(req.text) if req.text is not None else req.input_ids
+        if req.text is not None:
+            prompt_ids = await self.serving.text.encode(req.text, "text")
+        else:
+            prompt_ids = req.input_ids
         sources = [req.image_data] if isinstance(req.image_data, str) else req.image_data or []
         return await self.serving.with_images(list(prompt_ids), sources, "image_data")
 
@@ -125,16 +128,13 @@ class NativeRoutes:
 
     async def tokenize(self, body: bytes, send: Send, receive: Receive) -> None:
         req = decode(body, p.TokenizeRequest)
-        ids = self.serving.engine.tokenizer(req.prompt, add_special_tokens=req.add_special_tokens)
-        ids = list(ids["input_ids"])
+        text = self.serving.text
+        ids = await text.encode(req.prompt, "prompt", add_special_tokens=req.add_special_tokens)
         await respond(send, 200, msgspec.json.encode({"tokens": ids, "count": len(ids)}))
 
     async def detokenize(self, body: bytes, send: Send, receive: Receive) -> None:
-        engine = self.serving.engine
         req = decode(body, p.DetokenizeRequest)
-        if any(not 0 <= t < engine.vocab_size for t in req.tokens):
-            raise HTTPError(400, "token ids must be in the vocabulary", param="tokens")
-        text = engine.tokenizer.decode(req.tokens)
+        text = await self.serving.text.decode(req.tokens, self.serving.engine.vocab_size, "tokens")
         await respond(send, 200, msgspec.json.encode({"text": text}))
 
     async def model_info(self, body: bytes, send: Send, receive: Receive) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import msgspec
 
 from pyllama4.outputs import RequestOutput
+from pyllama4.sampling_params import OPENAI_MAX_STOP_STRINGS
 from pyllama4.server import protocol as p
 from pyllama4.server.asgi import HTTPError, Receive, Send, decode, error_body, respond, stream_sse
 from pyllama4.server.chat_prompt import render_chat
@@ -58,7 +59,8 @@ class OpenAIRoutes:
                     param="tool_choice",
                 )
             grammar = tools.grammar
-        prompt_ids, sources = render_chat(s, req, tools)
+        await s.compile_stops(req.stop, OPENAI_MAX_STOP_STRINGS)
+        prompt_ids, sources = await render_chat(s, req, tools)
         prompt = await s.with_images(prompt_ids, sources, "messages")
         await s.compile_grammar(grammar, "response_format")
         if req.top_logprobs is not None and not req.logprobs:
@@ -92,9 +94,10 @@ class OpenAIRoutes:
         req = decode(body, p.CompletionRequest)
         s.check_model(req.model)
         grammar = grammar_of(req)
+        await s.compile_stops(req.stop, OPENAI_MAX_STOP_STRINGS)
         await s.compile_grammar(grammar, "response_format")
         if isinstance(req.prompt, str):
-            prompt_ids = s.engine.tokenize(req.prompt)
+            prompt_ids = await s.text.encode(req.prompt, "prompt")
         else:
             prompt_ids = list(req.prompt)
         params = openai_params(

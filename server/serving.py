@@ -2,11 +2,13 @@
 request to the engine's output stream (model name, images, grammar, queue limit, collecting).
 
 Invariant: routes reach the engine only through this class and the engine's public API; a
-request the engine cannot take is an HTTPError before anything is queued.
+request the engine cannot take is an HTTPError before anything is queued. Work that grows with a
+request (tokenizing, compiling its grammar or stop strings) runs in worker threads.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -15,11 +17,14 @@ from typing import Any
 import anyio
 
 from pyllama4 import Engine, SamplingParams
+from pyllama4.detokenizer import compile_stops
 from pyllama4.grammar import GrammarError, GrammarSpec
 from pyllama4.multimodal.inputs import ImageInput, ImagePrompt
 from pyllama4.multimodal.media import MediaError, MediaPolicy, load_image
 from pyllama4.outputs import RequestOutput
+from pyllama4.sampling_params import MAX_STOP_STRINGS, check_stop
 from pyllama4.server.asgi import HTTPError, Receive, cancel_on_disconnect
+from pyllama4.server.tokenizing import TextCodec
 
 
 @dataclass
@@ -36,6 +41,11 @@ class Serving:
     tool_call_parser: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
     stopping: bool = False  # set when the server starts shutting down
+
+    @functools.cached_property
+    def text(self) -> TextCodec:
+        """The tokenizer's encode and decode for the routes, off the event loop."""
+        return TextCodec(self.engine.tokenizer, self.context_length)
 
     def cut_short(self, final: RequestOutput) -> HTTPError | None:
         """The error for a request the server ended without its output, None for one that
@@ -118,6 +128,19 @@ class Serving:
             await self.engine.compile_grammar(grammar)
         except GrammarError as e:
             raise HTTPError(400, str(e), param=param) from None
+
+    async def compile_stops(
+        self, stop: str | list[str] | None, max_count: int = MAX_STOP_STRINGS
+    ) -> None:
+        """Checks a request's stop strings against the limits (a 400 naming "stop") and compiles
+        them off the event loop (cached), so that submit() finds them ready."""
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        try:
+            check_stop(stops, max_count)
+        except ValueError as e:
+            raise HTTPError(400, str(e), param="stop") from None
+        if stops:
+            await anyio.to_thread.run_sync(compile_stops, tuple(stops))
 
     def submit(
         self, prompt: list[int] | ImagePrompt, params: SamplingParams

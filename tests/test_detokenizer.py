@@ -19,7 +19,9 @@ from pyllama4.detokenizer import (
     MAX_PENDING,
     PREFIX_WINDOW,
     IncrementalDetokenizer,
+    StopAutomaton,
     StopStrings,
+    compile_stops,
 )
 
 FFFD = "\ufffd"
@@ -372,6 +374,29 @@ def test_invalid_stop_strings():
         StopStrings(["ok", ""])
     with pytest.raises(TypeError):
         StopStrings("STOP")
+
+
+def test_completions_share_one_automaton_each_with_its_own_state():
+    automaton = StopAutomaton(["STOP", "\n\n"])
+    a, b = StopStrings(automaton), StopStrings(automaton, include_stop_str_in_output=True)
+    assert a.push("one ST") == ("one ", False)
+    assert b.push("two STO") == ("two ", False)
+    assert a.push("OP") == ("", True) and a.matched == "STOP"
+    assert b.push("x\n") == ("STOx", False) and not b.stopped
+    assert b.push("\n") == ("\n\n", True) and b.matched == "\n\n"
+    assert StopStrings(automaton).push("fresh STOP") == ("fresh ", True)
+    with pytest.raises(AttributeError):
+        automaton.goto.append({})  # a tuple: nodes are never added after compiling
+
+
+def test_compiled_stops_are_cached_and_immutable():
+    assert compile_stops(("STOP", "x")) is compile_stops(("STOP", "x"))
+    automaton = compile_stops(("ab", "abc"))
+    assert isinstance(automaton.goto, tuple) and isinstance(automaton.fail, tuple)
+    assert automaton.stop == ("ab", "abc")
+    assert run_stops(list("xabcd"), list(automaton.stop)) == ("x", "ab")
+    with pytest.raises(ValueError):
+        StopAutomaton(["ok", ""])
 
 
 @st.composite

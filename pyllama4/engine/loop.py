@@ -38,7 +38,7 @@ import anyio
 from PIL.Image import Image as PILImage
 
 from pyllama4._core import Scheduler
-from pyllama4.detokenizer import IncrementalDetokenizer, StopStrings
+from pyllama4.detokenizer import IncrementalDetokenizer, StopStrings, compile_stops
 from pyllama4.distributed.runtime import Workers
 from pyllama4.engine import intake, offline, output
 from pyllama4.engine.build import build
@@ -330,8 +330,10 @@ class Engine:
         Image + text prompts come from image_prompt().
 
         Raises ValueError at once for a request that can never run (empty prompt, unknown token
-        ids, too long for the context, a duplicate request id, an invalid grammar). A grammar
-        not compiled yet (see compile_grammar) is compiled here, blocking."""
+        ids, too long for the context, a duplicate request id, an invalid grammar). A text prompt
+        is tokenized here, and a grammar or stop strings not compiled yet (see compile_grammar,
+        detokenizer.compile_stops) are compiled here, blocking: a server hands token ids and
+        compiles both in worker threads first. The n completions share the compiled stops."""
         params = params or SamplingParams()
         params.validate()
         compiled = self.grammars.compile(params.grammar) if params.grammar else None
@@ -346,6 +348,7 @@ class Engine:
         )
         if isinstance(prompt, ImagePrompt) and prompt.images:
             request.images = PromptFeatures(prompt)
+        stops = compile_stops(tuple(params.stop))
         stop_ids = frozenset(params.stop_token_ids) | (
             frozenset() if params.ignore_eos else self.eos_token_ids
         )
@@ -358,7 +361,7 @@ class Engine:
                 detokenizer=IncrementalDetokenizer(
                     self.tokenizer, prompt_ids, params.skip_special_tokens
                 ),
-                stops=StopStrings(params.stop, params.include_stop_str_in_output),
+                stops=StopStrings(stops, params.include_stop_str_in_output),
                 logprobs=[] if params.logprobs is not None else None,
                 stop_ids=stop_ids,
                 constraint=None if compiled is None else self.grammars.constraint(compiled),
