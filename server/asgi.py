@@ -19,6 +19,7 @@ import anyio
 import msgspec
 
 from pyllama4.server import protocol as p
+from pyllama4.server.json_depth import MAX_JSON_DEPTH, too_deep_field
 from pyllama4.server.tools import RequestError
 
 log = logging.getLogger("pyllama4.server")
@@ -67,6 +68,10 @@ async def read_body(receive: Receive) -> bytes:
 
 
 def decode(body: bytes, kind: type) -> Any:
+    field = too_deep_field(body)
+    if field is not None:
+        message = f"the body nests more than {MAX_JSON_DEPTH} levels of JSON"
+        raise HTTPError(400, message, param=field or None)
     try:
         return msgspec.json.decode(body, type=kind)
     except msgspec.ValidationError as e:

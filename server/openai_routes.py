@@ -29,7 +29,7 @@ from pyllama4.server.responses import (
 )
 from pyllama4.server.sampling import openai_params
 from pyllama4.server.serving import Serving, collect, prompt_length
-from pyllama4.server.tools import grammar_of, plan_tools
+from pyllama4.server.tools import grammar_of, grammar_param, plan_tools
 
 Chunks = ChatChunks | CompletionChunks
 
@@ -60,14 +60,13 @@ class OpenAIRoutes:
             grammar = tools.grammar
         prompt_ids, sources = render_chat(s, req, tools)
         prompt = await s.with_images(prompt_ids, sources, "messages")
-        await s.compile_grammar(grammar, "response_format")
+        await s.compile_grammar(grammar, grammar_param(req, tools))
         if req.top_logprobs is not None and not req.logprobs:
             raise HTTPError(400, "top_logprobs requires logprobs: true", param="top_logprobs")
         params = openai_params(
             req,
             prompt_len=prompt_length(prompt),
             context_length=s.context_length,
-            max_tokens=req.max_completion_tokens or req.max_tokens,
             logprobs=(req.top_logprobs or 0) if req.logprobs else None,
             grammar=grammar,
         )
@@ -92,7 +91,7 @@ class OpenAIRoutes:
         req = decode(body, p.CompletionRequest)
         s.check_model(req.model)
         grammar = grammar_of(req)
-        await s.compile_grammar(grammar, "response_format")
+        await s.compile_grammar(grammar, grammar_param(req))
         if isinstance(req.prompt, str):
             prompt_ids = s.engine.tokenize(req.prompt)
         else:
@@ -101,7 +100,6 @@ class OpenAIRoutes:
             req,
             prompt_len=len(prompt_ids),
             context_length=s.context_length,
-            max_tokens=req.max_tokens or 16,
             logprobs=req.logprobs,
             grammar=grammar,
         )
