@@ -32,7 +32,7 @@ MinP = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 Penalty = Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)]
 RepetitionPenalty = Annotated[float, msgspec.Meta(gt=0.0, le=2.0)]
 TopLogprobs = Annotated[int, msgspec.Meta(ge=0, le=MAX_TOP_LOGPROBS)]
-Seed = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**64 - 1)]
+Seed = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 Stop = str | Annotated[list[str], msgspec.Meta(max_length=MAX_STOP_STRINGS)]
 
 
