@@ -81,7 +81,7 @@ def decode(body: bytes, kind: type) -> Any:
 
 
 def _field(message: str) -> str | None:
-    marker = "at `$."
+    marker = "`$."
     if marker in message:
         return message.split(marker, 1)[1].split("`", 1)[0].split("[", 1)[0]
     return None
