@@ -8,7 +8,7 @@ SamplingParams.validate checks the same ranges again for every request.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import msgspec
 
@@ -110,7 +110,7 @@ class JsonSchemaFormat(msgspec.Struct, forbid_unknown_fields=False):
 
 
 class ResponseFormat(msgspec.Struct, forbid_unknown_fields=False):
-    type: Literal["text", "json_object", "json_schema"]
+    type: str  # "text", "json_object" or "json_schema"
     json_schema: JsonSchemaFormat | None = None
 
 

@@ -143,13 +143,18 @@ def grammar_of(req: Any) -> GrammarSpec | None:
     if fmt is not None and fmt.type != "text":
         if fmt.type == "json_object":
             asked.append(("response_format", GrammarSpec("json_object", "")))
-        else:  # "json_schema"
+        elif fmt.type == "json_schema":
             if fmt.json_schema is None or fmt.json_schema.schema is None:
                 raise RequestError(
                     "response_format json_schema needs json_schema.schema", "response_format"
                 )
             asked.append(
                 ("response_format", GrammarSpec("json_schema", json.dumps(fmt.json_schema.schema)))
+            )
+        else:
+            raise RequestError(
+                f"response_format type {fmt.type!r}: expected text, json_object or json_schema",
+                "response_format",
             )
     return one_grammar(asked + native_grammars(req))
 
