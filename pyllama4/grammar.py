@@ -128,6 +128,8 @@ class GrammarCompiler:
             return self._compiler.compile_grammar(spec.source)
         except json.JSONDecodeError as e:
             raise GrammarError(f"invalid json_schema: not valid JSON ({e})") from None
+        except UnicodeDecodeError:  # xgrammar cut its error message inside a UTF-8 character
+            raise GrammarError(f"invalid {spec.kind}") from None
         except RuntimeError as e:
             message = f"invalid {spec.kind}: " + _LOG_PREFIX.sub("", str(e).strip().split("\n")[0])
             if len(message) > _MAX_MESSAGE:

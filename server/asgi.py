@@ -20,6 +20,7 @@ import msgspec
 
 from pyllama4.server import protocol as p
 from pyllama4.server.http_limits import MAX_BODY_BYTES
+from pyllama4.server.json_depth import MAX_JSON_DEPTH, too_deep_field
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -65,6 +66,10 @@ async def read_body(receive: Receive, limit: int = MAX_BODY_BYTES) -> bytes:
 
 
 def decode(body: bytes, kind: type) -> Any:
+    field = too_deep_field(body)
+    if field is not None:
+        message = f"the body nests more than {MAX_JSON_DEPTH} levels of JSON"
+        raise HTTPError(400, message, param=field or None)
     try:
         return msgspec.json.decode(body, type=kind)
     except msgspec.ValidationError as e:
@@ -74,7 +79,7 @@ def decode(body: bytes, kind: type) -> Any:
 
 
 def _field(message: str) -> str | None:
-    marker = "at `$."
+    marker = "`$."
     if marker in message:
         return message.split(marker, 1)[1].split("`", 1)[0].split("[", 1)[0]
     return None

@@ -30,9 +30,10 @@ from pyllama4.server.openapi import openapi_document
 from pyllama4.server.responses import finish_reason
 from pyllama4.server.sampling import native_params
 from pyllama4.server.serving import Serving, collect, prompt_length
-from pyllama4.server.tools import native_grammars, one_grammar
+from pyllama4.server.tools import grammar_param, native_grammars, one_grammar
 
 GENERATE_STREAM_HEADERS = [(b"content-type", b"text/event-stream")]
+PARAMS = "sampling_params."  # how errors name a field of sampling_params
 
 
 class NativeRoutes:
@@ -57,7 +58,8 @@ class NativeRoutes:
         sp = req.sampling_params or p.NativeSamplingParams()
         await self.serving.compile_stops(sp.stop)
         prompt = await self.generate_prompt(req)
-        params = await self.generate_params(sp, prompt_length(prompt))
+        prompt_field = "text" if req.text is not None else "input_ids"
+        params = await self.generate_params(sp, prompt_length(prompt), prompt_field)
         outputs = self.serving.submit(prompt, params)
         rid = uuid.uuid4().hex
         if req.stream:
@@ -78,12 +80,18 @@ class NativeRoutes:
         sources = [req.image_data] if isinstance(req.image_data, str) else req.image_data or []
         return await self.serving.with_images(list(prompt_ids), sources, "image_data")
 
-    async def generate_params(self, sp: p.NativeSamplingParams, prompt_len: int) -> SamplingParams:
+    async def generate_params(
+        self, sp: p.NativeSamplingParams, prompt_len: int, prompt_field: str
+    ) -> SamplingParams:
         """SamplingParams from sampling_params, its grammar compiled."""
-        grammar = one_grammar(native_grammars(sp))
-        await self.serving.compile_grammar(grammar, "sampling_params")
+        grammar = one_grammar(native_grammars(sp, PARAMS))
+        await self.serving.compile_grammar(grammar, grammar_param(sp, prefix=PARAMS))
         return native_params(
-            sp, prompt_len=prompt_len, context_length=self.serving.context_length, grammar=grammar
+            sp,
+            prompt_len=prompt_len,
+            prompt_field=prompt_field,
+            context_length=self.serving.context_length,
+            grammar=grammar,
         )
 
     async def generate_events(

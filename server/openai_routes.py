@@ -30,7 +30,7 @@ from pyllama4.server.responses import (
 )
 from pyllama4.server.sampling import openai_params
 from pyllama4.server.serving import Serving, collect, prompt_length
-from pyllama4.server.tools import grammar_of, plan_tools
+from pyllama4.server.tools import grammar_of, grammar_param, plan_tools
 
 Chunks = ChatChunks | CompletionChunks
 
@@ -62,14 +62,13 @@ class OpenAIRoutes:
         await s.compile_stops(req.stop, OPENAI_MAX_STOP_STRINGS)
         prompt_ids, sources = await render_chat(s, req, tools)
         prompt = await s.with_images(prompt_ids, sources, "messages")
-        await s.compile_grammar(grammar, "response_format")
+        await s.compile_grammar(grammar, grammar_param(req, tools))
         if req.top_logprobs is not None and not req.logprobs:
             raise HTTPError(400, "top_logprobs requires logprobs: true", param="top_logprobs")
         params = openai_params(
             req,
             prompt_len=prompt_length(prompt),
             context_length=s.context_length,
-            max_tokens=req.max_completion_tokens or req.max_tokens,
             logprobs=(req.top_logprobs or 0) if req.logprobs else None,
             grammar=grammar,
         )
@@ -95,7 +94,7 @@ class OpenAIRoutes:
         s.check_model(req.model)
         grammar = grammar_of(req)
         await s.compile_stops(req.stop, OPENAI_MAX_STOP_STRINGS)
-        await s.compile_grammar(grammar, "response_format")
+        await s.compile_grammar(grammar, grammar_param(req))
         if isinstance(req.prompt, str):
             prompt_ids = await s.text.encode(req.prompt, "prompt")
         else:
@@ -104,7 +103,6 @@ class OpenAIRoutes:
             req,
             prompt_len=len(prompt_ids),
             context_length=s.context_length,
-            max_tokens=req.max_tokens or 16,
             logprobs=req.logprobs,
             grammar=grammar,
         )

@@ -20,14 +20,26 @@ _BODIES = {
     "/tokenize": (p.TokenizeRequest, None),
     "/detokenize": (p.DetokenizeRequest, None),
 }
-_GETS = (
-    "/v1/models",
-    "/health",
-    "/health_generate",
-    "/metrics",
-    "/get_model_info",
-    "/get_server_info",
-)
+_STREAMS = ("/v1/chat/completions", "/v1/completions", "/generate")  # "stream": true
+_GETS = {
+    "/v1/models": "application/json",
+    "/health": "application/json",
+    "/health_generate": "application/json",
+    "/metrics": "text/plain",
+    "/get_model_info": "application/json",
+    "/get_server_info": "application/json",
+}
+# What each status means; every error has the ErrorResponse body.
+_POST_ERRORS = {
+    "400": "invalid request",
+    "401": "missing or wrong API key",
+    "404": "unknown model",
+    "413": "request body too large",
+    "499": "client disconnected",
+    "500": "generation failed",
+    "503": "queue full or engine failed",
+}
+_GET_ERRORS = {"401": "missing or wrong API key", "500": "internal error", "503": "engine failed"}
 
 
 def openapi_document() -> dict[str, Any]:
@@ -38,32 +50,36 @@ def openapi_document() -> dict[str, Any]:
         kinds, ref_template="#/components/schemas/{name}"
     )
     by_kind = dict(zip(kinds, schemas, strict=True))
-    error = {
-        "description": "error",
-        "content": {"application/json": {"schema": by_kind[p.ErrorResponse]}},
-    }
+    error = by_kind[p.ErrorResponse]
     paths: dict[str, Any] = {}
     for path, (request, response) in _BODIES.items():
-        ok = {"description": "ok"}
-        if response is not None:
-            ok["content"] = {"application/json": {"schema": by_kind[response]}}
+        content: dict[str, Any] = {"application/json": {"schema": by_kind.get(response, {})}}
+        if path in _STREAMS:
+            content["text/event-stream"] = {"schema": {"type": "string"}}
         paths[path] = {
             "post": {
                 "requestBody": {
                     "required": True,
                     "content": {"application/json": {"schema": by_kind[request]}},
                 },
-                "responses": {"200": ok, "400": error, "404": error, "413": error, "503": error},
+                "responses": {"200": {"description": "ok", "content": content}}
+                | _errors(_POST_ERRORS, error),
             }
         }
-    for path in _GETS:
-        ok = {"description": "ok"}
-        if path == "/v1/models":
-            ok["content"] = {"application/json": {"schema": by_kind[p.ModelList]}}
-        paths[path] = {"get": {"responses": {"200": ok}}}
+    for path, content_type in _GETS.items():
+        schema = by_kind[p.ModelList] if path == "/v1/models" else {}
+        ok = {"description": "ok", "content": {content_type: {"schema": schema}}}
+        paths[path] = {"get": {"responses": {"200": ok} | _errors(_GET_ERRORS, error)}}
     return {
         "openapi": "3.1.0",
         "info": {"title": "pyllama4", "version": "0.1.0"},
         "paths": paths,
         "components": {"schemas": components},
+    }
+
+
+def _errors(statuses: dict[str, str], schema: dict[str, Any]) -> dict[str, Any]:
+    return {
+        status: {"description": why, "content": {"application/json": {"schema": schema}}}
+        for status, why in statuses.items()
     }

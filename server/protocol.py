@@ -1,15 +1,39 @@
 """Request and response bodies of the OpenAI-compatible API, as msgspec structs.
 
-Invariant: decoding a body either yields a fully typed request or raises msgspec.ValidationError
-/ DecodeError, which the app turns into a 400 naming the field; range checks live in
-SamplingParams.validate, which the app calls for every request.
+Invariant: decoding a body either yields a fully typed request whose fields are in the ranges
+their msgspec.Meta constraints state (the same constraints /openapi.json publishes) or raises
+msgspec.ValidationError / DecodeError, which the app turns into a 400 naming the field.
+SamplingParams.validate checks the same ranges again for every request.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
+
+from pyllama4.sampling_params import MAX_N, MAX_TOP_LOGPROBS
+
+INT32_MAX = 2**31 - 1
+MAX_STOP_STRINGS = 64  # each is matched against the text after every generated token
+
+TokenId = Annotated[int, msgspec.Meta(ge=0, le=INT32_MAX)]
+TokenIds = Annotated[list[TokenId], msgspec.Meta(min_length=1)]
+# logit_bias keys: OpenAI sends token ids as strings; 9 digits keeps every key below 2^31.
+TokenIdKey = Annotated[str, msgspec.Meta(pattern="^[0-9]{1,9}$")]
+Bias = Annotated[float, msgspec.Meta(ge=-100.0, le=100.0)]
+TokenBudget = Annotated[int, msgspec.Meta(ge=1, le=INT32_MAX)]
+MinTokens = Annotated[int, msgspec.Meta(ge=0, le=INT32_MAX)]
+Completions = Annotated[int, msgspec.Meta(ge=1, le=MAX_N)]
+Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]
+TopP = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
+TopK = Annotated[int, msgspec.Meta(ge=-1, le=INT32_MAX)]
+MinP = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+Penalty = Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)]
+RepetitionPenalty = Annotated[float, msgspec.Meta(gt=0.0, le=2.0)]
+TopLogprobs = Annotated[int, msgspec.Meta(ge=0, le=MAX_TOP_LOGPROBS)]
+Seed = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+Stop = str | Annotated[list[str], msgspec.Meta(max_length=MAX_STOP_STRINGS)]
 
 
 class ErrorDetail(msgspec.Struct):
@@ -94,23 +118,23 @@ class _SamplingFields(msgspec.Struct, forbid_unknown_fields=False, kw_only=True)
     """Fields chat and completions share (OpenAI's plus the SGLang/vLLM extras)."""
 
     model: str
-    n: int = 1
-    temperature: float | None = None
-    top_p: float | None = None
-    max_tokens: int | None = None
+    n: Completions = 1
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    max_tokens: TokenBudget | None = None  # None: all the room the context leaves
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
-    user: str | None = None
-    top_k: int = -1
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    min_tokens: int = 0
-    stop_token_ids: list[int] | None = None
+    stop: Stop | None = None
+    seed: Seed | None = None
+    frequency_penalty: Penalty = 0.0
+    presence_penalty: Penalty = 0.0
+    logit_bias: dict[TokenIdKey, Bias] | None = None
+    user: str | None = None  # accepted, not used
+    top_k: TopK = -1
+    min_p: MinP = 0.0
+    repetition_penalty: RepetitionPenalty = 1.0
+    min_tokens: MinTokens = 0
+    stop_token_ids: list[TokenId] | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     # Structured outputs: OpenAI's response_format, SGLang's regex / ebnf / json_schema (text).
@@ -122,9 +146,9 @@ class _SamplingFields(msgspec.Struct, forbid_unknown_fields=False, kw_only=True)
 
 class ChatCompletionRequest(_SamplingFields, kw_only=True):
     messages: list[ChatMessage]
-    max_completion_tokens: int | None = None
+    max_completion_tokens: TokenBudget | None = None  # wins over max_tokens when both are set
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: TopLogprobs | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
@@ -134,9 +158,12 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
 
 
 class CompletionRequest(_SamplingFields, kw_only=True):
-    prompt: str | list[int]
-    logprobs: int | None = None
+    prompt: str | TokenIds
+    logprobs: TopLogprobs | None = None
+    # Not supported, so refused unless they ask for what the server does anyway.
     echo: bool = False
+    suffix: str | None = None
+    best_of: Completions | None = None
 
 
 class Usage(msgspec.Struct):
@@ -267,21 +294,21 @@ class ModelList(msgspec.Struct):
 class NativeSamplingParams(msgspec.Struct, forbid_unknown_fields=False, kw_only=True):
     """SGLang's /generate sampling_params."""
 
-    max_new_tokens: int = 128
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    min_p: float = 0.0
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    min_new_tokens: int = 0
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    max_new_tokens: TokenBudget | None = None  # None: all the room the context leaves
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
+    top_k: TopK = -1
+    min_p: MinP = 0.0
+    frequency_penalty: Penalty = 0.0
+    presence_penalty: Penalty = 0.0
+    repetition_penalty: RepetitionPenalty = 1.0
+    min_new_tokens: MinTokens = 0
+    stop: Stop | None = None
+    stop_token_ids: list[TokenId] | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
-    n: int = 1
-    seed: int | None = None
+    n: Completions = 1
+    seed: Seed | None = None
     json_schema: str | None = None  # structured outputs, as SGLang's sampling_params
     regex: str | None = None
     ebnf: str | None = None
@@ -289,7 +316,7 @@ class NativeSamplingParams(msgspec.Struct, forbid_unknown_fields=False, kw_only=
 
 class GenerateRequest(msgspec.Struct, forbid_unknown_fields=False, kw_only=True):
     text: str | None = None
-    input_ids: list[int] | None = None
+    input_ids: TokenIds | None = None
     image_data: str | list[str] | None = None  # URLs, paths or base64, one per <|image|>
     sampling_params: NativeSamplingParams | None = None
     stream: bool = False
@@ -301,4 +328,4 @@ class TokenizeRequest(msgspec.Struct, forbid_unknown_fields=False, kw_only=True)
 
 
 class DetokenizeRequest(msgspec.Struct, forbid_unknown_fields=False, kw_only=True):
-    tokens: list[int]
+    tokens: list[TokenId]

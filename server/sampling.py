@@ -1,9 +1,10 @@
 """From a protocol request to SamplingParams: the one mapping and the one context-length check
 that chat, completions and /generate all go through.
 
-Invariant: a request whose prompt plus output budget does not fit the context length, or whose
-sampling fields SamplingParams rejects, is a 400 naming the field; nothing invalid reaches the
-engine.
+Invariant: a request whose prompt plus output budget does not fit the context length, whose
+sampling fields SamplingParams rejects, or that asks for a completions option the server does
+not support, is a 400 naming the field; nothing invalid reaches the engine. An unset output
+budget (max_tokens, max_completion_tokens, max_new_tokens) is all the room the context leaves.
 """
 
 from __future__ import annotations
@@ -37,15 +38,12 @@ class SamplingFields(Protocol):
 
 @dataclass(frozen=True)
 class TokenLimit:
-    """How a protocol spells its output budget in context-length errors."""
+    """How a request spells its prompt and its output budget in context-length errors."""
 
+    prompt: str  # the request field the prompt comes from
     field: str  # the request field the budget comes from
-    prompt_first: bool  # a prompt that leaves no room is its own error (param "messages")
     shows_total: bool  # the error states prompt + budget
-
-
-OPENAI_LIMIT = TokenLimit("max_tokens", prompt_first=True, shows_total=True)
-NATIVE_LIMIT = TokenLimit("max_new_tokens", prompt_first=False, shows_total=False)
+    logprobs: str = "logprobs"  # the request field the number of top logprobs comes from
 
 
 def fit_context(
@@ -54,11 +52,11 @@ def fit_context(
     """The output budget: `max_tokens` if prompt + max_tokens fits the context, all the room the
     prompt leaves if max_tokens is None; otherwise a 400."""
     room = context_length - prompt_len
-    if limit.prompt_first and room < 1:
+    if room < 1:
         raise HTTPError(
             400,
             f"the prompt has {prompt_len} tokens; the context length is {context_length}",
-            param="messages",
+            param=limit.prompt,
         )
     if max_tokens is None:
         return room
@@ -81,13 +79,12 @@ def to_sampling_params(
     logit_bias: dict[str, float] | None = None,
     logprobs: int | None = None,
     grammar: GrammarSpec | None = None,
+    names: dict[str, str] | None = None,
 ) -> SamplingParams:
-    """SamplingParams from a request's fields; an invalid one is a 400 naming the field."""
+    """SamplingParams from a request's fields; an invalid one is a 400 naming the field (names:
+    the request's name for a SamplingParams field, where they differ)."""
     stop = [fields.stop] if isinstance(fields.stop, str) else list(fields.stop or [])
-    try:
-        bias = {int(k): v for k, v in (logit_bias or {}).items()}
-    except ValueError:
-        raise HTTPError(400, "logit_bias keys must be token ids", param="logit_bias") from None
+    bias = {int(k): v for k, v in (logit_bias or {}).items()}  # keys: digits (protocol.TokenIdKey)
     try:
         return SamplingParams(
             n=fields.n,
@@ -110,7 +107,32 @@ def to_sampling_params(
             grammar=grammar,
         )
     except ValueError as e:
-        raise HTTPError(400, str(e), param=str(e).split(":")[0]) from None
+        field = str(e).split(":")[0]
+        raise HTTPError(400, str(e), param=(names or {}).get(field, field)) from None
+
+
+def check_supported(req: p.CompletionRequest) -> None:
+    """A 400 naming the first completions option that asks for what the server does not do."""
+    if req.echo:
+        raise HTTPError(400, "echo: true is not supported", param="echo")
+    if req.suffix:
+        raise HTTPError(400, "suffix is not supported", param="suffix")
+    if req.best_of is not None and req.best_of not in (1, req.n):
+        raise HTTPError(400, "best_of other than n is not supported", param="best_of")
+
+
+def openai_limit(
+    req: p.ChatCompletionRequest | p.CompletionRequest,
+) -> tuple[int | None, TokenLimit]:
+    """The output budget the request asks for (None: the rest of the context) and how its errors
+    name it: max_completion_tokens wins over max_tokens when both are set."""
+    if isinstance(req, p.CompletionRequest):
+        return req.max_tokens, TokenLimit("prompt", "max_tokens", shows_total=True)
+    if req.max_completion_tokens is not None:
+        field, max_tokens = "max_completion_tokens", req.max_completion_tokens
+    else:
+        field, max_tokens = "max_tokens", req.max_tokens
+    return max_tokens, TokenLimit("messages", field, shows_total=True, logprobs="top_logprobs")
 
 
 def openai_params(
@@ -118,18 +140,21 @@ def openai_params(
     *,
     prompt_len: int,
     context_length: int,
-    max_tokens: int | None,
     logprobs: int | None,
     grammar: GrammarSpec | None,
 ) -> SamplingParams:
-    """A chat or completions request's SamplingParams (max_tokens None: the rest of the context)."""
+    """A chat or completions request's SamplingParams."""
+    if isinstance(req, p.CompletionRequest):
+        check_supported(req)
+    max_tokens, limit = openai_limit(req)
     return to_sampling_params(
         req,
-        max_tokens=fit_context(prompt_len, max_tokens, context_length, OPENAI_LIMIT),
+        max_tokens=fit_context(prompt_len, max_tokens, context_length, limit),
         min_tokens=req.min_tokens,
         logit_bias=req.logit_bias,
         logprobs=logprobs,
         grammar=grammar,
+        names={"max_tokens": limit.field, "logprobs": limit.logprobs},
     )
 
 
@@ -137,13 +162,16 @@ def native_params(
     sp: p.NativeSamplingParams,
     *,
     prompt_len: int,
+    prompt_field: str,
     context_length: int,
     grammar: GrammarSpec | None,
 ) -> SamplingParams:
-    """A /generate request's SamplingParams."""
+    """A /generate request's SamplingParams; prompt_field: "text" or "input_ids"."""
+    limit = TokenLimit(prompt_field, "max_new_tokens", shows_total=False)
     return to_sampling_params(
         sp,
-        max_tokens=fit_context(prompt_len, sp.max_new_tokens, context_length, NATIVE_LIMIT),
+        max_tokens=fit_context(prompt_len, sp.max_new_tokens, context_length, limit),
         min_tokens=sp.min_new_tokens,
         grammar=grammar,
+        names={"max_tokens": "max_new_tokens", "min_tokens": "min_new_tokens"},
     )

@@ -7,7 +7,9 @@ Invariants:
   parameters valid for its schema), so it always parses into calls; with "auto" the pythonic
   parser decides; with "none" (or no tools) the output is plain content.
 - A request names at most one grammar (response_format json, regex, ebnf or json_schema, or the
-  forced tool-call format); anything malformed is a RequestError naming the field.
+  forced tool-call format); anything malformed, a JSON text nested deeper than MAX_JSON_DEPTH
+  included, is a RequestError naming the field, and a grammar that fails to compile is blamed on
+  the field it came from (grammar_param).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 from pyllama4.grammar import GrammarSpec
 from pyllama4.server import protocol as p
+from pyllama4.server.json_depth import MAX_JSON_DEPTH, too_deep
 
 
 class RequestError(ValueError):
@@ -104,6 +107,12 @@ def template_message(i: int, m: p.ChatMessage, content: Any) -> dict[str, Any]:
         for j, call in enumerate(m.tool_calls):
             arguments = call.function.arguments
             if isinstance(arguments, str):
+                if too_deep(arguments):
+                    raise RequestError(
+                        f"messages[{i}].tool_calls[{j}].function.arguments nests more than "
+                        f"{MAX_JSON_DEPTH} levels",
+                        "messages",
+                    )
                 try:
                     arguments = json.loads(arguments) if arguments.strip() else {}
                 except json.JSONDecodeError:
@@ -150,14 +159,29 @@ def grammar_of(req: Any) -> GrammarSpec | None:
     return one_grammar(asked + native_grammars(req))
 
 
-def native_grammars(fields: Any) -> list[tuple[str, GrammarSpec]]:
-    """SGLang's regex / ebnf / json_schema fields (on a request or its sampling_params)."""
+def native_grammars(fields: Any, prefix: str = "") -> list[tuple[str, GrammarSpec]]:
+    """SGLang's regex / ebnf / json_schema fields (on a request, or with prefix
+    "sampling_params." on its sampling_params), each with the field it came from."""
     asked = []
-    for name, kind in (("regex", "regex"), ("ebnf", "ebnf"), ("json_schema", "json_schema")):
-        value = getattr(fields, name)
-        if value is not None:
-            asked.append((name, GrammarSpec(kind, value)))
+    for kind in ("regex", "ebnf", "json_schema"):
+        value = getattr(fields, kind)
+        if value is None:
+            continue
+        if kind == "json_schema" and too_deep(value):
+            raise RequestError(
+                f"json_schema nests more than {MAX_JSON_DEPTH} levels", prefix + kind
+            )
+        asked.append((prefix + kind, GrammarSpec(kind, value)))
     return asked
+
+
+def grammar_param(fields: Any, tools: ToolPlan | None = None, prefix: str = "") -> str:
+    """The field a grammar came from, where its compile error is reported: fields is the request
+    (or, with prefix "sampling_params.", its sampling_params); tools its ToolPlan."""
+    if tools is not None and tools.grammar is not None:
+        return "tools"
+    asked = native_grammars(fields, prefix)
+    return asked[0][0] if asked else "response_format"
 
 
 def one_grammar(asked: list[tuple[str, GrammarSpec]]) -> GrammarSpec | None:

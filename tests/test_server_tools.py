@@ -257,7 +257,7 @@ BAD = {
         {"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": 7}}}},
         "response_format",
     ),
-    "an invalid regex": ({"regex": "(unclosed"}, "response_format"),
+    "an invalid regex": ({"regex": "(unclosed"}, "regex"),
     "two constraints": ({"regex": "a", "ebnf": 'root ::= "a"'}, "ebnf"),
     "an unknown tool_choice": ({"tools": TOOLS, "tool_choice": "always"}, "tool_choice"),
     "a tool_choice naming no tool": (
