@@ -22,6 +22,7 @@ from pyllama4.server import protocol as p
 from pyllama4.server.http_limits import MAX_BODY_BYTES
 from pyllama4.server.json_depth import MAX_JSON_DEPTH, too_deep_field
 
+DECODE_INLINE_BYTES = 256 << 10  # larger bodies are decoded in a worker thread
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -65,7 +66,15 @@ async def read_body(receive: Receive, limit: int = MAX_BODY_BYTES) -> bytes:
             return b"".join(chunks)
 
 
-def decode(body: bytes, kind: type) -> Any:
+async def decode(body: bytes, kind: type) -> Any:
+    """The body as a `kind` request, or a 400 naming the field; a body over DECODE_INLINE_BYTES
+    is checked and decoded in a worker thread (its cost grows with its size)."""
+    if len(body) <= DECODE_INLINE_BYTES:
+        return decode_now(body, kind)
+    return await anyio.to_thread.run_sync(decode_now, body, kind)
+
+
+def decode_now(body: bytes, kind: type) -> Any:
     field = too_deep_field(body)
     if field is not None:
         message = f"the body nests more than {MAX_JSON_DEPTH} levels of JSON"

@@ -54,7 +54,7 @@ class NativeRoutes:
 
     async def generate(self, body: bytes, send: Send, receive: Receive) -> None:
         """SGLang's native endpoint: cumulative text when streaming, meta_info per output."""
-        req = decode(body, p.GenerateRequest)
+        req = await decode(body, p.GenerateRequest)
         sp = req.sampling_params or p.NativeSamplingParams()
         await self.serving.compile_stops(sp.stop)
         prompt = await self.generate_prompt(req)
@@ -135,13 +135,13 @@ class NativeRoutes:
         return {"spec_verify_ct": steps, "spec_accept_length": length}
 
     async def tokenize(self, body: bytes, send: Send, receive: Receive) -> None:
-        req = decode(body, p.TokenizeRequest)
+        req = await decode(body, p.TokenizeRequest)
         text = self.serving.text
         ids = await text.encode(req.prompt, "prompt", add_special_tokens=req.add_special_tokens)
         await respond(send, 200, msgspec.json.encode({"tokens": ids, "count": len(ids)}))
 
     async def detokenize(self, body: bytes, send: Send, receive: Receive) -> None:
-        req = decode(body, p.DetokenizeRequest)
+        req = await decode(body, p.DetokenizeRequest)
         text = await self.serving.text.decode(req.tokens, self.serving.engine.vocab_size, "tokens")
         await respond(send, 200, msgspec.json.encode({"text": text}))
 

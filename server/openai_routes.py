@@ -46,7 +46,7 @@ class OpenAIRoutes:
 
     async def chat_completions(self, body: bytes, send: Send, receive: Receive) -> None:
         s = self.serving
-        req = decode(body, p.ChatCompletionRequest)
+        req = await decode(body, p.ChatCompletionRequest)
         s.check_model(req.model)
         tools = plan_tools(req, s.tool_call_parser)
         grammar = grammar_of(req)
@@ -90,7 +90,7 @@ class OpenAIRoutes:
 
     async def completions(self, body: bytes, send: Send, receive: Receive) -> None:
         s = self.serving
-        req = decode(body, p.CompletionRequest)
+        req = await decode(body, p.CompletionRequest)
         s.check_model(req.model)
         grammar = grammar_of(req)
         await s.compile_stops(req.stop, OPENAI_MAX_STOP_STRINGS)
