@@ -34,6 +34,7 @@ _POST_ERRORS = {
     "400": "invalid request",
     "401": "missing or wrong API key",
     "404": "unknown model",
+    "408": "request body not received in time",
     "413": "request body too large",
     "499": "client disconnected",
     "500": "generation failed",
@@ -45,7 +46,7 @@ _GET_ERRORS = {"401": "missing or wrong API key", "500": "internal error", "503"
 def openapi_document() -> dict[str, Any]:
     """OpenAPI 3.1 for the endpoints, with request and response schemas from the structs."""
     kinds = [k for pair in _BODIES.values() for k in pair if k is not None]
-    kinds += [p.ModelList, p.ErrorResponse]
+    kinds += [p.ModelList, p.ModelCard, p.ErrorResponse]
     (schemas, components) = msgspec.json.schema_components(
         kinds, ref_template="#/components/schemas/{name}"
     )
@@ -70,12 +71,21 @@ def openapi_document() -> dict[str, Any]:
         schema = by_kind[p.ModelList] if path == "/v1/models" else {}
         ok = {"description": "ok", "content": {content_type: {"schema": schema}}}
         paths[path] = {"get": {"responses": {"200": ok} | _errors(_GET_ERRORS, error)}}
+    paths["/v1/models/{model}"] = _retrieve_model(by_kind[p.ModelCard], error)
     return {
         "openapi": "3.1.0",
         "info": {"title": "pyllama4", "version": "0.1.0"},
         "paths": paths,
         "components": {"schemas": components},
     }
+
+
+def _retrieve_model(card: dict[str, Any], error: dict[str, Any]) -> dict[str, Any]:
+    """GET /v1/models/{model}: the served model's card; another name is a 404."""
+    ok = {"description": "ok", "content": {"application/json": {"schema": card}}}
+    statuses = {"404": "unknown model"} | _GET_ERRORS
+    parameter = {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}
+    return {"get": {"parameters": [parameter], "responses": {"200": ok} | _errors(statuses, error)}}
 
 
 def _errors(statuses: dict[str, str], schema: dict[str, Any]) -> dict[str, Any]:
