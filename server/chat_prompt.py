@@ -45,6 +45,8 @@ def chat_text(
         if isinstance(m.content, list):
             content = message_parts(serving, i, m.content, sources)
         messages.append(template_message(i, m, content))
+    # The template copies each message's text into the prompt: refused before it is rendered.
+    serving.text.check_size(sum(map(_text_length, messages)), "messages")
     try:
         text = serving.engine.tokenizer.apply_chat_template(
             messages,
@@ -60,6 +62,13 @@ def chat_text(
             400, f"the chat template failed on these messages: {e}", param="messages"
         ) from None
     return text, sources
+
+
+def _text_length(message: dict[str, Any]) -> int:
+    content = message.get("content")
+    if isinstance(content, str):
+        return len(content)
+    return sum(len(part.get("text", "")) for part in content or [] if isinstance(part, dict))
 
 
 def message_parts(

@@ -438,6 +438,7 @@ def _add_http_flags(p: argparse.ArgumentParser) -> None:
         "--backlog",
         type=_int_in(1),
         default=BACKLOG,
+        metavar="N",
         help=f"the listening socket's queue of connections not yet accepted (default {BACKLOG})",
     )
     http.add_argument(

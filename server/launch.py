@@ -161,6 +161,7 @@ def _start_and_serve(args: argparse.Namespace) -> None:
         shutdown_timeout=args.graceful_shutdown_timeout,
     )
     app = create_app(engine, app_config)
+    _log_size_check(app.serving.text.chars_per_token, context)  # read once, before serving
     anyio.run(_serve, app, sock, limits, args.graceful_shutdown_timeout, backend="asyncio")
     engine.close()
     log.info("stopped")
@@ -315,6 +316,17 @@ def _http_limits(args: argparse.Namespace) -> HTTPLimits:
         limit_concurrency=concurrency_cap(args.limit_concurrency, nofile),
         keep_alive_timeout=args.timeout_keep_alive,
         backlog=args.backlog,
+    )
+
+
+def _log_size_check(chars_per_token: int | None, context: int) -> None:
+    if chars_per_token is None:
+        log.info("prompt texts are tokenized whatever their length (no bound for this tokenizer)")
+        return
+    log.info(
+        "prompt texts over %d characters (a token is at most %d) are refused before tokenizing",
+        chars_per_token * context,
+        chars_per_token,
     )
 
 

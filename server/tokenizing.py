@@ -75,14 +75,16 @@ class TextCodec:
         """max_chars_per_token of the tokenizer (read from its whole vocabulary: once)."""
         return max_chars_per_token(self.backend)
 
-    def check_size(self, text: str, param: str) -> None:
-        """A 400 for a text too long for `limit` tokens in any tokenization (no tokenizing)."""
+    def check_size(self, text: str | int, param: str) -> None:
+        """A 400 for a text (or a number of characters) too long for `limit` tokens in any
+        tokenization (no tokenizing)."""
+        chars = text if isinstance(text, int) else len(text)
         if self.chars_per_token is None:
             return
-        if len(text) > self.limit * self.chars_per_token:
+        if chars > self.limit * self.chars_per_token:
             raise HTTPError(
                 400,
-                f"the text has {len(text)} characters: over the context length ({self.limit} "
+                f"the text has {chars} characters: over the context length ({self.limit} "
                 f"tokens) in any tokenization (a token is at most {self.chars_per_token} "
                 "characters here)",
                 param=param,
