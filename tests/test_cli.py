@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -686,6 +687,13 @@ def test_tp2_serves_and_a_dead_worker_stops_the_server(tiny, tmp_path):
                 proc.send_signal(signal.SIGTERM)
                 assert proc.wait(timeout=60) == 0
                 continue
+            cut: dict[str, object] = {}
+            running = threading.Thread(target=_long_completion, args=(base, tiny, cut))
+            running.start()
+            while time.monotonic() < deadline and not httpx.get(base + "/metrics").text.count(
+                "pyllama4_num_running_reqs 1.0"
+            ):
+                time.sleep(0.05)
             workers = psutil.Process(proc.pid).children(recursive=True)
             worker = next(p for p in workers if "spawn_main" in " ".join(p.cmdline()))
             worker.kill()
@@ -699,6 +707,16 @@ def test_tp2_serves_and_a_dead_worker_stops_the_server(tiny, tmp_path):
                 time.sleep(0.1)
             assert health != 200
             assert proc.wait(timeout=60) != 0  # within seconds; 60 s for a loaded machine
+            running.join(timeout=60)
+            # The request running on the dead worker ends with a 503 naming the worker and no
+            # internals (or, if the server exited first, with its connection dropped).
+            reply = cut["reply"]
+            if isinstance(reply, httpx.Response):
+                assert reply.status_code == 503, reply.text
+                message = reply.json()["error"]["message"]
+                assert "pyllama4-tp1" in message and ".py" not in message, message
+            else:
+                assert isinstance(reply, httpx.TransportError), reply
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -707,6 +725,16 @@ def test_tp2_serves_and_a_dead_worker_stops_the_server(tiny, tmp_path):
     text = (tmp_path / "tp2.log").read_text()
     assert "tensor-parallel worker pyllama4-tp1" in text and "exits" in text
     assert "memory plan" in text
+
+
+def _long_completion(base: str, model: str, out: dict[str, object]) -> None:
+    import httpx
+
+    body = {"model": model, "prompt": "Hello", "max_tokens": 1000, "ignore_eos": True}
+    try:
+        out["reply"] = httpx.post(base + "/v1/completions", json=body, timeout=120)
+    except httpx.TransportError as e:
+        out["reply"] = e
 
 
 def test_two_nodes_serve_one_model(tiny, tmp_path):

@@ -199,19 +199,24 @@ class Workers:
             processes.append(p)
         return cls(processes)
 
+    def dead(self) -> str | None:
+        """What is wrong if a worker has exited unasked (a message naming it), else None."""
+        for p in self.processes:
+            if p.exitcode is not None and not self.stopping:
+                name, pid, code = p.name, p.pid, p.exitcode
+                return f"tensor-parallel worker {name} (pid {pid}) exited with code {code}"
+        return None
+
     def watch(self, on_exit: Callable[[str], None], interval: float = 0.2) -> None:
         """Calls on_exit(message) from a thread once a worker exits unasked."""
         self.on_exit = on_exit
 
         def run() -> None:
             while not self.stopping:
-                for p in self.processes:
-                    if p.exitcode is not None and not self.stopping:
-                        on_exit(
-                            f"tensor-parallel worker {p.name} (pid {p.pid}) exited with code "
-                            f"{p.exitcode}"
-                        )
-                        return
+                message = self.dead()
+                if message is not None:
+                    on_exit(message)
+                    return
                 threading.Event().wait(interval)
 
         self._watch = threading.Thread(target=run, name="pyllama4-tp-watch", daemon=True)

@@ -211,7 +211,12 @@ class Engine:
             self._running = False
 
     def _fail_step(self, core_ids: list[int], message: str) -> None:
-        """On the event loop: ends the requests of a step that failed, with the error."""
+        """On the event loop: ends the requests of a step that failed, with the error. A step
+        fails when a tensor-parallel worker dies: the engine is then failed at once, before the
+        worker watch notices, so that those requests report it."""
+        dead = self.workers.dead() if self.workers is not None else None
+        if dead is not None and self.failure is None:
+            self.fail(dead)
         for core_id in core_ids:
             with self._lock:
                 c = self._by_core.get(core_id)
