@@ -23,6 +23,7 @@ from pyllama4.server.flags import (
     SPEC_DEFAULT_TREE_TOKENS,
     SPEC_DEFAULTS,
 )
+from pyllama4.server.model_source import is_hub_id
 
 log = logging.getLogger("pyllama4.serve")
 
@@ -93,11 +94,8 @@ def _check_model_path(value: str) -> str | None:
         return None
     if path.exists():
         return "not a directory: give the checkpoint's directory"
-    if not value.startswith(("/", ".", "~")) and value.count("/") == 1:
-        return (
-            "no such directory; downloading from the Hugging Face Hub is not built yet: "
-            f"fetch it first (hf download {value} --local-dir DIR) and give DIR"
-        )
+    if is_hub_id(value):
+        return None  # a Hugging Face Hub id: resolved at start (pyllama4.server.model_source)
     return "no such directory"
 
 

@@ -106,9 +106,22 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     model = p.add_argument_group("model")
     model.add_argument(
         "--model-path",
+        metavar="DIR|ID",
+        help="a local Hugging Face Llama 4 checkpoint directory, or a Hub id such as "
+        "meta-llama/Llama-4-Scout-17B-16E-Instruct (resolved in the Hugging Face cache, "
+        "downloaded if missing; HF_TOKEN, HF_HUB_OFFLINE and HF_ENDPOINT apply) (default: the "
+        "built-in demo model, SmolLM2-135M-Instruct as a Llama 4 text checkpoint, on the CPU)",
+    )
+    model.add_argument(
+        "--revision",
+        metavar="REV",
+        help="with a Hub id: the branch, tag or commit to serve (default: main)",
+    )
+    model.add_argument(
+        "--download-dir",
         metavar="DIR",
-        help="a local Hugging Face Llama 4 checkpoint directory (default: the built-in demo "
-        "model, SmolLM2-135M-Instruct as a Llama 4 text checkpoint, on the CPU)",
+        help="with a Hub id: the Hugging Face cache directory to use (default: HF_HUB_CACHE, "
+        "else $HF_HOME/hub)",
     )
     model.add_argument(
         "--dtype",

@@ -126,6 +126,7 @@ def _start_and_serve(args: argparse.Namespace) -> None:
 
     from pyllama4.server.app import AppConfig, create_app  # a broken install fails first
 
+    _resolve_sources(args)
     if args.node_rank > 0:
         _serve_ranks(args)
         return
@@ -165,6 +166,28 @@ def _start_and_serve(args: argparse.Namespace) -> None:
     anyio.run(_serve, app, sock, limits, args.graceful_shutdown_timeout, backend="asyncio")
     engine.close()
     log.info("stopped")
+
+
+def _resolve_sources(args: argparse.Namespace) -> None:
+    """Replaces Hub ids in --model-path and --speculative-draft-model-path by the local
+    directories they resolve to (downloading what is missing); the model keeps the id as its
+    served name. One line and SystemExit if one cannot be resolved."""
+    from pyllama4.server.model_source import ModelSourceError, resolve
+
+    if args.model_path is not None and args.served_model_name is None:
+        args.served_model_name = args.model_path
+    for flag in ("model_path", "speculative_draft_model_path"):
+        value = getattr(args, flag)
+        if value is None:
+            continue
+        try:
+            revision = args.revision if flag == "model_path" else None
+            source = resolve(value, revision=revision, download_dir=args.download_dir)
+        except ModelSourceError as e:
+            _fail(args, f"--{flag.replace('_', '-')} {value}: {e}")
+        if source.repo_id is not None:
+            log.info("--%s: %s", flag.replace("_", "-"), source.describe())
+        setattr(args, flag, str(source.path))
 
 
 def _checkpoint(args: argparse.Namespace) -> tuple[Path, str]:

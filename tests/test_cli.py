@@ -27,7 +27,7 @@ import pytest
 from pyllama4.server import checks, cli
 from pyllama4.server import flags as cli_flags
 from pyllama4.server import launch as server_launch
-from tiny_models import TINY_TEXT, make_tiny_eagle3_draft
+from tiny_models import make_tiny_checkpoint, make_tiny_eagle3_draft
 
 SCOUT = "meta-llama/Llama-4-Scout-17B-16E-Instruct"
 MAVERICK = "meta-llama/Llama-4-Maverick-17B-128E-Instruct"
@@ -128,50 +128,6 @@ def test_the_seed_page_generates_ten_distinct_command_lines():
     # generator's only line repeats Scout's default; plus the two `sglang serve` lines.
     assert len(SEED_COMMANDS) == 10
     assert len(set(SEED_COMMANDS)) == 10
-
-
-# --------------------------------------------------------------------------------------------
-# A tiny Llama 4 checkpoint (random weights, a 262-token byte-level tokenizer)
-# --------------------------------------------------------------------------------------------
-
-
-def make_tiny_checkpoint(path: Path) -> Path:
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import Llama4ForCausalLM, Llama4TextConfig, PreTrainedTokenizerFast
-
-    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|header_start|>", "<|header_end|>"]
-    specials += ["<|eot|>"]
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
-    raw = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    raw.decoder = decoders.ByteLevel()
-    raw.add_special_tokens(specials)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=raw, bos_token="<|begin_of_text|>", eos_token="<|eot|>"
-    )
-    tokenizer.chat_template = (
-        "{{ bos_token }}{% for m in messages %}<|header_start|>{{ m['role'] }}<|header_end|>"
-        "{{ m['content'] }}<|eot|>{% endfor %}"
-        "{% if add_generation_prompt %}<|header_start|>assistant<|header_end|>{% endif %}"
-    )
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in specials}
-
-    torch.manual_seed(0)
-    config = Llama4TextConfig(
-        **TINY_TEXT,
-        vocab_size=512,
-        interleave_moe_layer_step=2,
-        attention_chunk_size=64,
-        max_position_embeddings=4096,
-        bos_token_id=ids["<|begin_of_text|>"],
-        eos_token_id=ids["<|eot|>"],
-        pad_token_id=ids["<|end_of_text|>"],
-    )
-    Llama4ForCausalLM(config).eval().save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -321,8 +277,8 @@ def test_unsupported_flags_are_named_in_the_order_typed(tiny):
             "--speculative-algorithm EAGLE3: needs --speculative-draft-model-path",
         ),
         (
-            ["--speculative-algorithm", "EAGLE3", "--speculative-draft-model-path", SCOUT_EAGLE3],
-            f"--speculative-draft-model-path {SCOUT_EAGLE3}: no such directory; downloading",
+            ["--speculative-algorithm", "EAGLE3", "--speculative-draft-model-path", "./no-draft"],
+            "--speculative-draft-model-path ./no-draft: no such directory",
         ),
         (
             [
@@ -349,10 +305,12 @@ def test_each_unsupported_flag_alone_stops_with_its_reason(flags, message, tiny)
     assert "\n" not in str(stop.value.code)
 
 
-def test_model_path_must_be_a_local_checkpoint(tmp_path):
+def test_model_path_must_be_a_checkpoint_directory_or_a_hub_id(tmp_path):
+    args = cli_flags.parse_args(["--model-path", SCOUT])
+    checks.check_supported(args)  # a Hub id: resolved at start (tests/test_hub_model.py)
     for path, why in [
-        (SCOUT, "downloading from the Hugging Face Hub is not built yet"),
         (str(tmp_path / "missing"), "no such directory"),
+        ("./org/name", "no such directory"),
         (str(tmp_path), "no config.json in it"),
     ]:
         with pytest.raises(SystemExit) as stop:

@@ -5,6 +5,7 @@
 - `LLAMA3_ROPE`: Scout's llama3-scaled RoPE as transformers 5.x writes `rope_parameters`.
 - `TINY_VISION`: the tiny vision tower (4x4 patches of 14 on a 56x56 tile, 4 tokens per tile
   after pixel shuffle) projecting to the text width.
+- `make_tiny_checkpoint`: a tiny random text-only Llama 4 with a byte-level tokenizer.
 - `LLAMA4_SPECIAL_TOKENS`, `TINY_TILE` and `make_tiny_multimodal_checkpoint`: the tiny random
   multimodal checkpoint behind conftest.py's `tiny_mm_dir` fixture.
 - `last_token_logits`: our model's last-token logits for a batch of prompts, in one step.
@@ -76,6 +77,46 @@ TINY_VISION: dict = dict(
     projector_output_dim=64,
     vision_output_dim=64,
 )
+
+
+def make_tiny_checkpoint(path: Path) -> Path:
+    """A tiny text-only Llama 4 (random weights, a 262-token byte-level tokenizer) at `path`."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import Llama4ForCausalLM, Llama4TextConfig, PreTrainedTokenizerFast
+
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|header_start|>", "<|header_end|>"]
+    specials += ["<|eot|>"]
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    raw = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    raw.decoder = decoders.ByteLevel()
+    raw.add_special_tokens(specials)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=raw, bos_token="<|begin_of_text|>", eos_token="<|eot|>"
+    )
+    tokenizer.chat_template = (
+        "{{ bos_token }}{% for m in messages %}<|header_start|>{{ m['role'] }}<|header_end|>"
+        "{{ m['content'] }}<|eot|>{% endfor %}"
+        "{% if add_generation_prompt %}<|header_start|>assistant<|header_end|>{% endif %}"
+    )
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in specials}
+
+    torch.manual_seed(0)
+    config = Llama4TextConfig(
+        **TINY_TEXT,
+        vocab_size=512,
+        interleave_moe_layer_step=2,
+        attention_chunk_size=64,
+        max_position_embeddings=4096,
+        bos_token_id=ids["<|begin_of_text|>"],
+        eos_token_id=ids["<|eot|>"],
+        pad_token_id=ids["<|end_of_text|>"],
+    )
+    Llama4ForCausalLM(config).eval().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
 
 
 def make_tiny_multimodal_checkpoint(path: Path, demo_dir: Path) -> Path:
