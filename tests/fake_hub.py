@@ -40,6 +40,7 @@ class FakeHub:
     requests: list[tuple[str, str]] = field(default_factory=list)  # (method, path)
     server: ThreadingHTTPServer | None = None
     endpoint: str = ""  # its URL (HF_ENDPOINT) once started
+    missing_status: int = 401  # the Hub's answer to an unknown repo without a token (404 with)
 
     def start(self) -> str:
         """Serves on 127.0.0.1 from a thread; returns the endpoint."""
@@ -59,8 +60,8 @@ class FakeHub:
         api, resolve = _API.fullmatch(path), _RESOLVE.fullmatch(path)
         match = api or resolve
         repo = self.repos.get(match[1]) if match else None
-        if repo is None:  # the Hub answers an unknown (or private) repo with 401
-            return _error(401, "RepoNotFound", "Repository not found")
+        if repo is None:
+            return _error(self.missing_status, "RepoNotFound", "Repository not found")
         revision = (api[3] or "main") if api else resolve[2]
         if revision not in ("main", repo.commit):
             return _error(404, "RevisionNotFound", f"Invalid rev id: {revision}")

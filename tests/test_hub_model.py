@@ -131,15 +131,19 @@ def run_to_exit(args: list[str], env: dict[str, str], log: Path) -> tuple[int, s
 
 
 @pytest.mark.parametrize(
-    ("flags", "words"),
+    ("flags", "missing_status", "words"),
     [
-        (["--model-path", "org/gated-llama4"], "gated on the Hugging Face Hub"),
-        (["--model-path", "org/no-such-model"], "no such model on the Hugging Face Hub at"),
-        (["--model-path", REPO, "--revision", "v9"], "the Hub has no revision 'v9'"),
+        (["--model-path", "org/gated-llama4"], 401, "gated on the Hugging Face Hub"),
+        (["--model-path", "org/no-such-model"], 401, "no such model on the Hugging Face Hub at"),
+        (["--model-path", "org/no-such-model"], 404, "no such model on the Hugging Face Hub at"),
+        (["--model-path", REPO, "--revision", "v9"], 401, "the Hub has no revision 'v9'"),
     ],
-    ids=["gated", "unknown-id", "unknown-revision"],
+    ids=["gated", "unknown-id-401", "unknown-id-404", "unknown-revision"],
 )
-def test_each_hub_failure_is_one_line_and_a_nonzero_exit(hub, tmp_path, flags, words):
+def test_each_hub_failure_is_one_line_and_a_nonzero_exit(
+    hub, tmp_path, flags, missing_status, words, monkeypatch
+):
+    monkeypatch.setattr(hub, "missing_status", missing_status)
     code, out = run_to_exit([*flags, *TINY_FLAGS], hub_env(hub, tmp_path / "hf"), tmp_path / "log")
     assert code != 0
     assert "Traceback" not in out
