@@ -103,11 +103,17 @@ class ChatChunks:
         self.sent_role: set[int] = set()
         self.parsers: dict[int, ToolCallStream] = {}
         self.calls_sent: dict[int, int] = {}
+        self.ended: set[int] = set()  # completions whose finish_reason has been sent
 
     def chunk(self, c: Any) -> p.ChatCompletionChunk | None:
-        """The chunk for one completion's latest output (None: nothing to send yet)."""
+        """The chunk for one completion's latest output (None: nothing to send yet, or it
+        ended in an earlier chunk: a request's outputs carry its finished completions too)."""
+        if c.index in self.ended:
+            return None
         if not (c.delta_text or c.finished or c.index not in self.sent_role):
             return None
+        if c.finished:
+            self.ended.add(c.index)
         text, calls = self.split(c)
         delta = p.ChatDelta(content=text or None)
         if calls:
@@ -147,11 +153,15 @@ class CompletionChunks:
     def __init__(self, rid: str, created: int, model: str, tokenizer: Any | None):
         """tokenizer: for logprobs (None: the request asked for none)."""
         self.rid, self.created, self.model, self.tokenizer = rid, created, model, tokenizer
+        self.ended: set[int] = set()  # completions whose finish_reason has been sent
 
     def chunk(self, c: Any) -> p.Completion | None:
-        """The chunk for one completion's latest output (None: nothing to send yet)."""
-        if not (c.delta_text or c.finished):
+        """The chunk for one completion's latest output (None: nothing to send yet, or it
+        ended in an earlier chunk)."""
+        if c.index in self.ended or not (c.delta_text or c.finished):
             return None
+        if c.finished:
+            self.ended.add(c.index)
         lp = (
             completion_logprobs(self.tokenizer, c.delta_logprobs)
             if self.tokenizer is not None

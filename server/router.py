@@ -13,6 +13,7 @@ Invariants:
 - Every error is an OpenAI-style body with its status: a RequestError is a 400 naming its
   field; anything unexpected is a 500 naming only the exception's type (its traceback goes to
   the log); a 405 lists the path's methods in `Allow`. The server never dies on a request.
+- HEAD is GET without the body, on every GET route.
 """
 
 from __future__ import annotations
@@ -96,6 +97,8 @@ class Router:
 
     async def dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
         method, path = scope["method"], scope["path"]
+        if method == "HEAD":  # a GET answered without its body (load balancers probe with it)
+            method, send = "GET", _without_body(send)
         health = self.routes.get((method, path)) if (method, path) == ("GET", HEALTH) else None
         if health is not None:
             await health(b"", send, receive)
@@ -126,10 +129,9 @@ class Router:
         for (route_method, prefix), prefixed in self.prefix_routes.items():
             if route_method == method and _extends(path, prefix):
                 return partial(prefixed, path[len(prefix) :])
-        allowed = sorted(
-            {m for m, p in self.routes if p == path}
-            | {m for m, p in self.prefix_routes if _extends(path, p)}
-        )
+        allowed = {m for m, p in self.routes if p == path}
+        allowed |= {m for m, p in self.prefix_routes if _extends(path, p)}
+        allowed = sorted(allowed | ({"HEAD"} if "GET" in allowed else set()))
         message = f"{method} {path} is not an endpoint"
         if not allowed:
             raise HTTPError(404, message, kind="not_found_error")
@@ -157,6 +159,17 @@ class Router:
             raise HTTPError(
                 401, "missing or wrong API key", kind="authentication_error", headers=UNAUTHORIZED
             )
+
+
+def _without_body(send: Send) -> Send:
+    """`send` with every body chunk emptied: the answer to a HEAD request."""
+
+    async def headers_only(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body":
+            message = {**message, "body": b""}
+        await send(message)
+
+    return headers_only
 
 
 def _extends(path: str, prefix: str) -> bool:

@@ -73,6 +73,24 @@ def test_completions_streaming_and_not(client):
     assert streamed == full and full
 
 
+@pytest.mark.parametrize("route", ["chat", "completions"])
+def test_a_stream_of_n_completions_ends_each_once(client, route):
+    """n=2 streamed: the second completion starts a step after the first (once the prompt is
+    cached), so the first ends a step earlier; each index carries one finish_reason."""
+    kwargs = dict(model=MODEL, n=2, max_tokens=5, temperature=0, stream=True)
+    kwargs["extra_body"] = {"ignore_eos": True}
+    if route == "chat":
+        chunks = client.chat.completions.create(messages=ask("Count to ten."), **kwargs)
+    else:
+        chunks = client.completions.create(prompt="One, two,", **kwargs)
+    reasons: dict[int, list[str]] = {0: [], 1: []}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            if choice.finish_reason is not None:
+                reasons[choice.index].append(choice.finish_reason)
+    assert reasons == {0: ["length"], 1: ["length"]}
+
+
 def test_n_logprobs_stop_and_seed(client):
     r = client.chat.completions.create(
         model=MODEL,

@@ -314,15 +314,26 @@ def test_2000_half_sent_bodies_are_closed_while_the_server_serves(server, capsys
 @pytest.mark.parametrize(
     ("method", "path", "allow"),
     [
-        ("POST", "/v1/models", "GET"),
+        ("POST", "/v1/models", "GET, HEAD"),
         ("GET", "/v1/chat/completions", "POST"),
-        ("POST", "/v1/models/demo", "GET"),
+        ("HEAD", "/v1/chat/completions", "POST"),
+        ("POST", "/v1/models/demo", "GET, HEAD"),
     ],
 )
 def test_405_lists_the_allowed_methods(server, method, path, allow):
     r = httpx.request(method, server.base + path, headers=AUTH)
-    assert_openai_error(r, 405)
-    assert r.headers["allow"] == allow
+    assert r.status_code == 405 and r.headers["allow"] == allow
+    if method != "HEAD":
+        assert_openai_error(r, 405)
+
+
+@pytest.mark.parametrize("path", ["/health", "/metrics", "/v1/models", "/get_model_info"])
+def test_head_is_get_without_the_body(server, path):
+    got = httpx.get(server.base + path, headers=AUTH)
+    head = httpx.head(server.base + path, headers=AUTH)
+    assert head.status_code == got.status_code == 200
+    assert head.headers["content-type"] == got.headers["content-type"] and head.content == b""
+    assert httpx.head(server.base + "/metrics").status_code == 401  # the key still applies
 
 
 def test_a_model_is_retrieved_by_its_id(server):
