@@ -340,8 +340,21 @@ def test_bad_tensors_fail_clearly(tmp_path, name, tensor, match):
 )
 def test_bad_configs_fail_clearly(tmp_path, changes, target, match):
     write_checkpoint(tmp_path, {**CONFIG, **changes}, published_tensors())
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=match) as error:
         _load(tmp_path, **target)
+    assert str(error.value).startswith(f"the EAGLE3 draft {tmp_path}: ")  # the draft, named
+
+
+def test_a_config_without_rope_theta_reads_as_transformers_reads_it(tmp_path):
+    """SpecForge's published draft configs have no rope_theta: transformers' LlamaConfig (which
+    SGLang reads them with) gives its default."""
+    from transformers import LlamaConfig
+
+    config = {k: v for k, v in CONFIG.items() if k not in ("rope_theta", "rope_scaling")}
+    write_checkpoint(tmp_path, config, published_tensors())
+    draft = _load(tmp_path)
+    reference = LlamaConfig(**config).rope_parameters
+    assert draft.config.rope_theta == reference["rope_theta"] and draft.config.rope_scaling is None
 
 
 def test_aux_layers():

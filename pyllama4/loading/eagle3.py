@@ -29,17 +29,23 @@ def load_eagle3(
     dtype: torch.dtype = torch.bfloat16,
     device: torch.device | str = "cpu",
 ) -> Eagle3Draft:
-    """Reads and checks a draft checkpoint (config.json + safetensors, maybe sharded)."""
+    """Reads and checks a draft checkpoint (config.json + safetensors, maybe sharded); a
+    ValueError names the draft's directory."""
     directory = Path(path)
-    config = Eagle3Config.from_dict(
-        json.loads((directory / "config.json").read_text()), target_num_layers
-    )
+    try:
+        config = Eagle3Config.from_dict(
+            json.loads((directory / "config.json").read_text()), target_num_layers
+        )
+    except ValueError as e:
+        raise ValueError(f"the EAGLE3 draft {directory}: {e}") from None
     for key, ours, theirs in (
         ("target_hidden_size", config.target_hidden_size, target_hidden_size),
         ("vocab_size", config.vocab_size, target_vocab_size),
     ):
         if ours != theirs:
-            raise ValueError(f"draft config {key} {ours} != the target's {theirs}")
+            raise ValueError(
+                f"the EAGLE3 draft {directory}: its config's {key} {ours} != the target's {theirs}"
+            )
     with torch.device("meta"):
         draft = Eagle3Draft(config)
     with ExitStack() as stack:

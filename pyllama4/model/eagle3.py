@@ -25,6 +25,7 @@ from pyllama4.layers.rope import inv_frequencies
 ARCHITECTURE = "LlamaForCausalLMEagle3"
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 _SCALING_KEYS = [f.name for f in fields(RopeScaling)]
+LLAMA_ROPE_THETA = 10000.0  # transformers' LlamaConfig default, for drafts whose config omits it
 
 
 @dataclass(frozen=True)
@@ -121,10 +122,12 @@ def _ints(values: object) -> list[int]:
 
 def _rope(d: dict, max_positions: int) -> tuple[float, dict | None]:
     """rope_theta, and llama3 scaling or None, from 4.x `rope_theta` + `rope_scaling` or 5.x
-    `rope_parameters`."""
+    `rope_parameters`; no rope_theta at all is LlamaConfig's default, as transformers (and so
+    SGLang) reads such a draft config."""
     params = d.get("rope_parameters") or {}
     scaling = d.get("rope_scaling") or params
-    theta = _num({"rope_theta": d.get("rope_theta", params.get("rope_theta"))}, "rope_theta", float)
+    theta = d.get("rope_theta", params.get("rope_theta"))
+    theta = _num({"rope_theta": theta}, "rope_theta", float, LLAMA_ROPE_THETA)
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type == "default":
         return theta, None
