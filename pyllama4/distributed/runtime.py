@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -175,7 +176,13 @@ def worker_main(rank: int, spec: WorkerSpec) -> None:
             if message.embeds is not None:
                 embeds = (message.embeds[0].to(device), message.embeds[1].to(device))
             runner.forward(message, embeds)
-    dist.destroy_process_group()
+    # Rank 0 may be gone already (on another node, its server stops without waiting for this
+    # one): tearing the group down could then abort inside the backend's threads (SIGABRT,
+    # "terminate called without an active exception"). All work is done; only logs to flush.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @dataclass
