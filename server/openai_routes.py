@@ -76,7 +76,7 @@ class OpenAIRoutes:
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         tokenizer = s.engine.tokenizer if req.logprobs else None
         if req.stream:
-            chunks = ChatChunks(rid, int(time.time()), s.model, tools.names, tokenizer)
+            chunks = ChatChunks(rid, int(time.time()), s.model, tools, tokenizer)
             await stream_sse(send, receive, chunk_events(s, outputs, chunks, req))
             return
         final = await collect(s, outputs, receive)
