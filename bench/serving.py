@@ -141,15 +141,20 @@ def resolve_tokenizer(name: str | None, target: Target) -> Any:
         raise SystemExit(msg) from None
 
 
-def sample_rows(args: Any, tokenizer: Any) -> list[DatasetRow]:
+def dataset_file(args: Any) -> Path | None:
+    """The ShareGPT file that sharegpt and random read: --dataset-path, else the packaged copy
+    (SystemExit naming the package when it is not installed); None for random-ids."""
+    if args.dataset_name == "random-ids":
+        return None
+    return Path(args.dataset_path) if args.dataset_path else SHAREGPT.path("--dataset-path")
+
+
+def sample_rows(args: Any, tokenizer: Any, path: Path | None) -> list[DatasetRow]:
     """The workload, the same for every run: SGLang's rows for --dataset-name and --seed."""
     seed_everything(args.seed)
-    path = Path(args.dataset_path) if args.dataset_path else None
     if args.dataset_name == "sharegpt":
-        return sample_sharegpt(args, tokenizer, path or SHAREGPT.path("--dataset-path"))
-    if args.dataset_name == "random" and path is None:
-        path = SHAREGPT.path("--dataset-path")
-    return sample_random(args, tokenizer, path if args.dataset_name == "random" else None)
+        return sample_sharegpt(args, tokenizer, path)
+    return sample_random(args, tokenizer, path)
 
 
 def output_file_name(args: Any) -> str:
@@ -257,11 +262,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv, __doc__)
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise SystemExit("error: --plot needs matplotlib, which is not installed")
+    path = dataset_file(args)
     if args.ready_check_timeout_sec > 0:
         wait_ready(args.base_url, args.ready_check_timeout_sec)
     a = make_target(args.label_a, args.base_url, args.backend, args.model, args.server_pid)
     tokenizer = resolve_tokenizer(args.tokenizer, a)
-    rows = sample_rows(args, tokenizer)
+    rows = sample_rows(args, tokenizer, path)
     if not rows:
         raise SystemExit("error: no prompts to send")
     print(f"#Input tokens: {sum(r.prompt_len for r in rows)}")
