@@ -453,7 +453,9 @@ def test_comparison_summary_has_medians_ranges_and_ratios():
 
 # ---- --compare against two fake OpenAI-compatible servers -------------------------------------
 
-# Streams max_tokens chunks of " t" and then its usage, for any prompt; prints its port first.
+# Streams max_tokens chunks of " t" and then its usage, for any prompt; answers SGLang's and
+# vLLM's cache flush routes; appends each POST's path and query to the file argv[1]; prints its
+# port first.
 FAKE_SERVER = """
 import json, sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -475,7 +477,13 @@ class Handler(BaseHTTPRequestHandler):
             self.reply(404, "text/plain", b"not found")
 
     def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        with open(sys.argv[1], "a") as log:
+            log.write(self.path + "\\n")
+        raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.path.split("?")[0] in ("/flush_cache", "/reset_prefix_cache"):
+            self.reply(200, "application/json", b"{}")
+            return
+        body = json.loads(raw)
         n = body["max_tokens"]
         events = [{"choices": [{"text": " t"}]}] * n
         events.append({"choices": [], "usage": {"completion_tokens": n}})
@@ -489,10 +497,14 @@ server.serve_forever()
 
 
 @pytest.fixture
-def fake_servers():
+def fake_servers(tmp_path):
     procs = [
-        subprocess.Popen([sys.executable, "-c", FAKE_SERVER], stdout=subprocess.PIPE, text=True)
-        for _ in range(2)
+        subprocess.Popen(
+            [sys.executable, "-c", FAKE_SERVER, str(tmp_path / f"posts-{i}.log")],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
     ]
     try:
         yield [(p.pid, int(p.stdout.readline())) for p in procs]
@@ -542,3 +554,20 @@ def test_compare_alternates_the_two_servers_and_summarizes(fake_servers, demo_di
         assert res["total_output_tokens"] == 12
         assert res["server_cpu_seconds"] >= 0.0
         assert res["server_cpu_ms_per_output_token"] >= 0.0
+
+
+@pytest.mark.parametrize(
+    "backend, route", [("vllm", "/reset_prefix_cache"), ("sglang-oai", "/flush_cache?timeout=60.0")]
+)
+def test_flush_cache_posts_the_backends_route_after_the_warmup(
+    fake_servers, demo_dir, tmp_path, backend, route
+):
+    (_, port), _ = fake_servers
+    cmd = [sys.executable, str(SCRIPT), "--backend", backend, "--port", str(port), "--flush-cache"]
+    cmd += ["--tokenizer", str(demo_dir), "--dataset-name", "random-ids", "--num-prompts", "2"]
+    cmd += ["--random-input-len", "4", "--random-output-len", "3", "--disable-tqdm"]
+    cmd += ["--output-file", str(tmp_path / "out.jsonl")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    posts = (tmp_path / "posts-0.log").read_text().splitlines()
+    assert posts == ["/v1/completions", route, "/v1/completions", "/v1/completions"]
