@@ -571,3 +571,17 @@ def test_flush_cache_posts_the_backends_route_after_the_warmup(
     assert r.returncode == 0, r.stderr
     posts = (tmp_path / "posts-0.log").read_text().splitlines()
     assert posts == ["/v1/completions", route, "/v1/completions", "/v1/completions"]
+
+
+def test_flush_cache_against_a_live_server(launch_server, demo_dir, tmp_path):
+    live = launch_server(tmp_path / "server.log")
+    try:
+        cmd = [sys.executable, str(SCRIPT), "--backend", "sglang", "--base-url", live.base]
+        cmd += ["--flush-cache", "--tokenizer", str(demo_dir), "--dataset-name", "random-ids"]
+        cmd += ["--random-input-len", "16", "--random-output-len", "4", "--num-prompts", "3"]
+        cmd += ["--disable-tqdm", "--output-file", str(tmp_path / "out.jsonl")]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    finally:
+        live.stop()
+    assert r.returncode == 0, r.stderr
+    assert "Successful requests:                     3         " in r.stdout.splitlines()
