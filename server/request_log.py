@@ -1,9 +1,10 @@
-"""Per-request log lines (--log-requests): `Receive:` when a request is queued, `Finish:` when
+"""Per-request log lines (--log-requests): `Receive:` as a request is queued, `Finish:` when
 it ends (or `Abort:` when its client left first), `Error:` for every error answer.
 
-Invariants: each line carries the request's id (request_ids: its response's id). What a line
-holds follows SGLang's --log-requests-level: 0 metadata only; 1 adds the sampling parameters;
-2 adds the prompt and output text (and stop strings), each cut to its first and last 1024
+Invariants: each line carries the request's id (request_ids: its response's id); a request's
+Receive line comes before any batch line that computes it. What a line holds follows SGLang's
+--log-requests-level: 0 metadata only; 1 adds the sampling parameters; 2 adds the stop strings
+and (on the Finish line) the prompt and output text, each cut to its first and last 1024
 characters; 3 the whole text. With it off only server errors (status 500 and above) are
 logged, and a request's outputs reach its route untouched; with it on, the only work on the
 event loop is formatting two lines per request (the prompt's text, at levels 2 and 3, is
@@ -86,7 +87,6 @@ def received_line(
     params: SamplingParams,
     stream: bool,
     level: int,
-    prompt: str | None = None,
 ) -> str:
     line = (
         f"Receive: id={rid}, route={route}, prompt_tokens={prompt_tokens}, n={params.n}, "
@@ -94,12 +94,10 @@ def received_line(
     )
     if level >= 1:
         line += f", sampling_params={sampling_text(params, level)}"
-    if level >= 2 and prompt is not None:
-        line += f", prompt={clip(prompt, level)}"
     return line
 
 
-def finished_line(rid: str, final: RequestOutput, level: int) -> str:
+def finished_line(rid: str, final: RequestOutput, level: int, prompt: str | None = None) -> str:
     reasons = ",".join(str(c.finish_reason) for c in final.outputs)
     tokens = sum(len(c.token_ids) for c in final.outputs)
     m = final.metrics
@@ -110,6 +108,8 @@ def finished_line(rid: str, final: RequestOutput, level: int) -> str:
     )
     if final.error:
         line += f", error={final.error!r}"
+    if level >= 2 and prompt is not None:
+        line += f", prompt={clip(prompt, level)}"
     if level >= 2:
         texts = [clip(c.text, level) for c in final.outputs]
         line += f", output={texts[0] if len(texts) == 1 else '[' + ', '.join(texts) + ']'}"
@@ -143,35 +143,45 @@ def _error_of(body: bytes) -> tuple[str, str]:
     return str(error.get("type", "-")), str(error.get("message", "-"))
 
 
+def received(prompt_ids: Sequence[int], params: SamplingParams, stream: bool) -> None:
+    """The Receive line of the request being served, before it is queued."""
+    level = CONFIG.level if CONFIG.level is not None else DEFAULT_LEVEL
+    rid, route = _request()
+    line = received_line(rid, route, len(prompt_ids), params, stream, level)
+    log.info(line, extra={"request_id": rid})
+
+
 async def watched(
     outputs: AsyncIterator[RequestOutput],
     prompt_ids: Sequence[int],
-    params: SamplingParams,
-    stream: bool,
     decode: Callable[[list[int]], str],
 ) -> AsyncIterator[RequestOutput]:
-    """The request's outputs, its Receive line first and its Finish (or Abort) line last."""
+    """The request's outputs, its Finish (or Abort) line last; at levels 2 and 3 the Finish
+    line holds the prompt's text, decoded in a worker thread before the first output."""
     level = CONFIG.level if CONFIG.level is not None else DEFAULT_LEVEL
-    tag = request_ids.current()
-    rid = request_ids.current_id() or "-"
-    route = tag.route if tag is not None else "-"
+    rid, _ = _request()
     prompt = None
     if level >= 2:
         prompt = await anyio.to_thread.run_sync(decode, list(prompt_ids))
-    extra = {"request_id": rid}
-    log.info(received_line(rid, route, len(prompt_ids), params, stream, level, prompt), extra=extra)
     last: RequestOutput | None = None
     try:
         async for out in outputs:
             last = out
             yield out
     finally:
+        extra = {"request_id": rid}
         if last is not None and last.finished:
-            log.info(finished_line(rid, last, level), extra=extra)
+            log.info(finished_line(rid, last, level, prompt), extra=extra)
         else:
             log.info(aborted_line(rid, last), extra=extra)
             with anyio.CancelScope(shield=True):
                 await outputs.aclose()  # type: ignore[attr-defined]
+
+
+def _request() -> tuple[str, str]:
+    """The id and route of the request being served ("-" outside one)."""
+    tag = request_ids.current()
+    return request_ids.current_id() or "-", tag.route if tag is not None else "-"
 
 
 def logged(app: ASGIApp) -> ASGIApp:

@@ -158,14 +158,17 @@ class Serving:
                 kind="server_overloaded",
                 headers=[(b"retry-after", b"1")],
             )
+        logged = request_log.CONFIG.level is not None
+        ids = prompt.token_ids if isinstance(prompt, ImagePrompt) else prompt
+        if logged:
+            request_log.received(ids, params, stream)
         try:
             outputs = self.engine.submit(prompt, params)
         except ValueError as e:
             raise HTTPError(400, str(e)) from None
-        if request_log.CONFIG.level is None:
+        if not logged:
             return outputs
-        ids = prompt.token_ids if isinstance(prompt, ImagePrompt) else prompt
-        return request_log.watched(outputs, ids, params, stream, self.engine.tokenizer.decode)
+        return request_log.watched(outputs, ids, self.engine.tokenizer.decode)
 
 
 def prompt_length(prompt: list[int] | ImagePrompt) -> int:
