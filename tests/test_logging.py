@@ -66,6 +66,20 @@ def test_chunk_local_pool_is_named_apart():
     assert "cuda graph: True" in line
 
 
+def test_speculative_decoding_adds_accept_length_and_rate(caplog):
+    totals = SimpleNamespace(verify_steps=0, accepted_tokens=0)
+    scheduler = FakeScheduler()
+    batch = BatchLog(scheduler, lambda: 0, lambda p: False, "cpu graph", 1, spec=(totals, 4))
+    caplog.set_level(logging.INFO, logger="pyllama4.engine")
+    totals.verify_steps, totals.accepted_tokens = 10, 30
+    batch.planned(plan(2, []))
+    totals.verify_steps, totals.accepted_tokens = 20, 50
+    batch.planned(plan(2, []))
+    first, second = (r.getMessage() for r in caplog.records)
+    assert "accept len: 3.00, accept rate: 0.75, cache hit rate" in first
+    assert "accept len: 2.00, accept rate: 0.50, " in second  # since the last line
+
+
 class FakeScheduler:
     page_size = 16
 

@@ -80,9 +80,12 @@ def decode_line(
     graph: bool,
     throughput: float,
     queued: int,
+    accept: tuple[float, float] | None = None,
 ) -> str:
+    """accept: speculative decoding's (accept length, accept rate) since the last line."""
+    spec = "" if accept is None else f"accept len: {accept[0]:.2f}, accept rate: {accept[1]:.2f}, "
     return (
-        f"Decode batch. #running-req: {running}, {usage_text(pools, counts=True)}, "
+        f"Decode batch. #running-req: {running}, {usage_text(pools, counts=True)}, {spec}"
         f"cache hit rate: {hit_rate:.2f}, {graph_label}: {graph}, "
         f"gen throughput (token/s): {throughput:.2f}, #queue-req: {queued}"
     )
@@ -96,15 +99,20 @@ class BatchLog:
         graph_ran: Callable[[Any], bool],
         graph_label: str,
         interval: int = DECODE_LOG_INTERVAL,
+        spec: tuple[Any, int] | None = None,
     ):
         """generated: the engine's total of generated tokens (read, never reset). graph_ran:
         whether a plan replays a captured graph. graph_label: "cuda graph" or "cpu graph".
-        interval: decode steps between two decode lines."""
+        interval: decode steps between two decode lines. spec: with EAGLE3, its running totals
+        (verify_steps, accepted_tokens: accepted drafts and the bonus token) and the draft
+        tokens verified per step."""
         self.scheduler = scheduler
         self.generated = generated
         self.graph_ran = graph_ran
         self.graph_label = graph_label
         self.interval = interval
+        self.spec = spec
+        self._spec_seen = (0, 0)
         self._decode_steps = 0
         self._cached_seen = 0  # the scheduler's cached-prompt-token total at the last prefill
         self._last_tokens = 0
@@ -141,4 +149,20 @@ class BatchLog:
         pools = pool_use(stats, self.scheduler.page_size)
         graph = self.graph_ran(plan)
         running, queued = stats.num_running, stats.num_waiting
-        log.info(decode_line(running, pools, hit_rate, self.graph_label, graph, throughput, queued))
+        line = decode_line(
+            running, pools, hit_rate, self.graph_label, graph, throughput, queued, self._accept()
+        )
+        log.info(line)
+
+    def _accept(self) -> tuple[float, float] | None:
+        """SGLang's accept length (tokens per verify) and rate (of the draft tokens verified)
+        since the last decode line; None without speculative decoding."""
+        if self.spec is None:
+            return None
+        totals, draft_tokens = self.spec
+        seen_steps, seen_tokens = self._spec_seen
+        steps, tokens = totals.verify_steps - seen_steps, totals.accepted_tokens - seen_tokens
+        self._spec_seen = (totals.verify_steps, totals.accepted_tokens)
+        if not steps:
+            return (0.0, 0.0)
+        return (tokens / steps, tokens / (steps * draft_tokens))

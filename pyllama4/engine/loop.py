@@ -122,11 +122,13 @@ class Engine:
             deliver=self._deliver,
             fail=self._fail_step,
         )
+        drafts = None if speculative is None else speculative.config.num_draft_tokens
         self.batch_log = BatchLog(
             self.scheduler,
             lambda: self._generation_tokens,
             self._graph_ran,
             "cuda graph" if runner.device.type == "cuda" else "cpu graph",
+            spec=None if speculative is None else (speculative.stats, drafts),
         )  # its interval: the server's --decode-log-interval
         self.steps.batch_log = self.batch_log
         self._generation_tokens = 0
