@@ -121,11 +121,9 @@ def aborted_line(rid: str, last: RequestOutput | None) -> str:
     return f"Abort: id={rid}, the client left before the end, completion_tokens={tokens}"
 
 
-def error_line(rid: str | None, route: str, status: int, body: bytes) -> str:
+def error_line(rid: str, route: str, status: int, body: bytes) -> str:
     kind, message = _error_of(body)
-    return (
-        f"Error: id={rid or '-'}, route={route}, status={status}, type={kind}, message={message!r}"
-    )
+    return f"Error: id={rid}, route={route}, status={status}, type={kind}, message={message!r}"
 
 
 def _seconds(value: float | None) -> str:
@@ -212,8 +210,6 @@ def logged(app: ASGIApp) -> ASGIApp:
 def _log_error(status: int, body: bytes) -> None:
     if CONFIG.level is None and status < 500:
         return
-    tag = request_ids.current()
-    route = tag.route if tag is not None else "-"
-    line = error_line(request_ids.current_id(), route, status, body)
+    rid, route = _request()
     level = logging.WARNING if status >= 500 else logging.INFO
-    log.log(level, line, extra={"request_id": request_ids.current_id()})
+    log.log(level, error_line(rid, route, status, body), extra={"request_id": rid})

@@ -166,7 +166,7 @@ def test_error_line_reads_the_openai_body():
         "Error: id=cmpl-9, route=POST /v1/completions, status=400, "
         "type=invalid_request_error, message='bad temperature'"
     )
-    assert "type=-" in error_line(None, "GET /x", 500, b"not json")
+    assert "type=-" in error_line("-", "GET /x", 500, b"not json")
 
 
 def test_ids_come_from_the_header_and_tag_log_records():
