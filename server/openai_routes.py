@@ -8,7 +8,6 @@ chunk when stream_options.include_usage asks for it, then `data: [DONE]`.
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,6 +18,7 @@ from pyllama4.sampling_params import OPENAI_MAX_STOP_STRINGS
 from pyllama4.server import protocol as p
 from pyllama4.server.asgi import HTTPError, Receive, Send, decode, error_body, respond, stream_sse
 from pyllama4.server.chat_prompt import render_chat
+from pyllama4.server.request_ids import new_id
 from pyllama4.server.responses import (
     ChatChunks,
     CompletionChunks,
@@ -46,6 +46,7 @@ class OpenAIRoutes:
 
     async def chat_completions(self, body: bytes, send: Send, receive: Receive) -> None:
         s = self.serving
+        rid = new_id("chatcmpl-")
         req = await decode(body, p.ChatCompletionRequest)
         s.check_model(req.model)
         tools = plan_tools(req, s.tool_call_parser)
@@ -72,8 +73,7 @@ class OpenAIRoutes:
             logprobs=(req.top_logprobs or 0) if req.logprobs else None,
             grammar=grammar,
         )
-        outputs = s.submit(prompt, params)
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        outputs = s.submit(prompt, params, stream=req.stream)
         tokenizer = s.engine.tokenizer if req.logprobs else None
         if req.stream:
             chunks = ChatChunks(rid, int(time.time()), s.model, tools, tokenizer)
@@ -90,6 +90,7 @@ class OpenAIRoutes:
 
     async def completions(self, body: bytes, send: Send, receive: Receive) -> None:
         s = self.serving
+        rid = new_id("cmpl-")
         req = await decode(body, p.CompletionRequest)
         s.check_model(req.model)
         grammar = grammar_of(req)
@@ -106,8 +107,7 @@ class OpenAIRoutes:
             logprobs=req.logprobs,
             grammar=grammar,
         )
-        outputs = s.submit(prompt_ids, params)
-        rid = f"cmpl-{uuid.uuid4().hex}"
+        outputs = s.submit(prompt_ids, params, stream=req.stream)
         tokenizer = s.engine.tokenizer if req.logprobs is not None else None
         if req.stream:
             chunks = CompletionChunks(rid, int(time.time()), s.model, tokenizer)
