@@ -26,6 +26,11 @@ class StoredResponse:
     size: int  # encoded bytes, what the store counts
 
 
+def encoded_size(response: Response, messages: list[p.ChatMessage]) -> int:
+    """What a stored response counts for: its JSON and its conversation's, in bytes."""
+    return len(msgspec.json.encode(response)) + len(msgspec.json.encode(messages))
+
+
 class ResponseStore:
     def __init__(
         self, max_responses: int = MAX_STORED_RESPONSES, max_bytes: int = MAX_STORED_BYTES
@@ -34,9 +39,9 @@ class ResponseStore:
         self.entries: OrderedDict[str, StoredResponse] = OrderedDict()
         self.size = 0
 
-    def put(self, response: Response, messages: list[p.ChatMessage]) -> None:
-        """Keeps the response (and its conversation), dropping the oldest beyond the bounds."""
-        size = len(msgspec.json.encode(response)) + len(msgspec.json.encode(messages))
+    def put(self, response: Response, messages: list[p.ChatMessage], size: int) -> None:
+        """Keeps the response and its conversation (`size`: their encoded_size), dropping the
+        oldest beyond the bounds."""
         if size > self.max_bytes:
             return
         self.delete(response.id)

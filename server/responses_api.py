@@ -32,7 +32,7 @@ from pyllama4.server.asgi import (
     respond,
 )
 from pyllama4.server.chat_prompt import render_chat
-from pyllama4.server.response_store import ResponseStore
+from pyllama4.server.response_store import ResponseStore, encoded_size
 from pyllama4.server.responses_input import chat_request, input_messages, output_messages
 from pyllama4.server.responses_output import Event, ResponseEvents, draft_response, whole_response
 from pyllama4.server.responses_protocol import DeletedResponse, Response, ResponsesRequest
@@ -87,7 +87,7 @@ class ResponsesRoutes:
             return
         final = await collect(self.serving, prepared.outputs, receive)
         response = whole_response(draft, final, prepared.tools.names)
-        self.keep(req, prepared, response)
+        await self.keep(req, prepared, response)
         await respond(send, 200, msgspec.json.encode(response))
 
     async def prepare(self, req: ResponsesRequest) -> Prepared:
@@ -137,9 +137,14 @@ class ResponsesRoutes:
             )
         return list(stored.messages)
 
-    def keep(self, req: ResponsesRequest, prepared: Prepared, response: Response) -> None:
-        if req.store:
-            self.store.put(response, prepared.conversation + output_messages(response.output))
+    async def keep(self, req: ResponsesRequest, prepared: Prepared, response: Response) -> None:
+        """Stores a finished response (store: true), sized in a worker thread (the size grows
+        with the conversation)."""
+        if not req.store:
+            return
+        messages = prepared.conversation + output_messages(response.output)
+        size = await anyio.to_thread.run_sync(encoded_size, response, messages)
+        self.store.put(response, messages, size)
 
     async def stream(
         self, req: ResponsesRequest, prepared: Prepared, draft: Response
@@ -159,7 +164,7 @@ class ResponsesRoutes:
                 yield event
             if out.finished:
                 response, last = events.finish(out)
-                self.keep(req, prepared, response)
+                await self.keep(req, prepared, response)
                 for event in last:
                     yield event
 

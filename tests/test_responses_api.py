@@ -15,6 +15,10 @@ import jsonschema
 import openai
 import pytest
 
+from pyllama4.server.asgi import HTTPError
+from pyllama4.server.response_store import ResponseStore
+from pyllama4.server.responses_output import ResponseEvents, draft_response
+from pyllama4.server.responses_protocol import Response, ResponsesRequest
 from server_checks import assert_idle
 
 MODEL = "demo"
@@ -390,3 +394,39 @@ def test_the_api_key_is_required(server):
     unkeyed = openai.OpenAI(base_url=server + "/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         unkeyed.responses.create(model=MODEL, input="hi", max_output_tokens=2)
+
+
+# ---- without a server: the stream of a response cut short, the store's bounds ---------------
+
+
+def test_a_response_cut_short_ends_with_response_failed():
+    draft = draft_response(ResponsesRequest(input="hi"), MODEL)
+    events = ResponseEvents(draft, frozenset())
+    out = events.start() + events.push("Hel", finished=False) + events.push("lo", finished=False)
+    out += events.fail(HTTPError(503, "the server is shutting down", kind="service_unavailable"))
+    kinds = [kind for kind, _ in out]
+    deltas = ["response.output_text.delta"] * 2
+    assert kinds == TEXT_EVENTS + deltas + TEXT_END + ["response.failed"]
+    data = [json.loads(body) for _, body in out]
+    assert [d["sequence_number"] for d in data] == list(range(len(out)))
+    assert [d["type"] for d in data] == kinds
+    failed = data[-1]["response"]
+    assert failed["status"] == "failed" and failed["error"]["code"] == "server_error"
+    assert failed["output"][0]["status"] == "incomplete"
+    assert failed["output"][0]["content"][0]["text"] == "Hello"
+
+
+def test_the_store_keeps_the_newest_within_its_bounds():
+    def response(i: int) -> Response:
+        return draft_response(ResponsesRequest(input=str(i)), MODEL)
+
+    store = ResponseStore(max_responses=3, max_bytes=1000)
+    kept = [response(i) for i in range(5)]
+    for r in kept:
+        store.put(r, [], 100)
+    assert [store.get(r.id) is not None for r in kept] == [False, False, True, True, True]
+    store.put(response(5), [], 850)  # over the bytes: the oldest go until it fits
+    assert [store.get(r.id) is not None for r in kept] == [False] * 4 + [True]
+    store.put(response(6), [], 1001)  # too large on its own: not kept
+    assert len(store.entries) == 2 and store.size == 950
+    assert store.delete(kept[4].id) and not store.delete(kept[4].id) and store.size == 850
