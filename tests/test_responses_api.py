@@ -8,12 +8,15 @@ completion of the same conversation: that is what most checks here compare again
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 
 import httpx
 import jsonschema
 import openai
 import pytest
+from PIL import Image
 
 from pyllama4.server.asgi import HTTPError
 from pyllama4.server.response_store import ResponseStore
@@ -394,6 +397,43 @@ def test_the_api_key_is_required(server):
     unkeyed = openai.OpenAI(base_url=server + "/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         unkeyed.responses.create(model=MODEL, input="hi", max_output_tokens=2)
+
+
+@pytest.fixture(scope="module")
+def mm_client(launch_server, tiny_mm_dir, tmp_path_factory):
+    log = tmp_path_factory.mktemp("responses-mm") / "server.log"
+    live = launch_server(log, "--enable-multimodal", model_dir=tiny_mm_dir)
+    yield openai.OpenAI(base_url=live.base + "/v1", api_key="unused", max_retries=0)
+    live.stop()
+
+
+def test_an_input_image_is_chat_image_url_on_a_multimodal_server(mm_client):
+    buffer = io.BytesIO()
+    Image.new("RGB", (112, 56), (200, 30, 30)).save(buffer, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    r = mm_client.responses.create(
+        model=MODEL,
+        input=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "input_text", "text": "Describe the picture."},
+                    {"type": "input_image", "image_url": url, "detail": "auto"},
+                ],
+            }
+        ],
+        temperature=0,
+        max_output_tokens=4,
+    )
+    parts = [
+        {"type": "text", "text": "Describe the picture."},
+        {"type": "image_url", "image_url": {"url": url}},
+    ]
+    chat = mm_client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": parts}], temperature=0, max_tokens=4
+    )
+    assert r.usage.input_tokens == chat.usage.prompt_tokens
+    assert r.output_text == chat.choices[0].message.content
 
 
 # ---- without a server: the stream of a response cut short, the store's bounds ---------------
