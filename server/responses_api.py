@@ -34,8 +34,9 @@ from pyllama4.server.asgi import (
 from pyllama4.server.chat_prompt import render_chat
 from pyllama4.server.response_store import ResponseStore, encoded_size
 from pyllama4.server.responses_input import chat_request, input_messages, output_messages
-from pyllama4.server.responses_output import Event, ResponseEvents, draft_response, whole_response
+from pyllama4.server.responses_output import draft_response, whole_response
 from pyllama4.server.responses_protocol import DeletedResponse, Response, ResponsesRequest
+from pyllama4.server.responses_stream import Event, ResponseEvents
 from pyllama4.server.sampling import TokenLimit, fit_context, to_sampling_params
 from pyllama4.server.serving import Serving, collect, prompt_length
 from pyllama4.server.tools import RequestError, ToolPlan, grammar_of, plan_tools
@@ -86,7 +87,7 @@ class ResponsesRoutes:
             await stream_events(send, receive, events)
             return
         final = await collect(self.serving, prepared.outputs, receive)
-        response = whole_response(draft, final, prepared.tools.names)
+        response = whole_response(draft, final, prepared.tools)
         await self.keep(req, prepared, response)
         await respond(send, 200, msgspec.json.encode(response))
 
@@ -150,7 +151,7 @@ class ResponsesRoutes:
         self, req: ResponsesRequest, prepared: Prepared, draft: Response
     ) -> AsyncIterator[Event]:
         """The response's events; a response the server cut short ends with response.failed."""
-        events = ResponseEvents(draft, prepared.tools.names)
+        events = ResponseEvents(draft, prepared.tools)
         for event in events.start():
             yield event
         async for out in prepared.outputs:

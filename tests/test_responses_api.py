@@ -20,8 +20,10 @@ from PIL import Image
 
 from pyllama4.server.asgi import HTTPError
 from pyllama4.server.response_store import ResponseStore
-from pyllama4.server.responses_output import ResponseEvents, draft_response
+from pyllama4.server.responses_output import draft_response
 from pyllama4.server.responses_protocol import Response, ResponsesRequest
+from pyllama4.server.responses_stream import ResponseEvents
+from pyllama4.server.tools import ToolPlan
 from server_checks import assert_idle
 
 MODEL = "demo"
@@ -281,6 +283,18 @@ def test_streamed_required_tool_calls(client):
         jsonschema.validate(json.loads(call.arguments), WEATHER_PARAMS)
     done = [e for e in events if e.type == "response.function_call_arguments.done"]
     assert [e.arguments for e in done] == [c.arguments for c in calls]
+    expected = ["response.created", "response.in_progress"]
+    for call in calls:  # a forced call's arguments stream as they are written
+        deltas = [
+            e.delta
+            for e in events
+            if e.type == "response.function_call_arguments.delta" and e.item_id == call.id
+        ]
+        assert len(deltas) > 1 and "".join(deltas) == call.arguments
+        expected += ["response.output_item.added"]
+        expected += ["response.function_call_arguments.delta"] * len(deltas)
+        expected += ["response.function_call_arguments.done", "response.output_item.done"]
+    assert kinds == expected + ["response.completed"]
 
 
 def test_text_format_json_schema(client):
@@ -441,7 +455,7 @@ def test_an_input_image_is_chat_image_url_on_a_multimodal_server(mm_client):
 
 def test_a_response_cut_short_ends_with_response_failed():
     draft = draft_response(ResponsesRequest(input="hi"), MODEL)
-    events = ResponseEvents(draft, frozenset())
+    events = ResponseEvents(draft, ToolPlan(frozenset(), None, None))
     out = events.start() + events.push("Hel", finished=False) + events.push("lo", finished=False)
     out += events.fail(HTTPError(503, "the server is shutting down", kind="service_unavailable"))
     kinds = [kind for kind, _ in out]
