@@ -32,6 +32,12 @@ _GETS = {
     "/get_model_info": "application/json",
     "/get_server_info": "application/json",
 }
+# One server-sent event (OpenAPI 3.1: a stream's `schema` describes each of its events).
+_SSE_EVENT = {
+    "type": "object",
+    "properties": {"event": {"type": "string"}, "data": {"type": "string"}},
+    "required": ["data"],
+}
 # What each status means; every error has the ErrorResponse body.
 _POST_ERRORS = {
     "400": "invalid request",
@@ -59,7 +65,7 @@ def openapi_document() -> dict[str, Any]:
     for path, (request, response) in _BODIES.items():
         content: dict[str, Any] = {"application/json": {"schema": by_kind.get(response, {})}}
         if path in _STREAMS:
-            content["text/event-stream"] = {"schema": {"type": "string"}}
+            content["text/event-stream"] = {"schema": _SSE_EVENT}
         paths[path] = {
             "post": {
                 "requestBody": {
