@@ -4,7 +4,8 @@ Invariants:
 - A request becomes the chat request it stands for (pyllama4.server.responses_input) and goes
   the chat completions way: chat template, tool-call parser, grammar, the same checks. It is
   decoded, checked and mapped to SamplingParams before anything is queued; errors name the
-  Responses field (input, text, max_output_tokens...), not chat's.
+  Responses field (input, text, max_output_tokens...), not chat's. Converting the input items
+  (their cost grows with the request) runs in a worker thread, as templating does.
 - A response is stored (store: true, the default) only once it finished (completed or
   incomplete); previous_response_id continues its conversation; an unknown id is a 404.
 - A stream is server-sent events with `event:` names and no `[DONE]` line (as OpenAI's); a
@@ -98,7 +99,8 @@ class ResponsesRoutes:
             s.check_model(req.model)
         if req.background:
             raise HTTPError(400, "background: true is not supported", param="background")
-        conversation = self.history(req.previous_response_id) + input_messages(req)
+        history = self.history(req.previous_response_id)
+        conversation = history + await anyio.to_thread.run_sync(input_messages, req)
         chat = chat_request(req, s.model, conversation)
         tools = plan_tools(chat, s.tool_call_parser)
         grammar = grammar_of(chat)
