@@ -33,6 +33,7 @@ from pyllama4.server.asgi import (
     respond,
 )
 from pyllama4.server.chat_prompt import render_chat
+from pyllama4.server.request_ids import new_id
 from pyllama4.server.response_store import ResponseStore, encoded_size
 from pyllama4.server.responses_input import chat_request, input_messages, output_messages
 from pyllama4.server.responses_output import draft_response, whole_response
@@ -79,10 +80,11 @@ class ResponsesRoutes:
 
     async def create(self, body: bytes, send: Send, receive: Receive) -> None:
         """POST /v1/responses."""
+        rid = new_id("resp_")
         req = await decode(body, ResponsesRequest)
         with responses_params():
             prepared = await self.prepare(req)
-        draft = draft_response(req, self.serving.model)
+        draft = draft_response(req, rid, self.serving.model)
         if req.stream:
             events = self.stream(req, prepared, draft)
             await stream_events(send, receive, events)
@@ -124,7 +126,7 @@ class ResponsesRoutes:
             grammar=grammar,
             names={"max_tokens": "max_output_tokens"},
         )
-        return Prepared(s.submit(prompt, params), tools, conversation)
+        return Prepared(s.submit(prompt, params, stream=req.stream), tools, conversation)
 
     def history(self, previous_response_id: str | None) -> list[p.ChatMessage]:
         """The stored conversation a request continues (none without previous_response_id)."""

@@ -32,16 +32,16 @@ from pyllama4.server.tool_parser import ToolCall, parse_tool_calls
 from pyllama4.server.tools import ToolPlan
 
 
-def new_id(prefix: str) -> str:
+def item_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
 
-def draft_response(req: ResponsesRequest, model: str) -> Response:
+def draft_response(req: ResponsesRequest, rid: str, model: str) -> Response:
     """The response to `req` before any output: in progress, echoing the request's settings."""
     tool_choice: Any = req.tool_choice if req.tool_choice is not None else "auto"
     fmt = msgspec.to_builtins(req.text.format) if req.text else {"type": "text"}
     return Response(
-        id=new_id("resp"),
+        id=rid,
         created_at=int(time.time()),
         model=model,
         status="in_progress",
@@ -62,7 +62,7 @@ def draft_response(req: ResponsesRequest, model: str) -> Response:
 
 
 def function_call_item(name: str, arguments: str, status: str = "completed") -> FunctionCallItem:
-    return FunctionCallItem(new_id("fc"), new_call_id(), name, arguments, status)
+    return FunctionCallItem(item_id("fc"), new_call_id(), name, arguments, status)
 
 
 def parsed_call_item(call: ToolCall) -> FunctionCallItem:
@@ -83,7 +83,7 @@ def output_items(text: str, tools: ToolPlan, status: str) -> list[OutputItem]:
             content, calls = parsed.content, [parsed_call_item(call) for call in parsed.calls]
     items: list[OutputItem] = []
     if content or not calls:
-        items.append(OutputMessage(new_id("msg"), [OutputText(content or "")], status))
+        items.append(OutputMessage(item_id("msg"), [OutputText(content or "")], status))
     return items + calls
 
 

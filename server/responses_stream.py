@@ -24,7 +24,7 @@ from pyllama4.server.forced_calls import CallPiece, ForcedCallStream
 from pyllama4.server.responses_output import (
     finished,
     function_call_item,
-    new_id,
+    item_id,
     parsed_call_item,
 )
 from pyllama4.server.responses_protocol import (
@@ -104,7 +104,7 @@ class ResponseEvents:
 
     def open_message(self) -> list[Event]:
         events = self.close("completed")
-        self.message, self.pieces = OutputMessage(new_id("msg"), [], "in_progress"), []
+        self.message, self.pieces = OutputMessage(item_id("msg"), [], "in_progress"), []
         at = self.at(self.message.id)
         index = at["output_index"]
         added = self.event("response.output_item.added", item=self.message, output_index=index)
@@ -124,9 +124,9 @@ class ResponseEvents:
         at = {"output_index": len(self.output), "item_id": self.call.id}
         return [self.event("response.function_call_arguments.delta", delta=delta, **at)]
 
-    def at(self, item_id: str) -> dict[str, Any]:
+    def at(self, message_id: str) -> dict[str, Any]:
         """Where the message being streamed is: its output index, id and content index."""
-        return {"output_index": len(self.output), "item_id": item_id, "content_index": 0}
+        return {"output_index": len(self.output), "item_id": message_id, "content_index": 0}
 
     def close(self, status: str) -> list[Event]:
         """The events that end the open item (none if none is open)."""

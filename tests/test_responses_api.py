@@ -199,6 +199,13 @@ def test_the_wire_has_event_names_and_no_done_line(server):
     assert payload["type"] == "response.incomplete"
 
 
+def test_the_response_id_carries_x_request_id(server):
+    headers = AUTH | {"X-Request-Id": "trace-42"}
+    body = {"model": MODEL, "input": "Hi", "max_output_tokens": 2, "store": False}
+    r = httpx.post(server + "/v1/responses", json=body, headers=headers, timeout=60)
+    assert r.json()["id"] == "resp_trace-42" and r.headers["x-request-id"] == "trace-42"
+
+
 def test_max_output_tokens_makes_it_incomplete(client):
     r = client.responses.create(
         model=MODEL, input="Tell me a long story.", max_output_tokens=3, temperature=0
@@ -454,7 +461,7 @@ def test_an_input_image_is_chat_image_url_on_a_multimodal_server(mm_client):
 
 
 def test_a_response_cut_short_ends_with_response_failed():
-    draft = draft_response(ResponsesRequest(input="hi"), MODEL)
+    draft = draft_response(ResponsesRequest(input="hi"), "resp_1", MODEL)
     events = ResponseEvents(draft, ToolPlan(frozenset(), None, None))
     out = events.start() + events.push("Hel", finished=False) + events.push("lo", finished=False)
     out += events.fail(HTTPError(503, "the server is shutting down", kind="service_unavailable"))
@@ -472,7 +479,7 @@ def test_a_response_cut_short_ends_with_response_failed():
 
 def test_the_store_keeps_the_newest_within_its_bounds():
     def response(i: int) -> Response:
-        return draft_response(ResponsesRequest(input=str(i)), MODEL)
+        return draft_response(ResponsesRequest(input=str(i)), f"resp_{i}", MODEL)
 
     store = ResponseStore(max_responses=3, max_bytes=1000)
     kept = [response(i) for i in range(5)]
