@@ -170,3 +170,28 @@ def test_bad_prompt_logprobs_are_refused(hf_model, tokenizer):
         SamplingParams(prompt_logprobs=21)
     with pytest.raises(ValueError, match="prompt_logprobs_start"):
         SamplingParams(prompt_logprobs=0, prompt_logprobs_start=-1)
+
+
+def test_logits_in_blocks(hf_model, tokenizer, monkeypatch):
+    """Scored rows beyond a block of logits go to the reduction block by block."""
+    monkeypatch.setattr("pyllama4.runner.LOGIT_BLOCK_ROWS", 7)
+    engine = make_engine(hf_model, tokenizer, max_step_tokens=24)
+    prompts = [prompt(n, seed=20 + n) for n in (40, 9)]
+    params = SamplingParams(temperature=0.0, max_tokens=2, prompt_logprobs=2)
+    for ids, out in zip(prompts, engine.generate(prompts, params), strict=True):
+        check(out.prompt_logprobs, ids, reference(hf_model, ids), start=0, k=2)
+
+
+def test_tensor_parallel_ranks_score_the_same(tmp_path, demo_dir, hf_model):
+    """tp 2 (rank 1 a worker process): the worker computes the same logit rows as rank 0."""
+    hf_model.save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(demo_dir).save_pretrained(tmp_path)
+    ids = prompt(30, seed=4)
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True, prompt_logprobs=3)
+    options = dict(dtype=torch.float32, kv_tokens=1024, page_size=4, max_step_tokens=8)
+    two = Engine.from_checkpoint(tmp_path, progress=False, tp=2, **options)
+    try:
+        [out] = two.generate([ids], params)
+    finally:
+        two.close()
+    check(out.prompt_logprobs, ids, reference(hf_model, ids), start=0, k=3)
