@@ -143,7 +143,7 @@ class Serving:
             await anyio.to_thread.run_sync(compile_stops, tuple(stops))
 
     def submit(
-        self, prompt: list[int] | ImagePrompt, params: SamplingParams
+        self, prompt: list[int] | ImagePrompt, params: SamplingParams, request_id: str | None = None
     ) -> AsyncIterator[RequestOutput]:
         """Queues the request (a 503 at the queue limit or once the server is shutting down, a
         400 if the engine refuses it)."""
@@ -157,7 +157,7 @@ class Serving:
                 headers=[(b"retry-after", b"1")],
             )
         try:
-            return self.engine.submit(prompt, params)
+            return self.engine.submit(prompt, params, request_id)
         except ValueError as e:
             raise HTTPError(400, str(e)) from None
 

@@ -110,7 +110,9 @@ def test_prefix_cache_hit_still_scores_every_position(hf_model, tokenizer):
     [again] = engine.generate([ids], scored)
     assert again.cached_tokens == 0
     check(again.prompt_logprobs, ids, ref, start=0, k=1)
-    late = SamplingParams(temperature=0.0, max_tokens=2, prompt_logprobs=0, prompt_logprobs_start=21)
+    late = SamplingParams(
+        temperature=0.0, max_tokens=2, prompt_logprobs=0, prompt_logprobs_start=21
+    )
     [tail] = engine.generate([ids], late)
     assert 0 < tail.cached_tokens <= 20  # matched up to the position that scores token 21
     check(tail.prompt_logprobs, ids, ref, start=21, k=0)

@@ -102,4 +102,3 @@ def plan_scores(plan: Any, completion_of: Callable[[int], Completion | None]) ->
             step.add(scores, int(starts[r]) + first - computed, first, end)
             scores.next = end + 1
     return step or None
-
