@@ -197,3 +197,23 @@ def test_tensor_parallel_ranks_score_the_same(tmp_path, demo_dir, hf_model):
     finally:
         two.close()
     check(out.prompt_logprobs, ids, reference(hf_model, ids), start=0, k=3)
+
+
+def test_retraction_does_not_score_twice(hf_model, tokenizer):
+    """A KV pool too small for the batch retracts requests mid-way: their prompts are computed
+    again, their prompt logprobs stay those of the first computation, one per position."""
+    engine = make_engine(hf_model, tokenizer, kv_tokens=CONTEXT, max_step_tokens=32)
+    prompts = [prompt(20 + 3 * i, seed=30 + i) for i in range(12)]
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, prompt_logprobs=1)
+    outs = engine.generate(prompts, params)
+    assert engine.stats().num_retractions > 0
+    for ids, out in zip(prompts, outs, strict=True):
+        check(out.prompt_logprobs, ids, reference(hf_model, ids), start=0, k=1)
+
+
+def test_speculative_decoding_refuses_prompt_logprobs():
+    from pyllama4.engine.intake import check_prompt_logprobs
+
+    with pytest.raises(ValueError, match="^prompt_logprobs: not supported with speculative"):
+        check_prompt_logprobs(SamplingParams(prompt_logprobs=0), 5, speculative=True)
+    check_prompt_logprobs(SamplingParams(), 5, speculative=True)
