@@ -71,14 +71,14 @@ async def read_prompts(serving: Serving, req: p.CompletionRequest) -> list[Promp
 
 
 def submit_all(
-    serving: Serving, prompts: Sequence[Prompt], params: Sequence[SamplingParams]
+    serving: Serving, prompts: Sequence[Prompt], params: Sequence[SamplingParams], stream: bool
 ) -> list[AsyncIterator[RequestOutput]]:
     """Queues every prompt; if one is refused, the ones queued before it are aborted."""
     tag = uuid.uuid4().hex
     streams = []
     for i, (prompt, sp) in enumerate(zip(prompts, params, strict=True)):
         try:
-            streams.append(serving.submit(prompt.ids, sp, request_id=f"cmpl-{tag}-{i}"))
+            streams.append(serving.submit(prompt.ids, sp, stream, f"cmpl-{tag}-{i}"))
         except HTTPError as e:
             for k in range(i):
                 serving.engine.abort(f"cmpl-{tag}-{k}")

@@ -8,7 +8,6 @@ chunk when stream_options.include_usage asks for it, then `data: [DONE]`.
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -28,6 +27,7 @@ from pyllama4.server.completions import (
     submit_all,
 )
 from pyllama4.server.completions import chunk_events as completion_events
+from pyllama4.server.request_ids import new_id
 from pyllama4.server.responses import (
     ChatChunks,
     CompletionChunks,
@@ -51,6 +51,7 @@ class OpenAIRoutes:
 
     async def chat_completions(self, body: bytes, send: Send, receive: Receive) -> None:
         s = self.serving
+        rid = new_id("chatcmpl-")
         req = await decode(body, p.ChatCompletionRequest)
         s.check_model(req.model)
         tools = plan_tools(req, s.tool_call_parser)
@@ -77,11 +78,10 @@ class OpenAIRoutes:
             logprobs=(req.top_logprobs or 0) if req.logprobs else None,
             grammar=grammar,
         )
-        outputs = s.submit(prompt, params)
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        outputs = s.submit(prompt, params, stream=req.stream)
         tokenizer = s.engine.tokenizer if req.logprobs else None
         if req.stream:
-            chunks = ChatChunks(rid, int(time.time()), s.model, tools.names, tokenizer)
+            chunks = ChatChunks(rid, int(time.time()), s.model, tools, tokenizer)
             await stream_sse(send, receive, chunk_events(s, outputs, chunks, req))
             return
         final = await collect(s, outputs, receive)
@@ -95,6 +95,7 @@ class OpenAIRoutes:
 
     async def completions(self, body: bytes, send: Send, receive: Receive) -> None:
         s = self.serving
+        rid = new_id("cmpl-")
         req = await decode(body, p.CompletionRequest)
         s.check_model(req.model)
         grammar = grammar_of(req)
@@ -111,8 +112,8 @@ class OpenAIRoutes:
             )
             for prompt in prompts
         ]
-        streams = submit_all(s, prompts, params)
-        rid = f"cmpl-{uuid.uuid4().hex}"
+        rid = new_id("cmpl-")
+        streams = submit_all(s, prompts, params, stream=req.stream)
         tokenizer = s.engine.tokenizer if req.logprobs is not None else None
         if req.stream:
             echo = [prompt.text or "" for prompt in prompts] if req.echo else None

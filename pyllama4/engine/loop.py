@@ -41,6 +41,7 @@ from pyllama4._core import Scheduler
 from pyllama4.detokenizer import IncrementalDetokenizer, StopStrings, compile_stops
 from pyllama4.distributed.runtime import Workers
 from pyllama4.engine import intake, offline, output
+from pyllama4.engine.batch_log import BatchLog
 from pyllama4.engine.build import build
 from pyllama4.engine.config import EngineConfig
 from pyllama4.engine.executor import EagleExecutor, StepExecutor
@@ -122,6 +123,15 @@ class Engine:
             deliver=self._deliver,
             fail=self._fail_step,
         )
+        drafts = None if speculative is None else speculative.config.num_draft_tokens
+        self.batch_log = BatchLog(
+            self.scheduler,
+            lambda: self._generation_tokens,
+            self._graph_ran,
+            "cuda graph" if runner.device.type == "cuda" else "cpu graph",
+            spec=None if speculative is None else (speculative.stats, drafts),
+        )  # its interval: the server's --decode-log-interval
+        self.steps.batch_log = self.batch_log
         self._generation_tokens = 0
         self._grammars: GrammarCompiler | None = None
         self._running = False
@@ -175,6 +185,10 @@ class Engine:
         """The bytes of the weights this rank holds (the vision tower's included)."""
         modules = [self.runner.model] + ([self.images.tower] if self.images else [])
         return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+
+    def _graph_ran(self, plan: Any) -> bool:
+        graphs = self.runner.graphs
+        return graphs is not None and graphs.size_for(plan) is not None
 
     @property
     def graph_sizes(self) -> list[int]:
