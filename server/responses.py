@@ -54,13 +54,17 @@ def chat_logprobs(tokenizer: Any, entries: Any) -> p.ChoiceLogprobs:
     return p.ChoiceLogprobs(content)
 
 
-def completion_logprobs(tokenizer: Any, entries: Any) -> p.CompletionLogprobs:
-    tokens, lps, tops, offsets, at = [], [], [], [], 0
-    for e in entries or []:
-        text = token_text(tokenizer, e.token_id)
+def completion_logprobs(
+    tokenizer: Any, entries: Any, prompt_ids: Any = (), offset: int = 0
+) -> p.CompletionLogprobs:
+    """Legacy completions logprobs of the entries, their text offsets counted from `offset`; an
+    entry None is a token without a logprob (an echoed prompt's first: prompt_ids[i])."""
+    tokens, lps, tops, offsets, at = [], [], [], [], offset
+    for i, e in enumerate(entries or []):
+        text = token_text(tokenizer, prompt_ids[i] if e is None else e.token_id)
         tokens.append(text)
-        lps.append(e.logprob)
-        tops.append({token_text(tokenizer, t): lp for t, lp in e.top})
+        lps.append(None if e is None else e.logprob)
+        tops.append(None if e is None else {token_text(tokenizer, t): lp for t, lp in e.top})
         offsets.append(at)
         at += len(text)
     return p.CompletionLogprobs(tokens, lps, tops, offsets)
@@ -174,27 +178,57 @@ class ChatChunks:
 
 
 class CompletionChunks:
-    """The chunks of one streamed (text) completion."""
+    """The chunks of one streamed (text) completions request, over a batch of prompts: choice
+    j of prompt i is index i * n + j; with echo, a choice's first chunk starts with its prompt's
+    text (and logprobs); text offsets run on over the choice's chunks."""
 
-    def __init__(self, rid: str, created: int, model: str, tokenizer: Any | None):
-        """tokenizer: for logprobs (None: the request asked for none)."""
+    def __init__(
+        self,
+        rid: str,
+        created: int,
+        model: str,
+        tokenizer: Any | None,
+        *,
+        n: int = 1,
+        echo: list[str] | None = None,
+        score_only: bool = False,
+    ):
+        """tokenizer: for logprobs (None: the request asked for none). echo: each prompt's
+        text (None: no echo). score_only: max_tokens 0, the generated token is not shown."""
         self.rid, self.created, self.model, self.tokenizer = rid, created, model, tokenizer
-        self.ended: set[int] = set()  # completions whose finish_reason has been sent
+        self.n, self.echo, self.score_only = n, echo, score_only
+        self.ended: set[int] = set()  # choices whose finish_reason has been sent
+        self.started: set[int] = set()  # choices whose echo has been sent
+        self.offsets: dict[int, int] = {}  # text offset of each choice's next logprob token
 
-    def chunk(self, c: Any) -> p.Completion | None:
+    def needs_echo(self, prompt: int, c: Any) -> bool:
+        return self.echo is not None and prompt * self.n + c.index not in self.started
+
+    def chunk(self, prompt: int, out: RequestOutput, c: Any) -> p.Completion | None:
         """The chunk for one completion's latest output (None: nothing to send yet, or it
         ended in an earlier chunk)."""
-        if c.index in self.ended or not (c.delta_text or c.finished):
+        index = prompt * self.n + c.index
+        echo = self.needs_echo(prompt, c)
+        text, entries = ("", []) if self.score_only else (c.delta_text, c.delta_logprobs)
+        if index in self.ended or not (text or c.finished or echo):
             return None
         if c.finished:
-            self.ended.add(c.index)
-        lp = (
-            completion_logprobs(self.tokenizer, c.delta_logprobs)
-            if self.tokenizer is not None
-            else None
-        )
-        choice = p.CompletionChoice(c.index, c.delta_text, finish_reason(c), lp)
+            self.ended.add(index)
+        if echo:
+            assert self.echo is not None
+            self.started.add(index)
+            text = self.echo[prompt] + text
+            entries = list(out.prompt_logprobs or []) + list(entries)
+        lp = None
+        if self.tokenizer is not None:
+            lp = completion_logprobs(
+                self.tokenizer, entries, out.prompt_token_ids, self.offsets.get(index, 0)
+            )
+            if lp.tokens:
+                self.offsets[index] = lp.text_offset[-1] + len(lp.tokens[-1])
+        reason = ("length" if self.score_only else finish_reason(c)) if c.finished else None
+        choice = p.CompletionChoice(index, text, reason, lp)
         return p.Completion(self.rid, self.created, self.model, [choice], None)
 
-    def usage_chunk(self, final: RequestOutput) -> p.Completion:
-        return p.Completion(self.rid, self.created, self.model, [], usage(final))
+    def usage_chunk(self, usage: p.Usage) -> p.Completion:
+        return p.Completion(self.rid, self.created, self.model, [], usage)

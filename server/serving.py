@@ -144,11 +144,16 @@ class Serving:
             await anyio.to_thread.run_sync(compile_stops, tuple(stops))
 
     def submit(
-        self, prompt: list[int] | ImagePrompt, params: SamplingParams, stream: bool = False
+        self,
+        prompt: list[int] | ImagePrompt,
+        params: SamplingParams,
+        stream: bool = False,
+        request_id: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Queues the request (a 503 at the queue limit or once the server is shutting down, a
         400 if the engine refuses it); with --log-requests its outputs come through the request
-        log (stream: whether the client asked for a stream, for that log)."""
+        log (stream: whether the client asked for a stream, for that log). request_id: the engine's
+        id for it (None: the engine makes one)."""
         if self.stopping:
             raise HTTPError(503, "the server is shutting down", kind="service_unavailable")
         if self.max_queued is not None and self.engine.stats().num_waiting >= self.max_queued:
@@ -163,7 +168,7 @@ class Serving:
         if logged:
             request_log.received(ids, params, stream)
         try:
-            outputs = self.engine.submit(prompt, params)
+            outputs = self.engine.submit(prompt, params, request_id)
         except ValueError as e:
             raise HTTPError(400, str(e)) from None
         if not logged:
