@@ -25,6 +25,7 @@ from pyllama4 import Engine
 from pyllama4.multimodal.media import MediaPolicy
 from pyllama4.server import protocol as p
 from pyllama4.server.asgi import Handler, Receive, Scope, Send, respond, serve_lifespan
+from pyllama4.server.generate_route import GenerateRoute
 from pyllama4.server.http_limits import HTTPLimits
 from pyllama4.server.metrics import MetricsRoute
 from pyllama4.server.native_routes import NativeRoutes
@@ -100,7 +101,7 @@ class App:
 
 def routes(serving: Serving, responses: ResponsesRoutes) -> dict[tuple[str, str], Handler]:
     """Every endpoint, by (method, path)."""
-    openai, native = OpenAIRoutes(serving), NativeRoutes(serving)
+    openai, native, generate = OpenAIRoutes(serving), NativeRoutes(serving), GenerateRoute(serving)
     return {
         ("POST", "/v1/chat/completions"): openai.chat_completions,
         ("POST", "/v1/completions"): openai.completions,
@@ -109,11 +110,16 @@ def routes(serving: Serving, responses: ResponsesRoutes) -> dict[tuple[str, str]
         ("GET", "/health"): native.health,
         ("GET", "/health_generate"): native.health_generate,
         ("GET", "/metrics"): MetricsRoute(serving.engine),
-        ("POST", "/generate"): native.generate,
+        ("POST", "/generate"): generate,
         ("POST", "/tokenize"): native.tokenize,
         ("POST", "/detokenize"): native.detokenize,
+        ("GET", "/model_info"): native.model_info,
         ("GET", "/get_model_info"): native.model_info,
+        ("GET", "/server_info"): native.server_info,
         ("GET", "/get_server_info"): native.server_info,
+        ("GET", "/get_load"): native.get_load,
+        ("GET", "/flush_cache"): native.flush_cache,
+        ("POST", "/flush_cache"): native.flush_cache,
         ("GET", "/openapi.json"): native.openapi,
     }
 

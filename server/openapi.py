@@ -29,8 +29,11 @@ _GETS = {
     "/health": "application/json",
     "/health_generate": "application/json",
     "/metrics": "text/plain",
+    "/model_info": "application/json",
     "/get_model_info": "application/json",
+    "/server_info": "application/json",
     "/get_server_info": "application/json",
+    "/get_load": "application/json",
 }
 # One server-sent event (OpenAPI 3.1: a stream's `schema` describes each of its events).
 _SSE_EVENT = {
@@ -84,6 +87,7 @@ def openapi_document() -> dict[str, Any]:
     paths["/v1/responses/{response_id}"] = _stored_response(
         by_kind[Response], by_kind[DeletedResponse], error
     )
+    paths["/flush_cache"] = _flush_cache(error)
     return {
         "openapi": "3.1.0",
         "info": {"title": "pyllama4", "version": "0.1.0"},
@@ -117,6 +121,14 @@ def _stored_response(
         return {"parameters": [parameter], "responses": {"200": ok} | _errors(statuses, error)}
 
     return {"get": operation(response), "delete": operation(deleted)}
+
+
+def _flush_cache(error: dict[str, Any]) -> dict[str, Any]:
+    """GET or POST /flush_cache: empties the prefix cache; a 400 while requests run."""
+    ok = {"description": "flushed", "content": {"text/plain": {"schema": {"type": "string"}}}}
+    statuses = {"400": "requests are queued or running"} | _GET_ERRORS
+    operation = {"responses": {"200": ok} | _errors(statuses, error)}
+    return {"get": operation, "post": operation}
 
 
 def _errors(statuses: dict[str, str], schema: dict[str, Any]) -> dict[str, Any]:

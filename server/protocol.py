@@ -318,12 +318,27 @@ class NativeSamplingParams(msgspec.Struct, forbid_unknown_fields=False, kw_only=
     ebnf: str | None = None
 
 
+MAX_GENERATE_BATCH = 256  # prompts x n in one /generate request
+PromptIds = Annotated[list[TokenId | TokenIds], msgspec.Meta(min_length=1)]
+Texts = Annotated[list[str], msgspec.Meta(min_length=1)]
+Images = str | list[str | list[str]]  # per prompt in a batch: one image or a list
+LogprobStart = Annotated[int, msgspec.Meta(ge=-1, le=INT32_MAX)]
+
+
 class GenerateRequest(msgspec.Struct, forbid_unknown_fields=False, kw_only=True):
-    text: str | None = None
-    input_ids: TokenIds | None = None
-    image_data: str | list[str] | None = None  # URLs, paths or base64, one per <|image|>
-    sampling_params: NativeSamplingParams | None = None
+    """SGLang's /generate body: one prompt, or a batch (text: list, input_ids: list of lists)
+    whose per-prompt fields are a value for all prompts or a list with one per prompt."""
+
+    text: str | Texts | None = None
+    input_ids: PromptIds | None = None  # token ids, or a list of them (a batch)
+    image_data: Images | None = None  # URLs, paths or base64, one per <|image|>
+    sampling_params: NativeSamplingParams | list[NativeSamplingParams] | None = None
     stream: bool = False
+    rid: str | list[str] | None = None  # meta_info.id of the output(s)
+    return_logprob: bool | list[bool] = False
+    logprob_start_len: LogprobStart | list[LogprobStart] = -1  # -1: the last prompt token
+    top_logprobs_num: TopLogprobs | list[TopLogprobs] = 0
+    return_text_in_logprobs: bool = False
 
 
 class TokenizeRequest(msgspec.Struct, forbid_unknown_fields=False, kw_only=True):

@@ -172,13 +172,20 @@ def native_params(
     prompt_field: str,
     context_length: int,
     grammar: GrammarSpec | None,
+    logprobs: int | None = None,
 ) -> SamplingParams:
-    """A /generate request's SamplingParams; prompt_field: "text" or "input_ids"."""
+    """A /generate request's SamplingParams; prompt_field: "text" or "input_ids"; logprobs: the
+    top logprobs per output token (None: no logprobs)."""
     limit = TokenLimit(prompt_field, "max_new_tokens", shows_total=False)
     return to_sampling_params(
         sp,
         max_tokens=fit_context(prompt_len, sp.max_new_tokens, context_length, limit),
         min_tokens=sp.min_new_tokens,
+        logprobs=logprobs,
         grammar=grammar,
-        names={"max_tokens": "max_new_tokens", "min_tokens": "min_new_tokens"},
+        names={
+            "max_tokens": "max_new_tokens",
+            "min_tokens": "min_new_tokens",
+            "logprobs": "top_logprobs_num",
+        },
     )

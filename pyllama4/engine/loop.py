@@ -429,6 +429,16 @@ class Engine:
             self.abort(request_id)
         return len(request_ids)
 
+    def flush_cache(self) -> bool:
+        """Evicts every cached prefix if no request is queued or running (under the core lock,
+        so never inside a step's planning or commit); False, and nothing done, otherwise."""
+        with self._lock:
+            s = self.scheduler.stats()
+            if self._requests or s.num_running or s.num_waiting:
+                return False
+            self.scheduler.flush_cache()
+            return True
+
     def stats(self) -> EngineStats:
         with self._lock:
             s = self.scheduler.stats()
