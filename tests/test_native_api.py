@@ -11,9 +11,11 @@ import httpx
 import msgspec
 import pytest
 
+from pyllama4.outputs import CompletionOutput, TokenLogprob
 from pyllama4.server import protocol as p
 from pyllama4.server.asgi import HTTPError
-from pyllama4.server.generate_batch import split
+from pyllama4.server.generate_batch import LogprobOptions, split
+from pyllama4.server.generate_meta import logprob_fields
 
 GREEDY = {"temperature": 0, "max_new_tokens": 4}
 META_KEYS = {"id", "finish_reason", "prompt_tokens", "completion_tokens", "cached_tokens"}
@@ -292,3 +294,21 @@ def test_split_one_prompt_or_a_batch():
     assert n.offsets() == [0, 2]
     with pytest.raises(HTTPError):
         split(decoded(text="hi", input_ids=[1]))
+
+
+def test_input_logprob_triples_from_engine_entries():
+    prompt = [7, 8, 9, 10]
+    scored = [TokenLogprob(9, -1.5, [(9, -1.5), (3, -2.0)]), TokenLogprob(10, -0.5, [])]
+    output = [TokenLogprob(4, -0.25, [(4, -0.25)])]
+    c = CompletionOutput(0, ["x"], [4], output, "length", None, (0, 0))
+    text_of = {7: "a", 8: "b", 9: "c", 10: "d", 3: "e", 4: "f"}.get
+    fields = logprob_fields(c, LogprobOptions(1, 1, True), prompt, scored, text_of)
+    assert fields == {
+        "input_token_logprobs": [[None, 8, "b"], [-1.5, 9, "c"], [-0.5, 10, "d"]],
+        "output_token_logprobs": [[-0.25, 4, "f"]],
+        "input_top_logprobs": [None, [[-1.5, 9, "c"], [-2.0, 3, "e"]], None],
+        "output_top_logprobs": [[[-0.25, 4, "f"]]],
+    }
+    last = logprob_fields(c, LogprobOptions(0, -1, False), prompt, [], lambda t: None)
+    assert last["input_token_logprobs"] == [[None, 10, None]]
+    assert "input_top_logprobs" not in last

@@ -39,6 +39,11 @@ ROUTES = [
     ("POST", "/detokenize"),
     ("GET", "/get_model_info"),
     ("GET", "/get_server_info"),
+    ("GET", "/model_info"),
+    ("GET", "/server_info"),
+    ("GET", "/get_load"),
+    ("GET", "/flush_cache"),
+    ("POST", "/flush_cache"),
     ("GET", "/openapi.json"),
     ("GET", "/no/such/path"),  # unknown paths too: 401 before 404
     ("DELETE", "/v1/models"),  # and methods: 401 before 405
