@@ -42,13 +42,13 @@ class NativeRoutes:
     async def health_generate(self, body: bytes, send: Send, receive: Receive) -> None:
         engine = self.serving.engine
         params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
-        with anyio.move_on_after(HEALTH_CHECK_TIMEOUT):
+        with anyio.move_on_after(HEALTH_CHECK_TIMEOUT) as waited:
             async for _ in engine.submit([engine.tokenizer.eos_token_id or 0], params):
                 pass
-            await respond(send, 200, b"{}")
-            return
-        message = f"no token generated within {HEALTH_CHECK_TIMEOUT:g} s"
-        raise HTTPError(503, message, kind="service_unavailable")
+        if waited.cancelled_caught:
+            message = f"no token generated within {HEALTH_CHECK_TIMEOUT:g} s"
+            raise HTTPError(503, message, kind="service_unavailable")
+        await respond(send, 200, b"{}")
 
     async def tokenize(self, body: bytes, send: Send, receive: Receive) -> None:
         req = await decode(body, p.TokenizeRequest)

@@ -211,6 +211,21 @@ def test_generate_takes_image_data(server):
         timeout=60,
     )
     assert r.status_code == 200, r.text
+    # A batch: image_data has one entry per prompt (an image, or a list of them).
+    r = httpx.post(
+        server + "/generate",
+        json={
+            "text": ["Look: <|image|> now", "Two: <|image|><|image|>"],
+            "image_data": [bare, [bare, data_url(png(56, 56))]],
+            "sampling_params": {"max_new_tokens": 1},
+        },
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    first, second = r.json()
+    assert first["meta_info"]["prompt_tokens"] == ids["count"] + ONE_TILE_EXTRA - 1
+    two = httpx.post(server + "/tokenize", json={"prompt": "Two: <|image|><|image|>"}).json()
+    assert second["meta_info"]["prompt_tokens"] == two["count"] + 2 * (ONE_TILE_EXTRA - 1)
 
 
 def _huge_png() -> bytes:
