@@ -1,6 +1,7 @@
 """SGLang's native API against a live demo server, shape for shape as SGLang 0.5 answers:
 /generate (logprob triples, finish_reason objects, batches in SGLang's order, streamed events
-with "index"), /server_info, /model_info, /get_load, /flush_cache and the route list."""
+with "index"), /server_info, /model_info, /get_load, /flush_cache and the route list. The prompt
+logprob tests need the engine's SamplingParams.prompt_logprobs."""
 
 from __future__ import annotations
 
@@ -312,3 +313,56 @@ def test_input_logprob_triples_from_engine_entries():
     last = logprob_fields(c, LogprobOptions(0, -1, False), prompt, [], lambda t: None)
     assert last["input_token_logprobs"] == [[None, 10, None]]
     assert "input_top_logprobs" not in last
+
+
+# ---- /generate: prompt logprobs (the engine's SamplingParams.prompt_logprobs) ---------------
+
+
+def test_input_logprobs_from_logprob_start_len(http):
+    text = "The quick brown fox jumps over the lazy dog"
+    ids = http.post("/tokenize", json={"prompt": text}).json()["tokens"]
+    body = {"text": text, "sampling_params": GREEDY, "return_logprob": True}
+    whole = generate(
+        http, **body, logprob_start_len=0, top_logprobs_num=2, return_text_in_logprobs=True
+    )["meta_info"]
+    tokens, tops = whole["input_token_logprobs"], whole["input_top_logprobs"]
+    assert [t[1] for t in tokens] == ids and len(tops) == len(ids)
+    assert tokens[0][0] is None and tops[0] is None  # the first prompt token: never scored
+    assert all(is_triple(t, text=True) and t[0] <= 0 for t in tokens[1:])
+    assert all(len(top) == 2 and all(is_triple(t, text=True) for t in top) for top in tops[1:])
+    # From position 3: SGLang's rule, that position's logprob is null too; the rest agree
+    # with the whole prompt's (fp32 on the CPU: within 1e-4).
+    part = generate(http, **body, logprob_start_len=3)["meta_info"]["input_token_logprobs"]
+    assert [t[1] for t in part] == ids[3:] and part[0][0] is None
+    for mine, ref in zip(part[1:], tokens[4:], strict=True):
+        assert mine[0] == pytest.approx(ref[0], abs=1e-4)
+
+
+def test_input_logprobs_agree_with_output_logprobs(http):
+    """A prompt that continues with a greedy completion scores those tokens as the completion
+    did (fp32 on the CPU: within 1e-3)."""
+    ids = http.post("/tokenize", json={"prompt": "Once upon a time"}).json()["tokens"]
+    out = generate(http, input_ids=ids, sampling_params=GREEDY, return_logprob=True)
+    generated = out["meta_info"]["output_token_logprobs"]
+    again = generate(
+        http,
+        input_ids=ids + out["output_ids"],
+        sampling_params={"max_new_tokens": 1},
+        return_logprob=True,
+        logprob_start_len=len(ids) - 1,
+    )["meta_info"]["input_token_logprobs"]
+    assert [t[1] for t in again[1:]] == out["output_ids"]
+    for mine, ref in zip(again[1:], generated, strict=True):
+        assert mine[0] == pytest.approx(ref[0], abs=1e-3)
+
+
+def test_batch_input_logprobs_per_prompt(http):
+    out = generate(
+        http,
+        input_ids=[[1, 2, 3, 4], [5, 6, 7]],
+        sampling_params=GREEDY,
+        return_logprob=True,
+        logprob_start_len=[0, 1],
+    )
+    assert [t[1] for t in out[0]["meta_info"]["input_token_logprobs"]] == [1, 2, 3, 4]
+    assert [t[1] for t in out[1]["meta_info"]["input_token_logprobs"]] == [6, 7]
