@@ -261,6 +261,20 @@ class ModelRunner:
         self.cache.apply_writes(plan)
         return self.graphs.forward(plan, size)
 
+    def follow(self, plan: Any, embeds: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        """Runs a plan on a worker rank: the collectives of rank 0's forward, in the same order,
+        the logits dropped block by block (rank 0 samples; a scored plan's prompt rows would
+        otherwise be held here all at once)."""
+        size = None if self.graphs is None or embeds is not None else self.graphs.size_for(plan)
+        if size is not None:
+            self.cache.apply_writes(plan)
+            self.graphs.forward(plan, size)
+            return
+        self.cache.apply_writes(plan)
+        batch = StepBatch.from_plan(plan, self.device, embeds)
+        hidden = self.model(batch, self.cache)
+        self.logits(hidden[batch.sample_indices], 0, _drop)
+
     def announce(self, plan: Any, embeds: tuple[torch.Tensor, torch.Tensor] | None) -> None:
         """Called before each step runs (ShardedRunner: sends it to the other ranks)."""
 
@@ -292,3 +306,7 @@ class ModelRunner:
             if reduce is not None and a + block.shape[0] > keep:
                 reduce(max(a, keep) - keep, block[max(keep - a, 0) :])
         return torch.cat(kept) if len(kept) != 1 else kept[0]
+
+
+def _drop(first: int, logits: torch.Tensor) -> None:
+    """A Reduce that keeps nothing."""

@@ -175,7 +175,7 @@ def worker_main(rank: int, spec: WorkerSpec) -> None:
             embeds = None
             if message.embeds is not None:
                 embeds = (message.embeds[0].to(device), message.embeds[1].to(device))
-            runner.forward(message, embeds)
+            runner.follow(message, embeds)
     # Rank 0 may be gone already (on another node, its server stops without waiting for this
     # one): tearing the group down could then abort inside the backend's threads (SIGABRT,
     # "terminate called without an active exception"). All work is done; only logs to flush.
