@@ -92,6 +92,7 @@ class NativeRoutes:
             prompt_field=prompt_field,
             context_length=self.serving.context_length,
             grammar=grammar,
+            defaults=self.serving.sampling_defaults,
         )
 
     async def generate_events(

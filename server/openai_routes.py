@@ -71,6 +71,7 @@ class OpenAIRoutes:
             context_length=s.context_length,
             logprobs=(req.top_logprobs or 0) if req.logprobs else None,
             grammar=grammar,
+            defaults=s.sampling_defaults,
         )
         outputs = s.submit(prompt, params)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
@@ -105,6 +106,7 @@ class OpenAIRoutes:
             context_length=s.context_length,
             logprobs=req.logprobs,
             grammar=grammar,
+            defaults=s.sampling_defaults,
         )
         outputs = s.submit(prompt_ids, params)
         rid = f"cmpl-{uuid.uuid4().hex}"
