@@ -3,7 +3,8 @@
 Invariant: data only. A name here that pyllama4's parser does not know is refused at start with one
 line naming the peer that has it (pyllama4.server.peer_flags); a name in neither list is unknown.
 Taken from SGLang's server_args.py (ServerArgs fields, aliases and extra arguments) and vLLM's
-engine/arg_utils.py and entrypoints/openai/cli_args.py, without their leading dashes.
+engine/arg_utils.py and entrypoints/openai/cli_args.py (with the --no- forms of the switches
+pyllama4 maps, and --disable-log-requests of vLLM 0.10), without their leading dashes.
 """
 
 from __future__ import annotations
@@ -145,6 +146,7 @@ weight-loader-prefetch-checkpoints weight-loader-prefetch-num-threads weight-ver
 """
 
 _VLLM = """
+no-enable-prefix-caching no-enable-chunked-prefill no-enable-log-requests disable-log-requests
 additional-config aggregate-engine-logging all2all-backend
 allow-credentials allow-deprecated-quantization allowed-headers allowed-local-media-path
 allowed-media-domains allowed-methods allowed-origins api-key async-scheduling attention-backend
