@@ -66,6 +66,27 @@ VLLM_SPELLINGS = (
     ("--chat-template, --tool-call-parser llama4_pythonic", "the same flags"),
 )
 
+# The settings whose values decide what pyllama4 does (pyllama4.server.compat_flags.problem).
+VALUES = (
+    (
+        "--kv-cache-dtype",
+        "auto, bf16, bfloat16: the model's dtype; FP8 and FP4 refused (not built)",
+    ),
+    (
+        "--attention-backend",
+        "Llama 4's backends accepted, no effect (pyllama4's own attention); "
+        "MLA / sparse ones refused",
+    ),
+    ("--dp-size / --dp", "1; more refused: run N servers behind sglang-router"),
+    ("--ep-size / --ep", "1 or --tp (the MoE is sharded over the --tp ranks); others refused"),
+    ("--random-seed", "seeds torch at start: unseeded requests repeat after a restart"),
+    ("--max-prefill-tokens", "below --chunked-prefill-size it lowers the step budget"),
+    ("--tokenizer-path", "the tokenizer and its chat template from that directory"),
+    ("--sampling-defaults", "model (default: generation_config.json) or openai"),
+    ("--chat-template llama-4", "the built-in llama4_pythonic (Llama 4's layout; lists tools)"),
+    ("--log-level-http", "hypercorn's log level"),
+)
+
 _NO_COMPILE = "pyllama4 does not use torch.compile; decode steps replay CUDA/HIP graphs"
 _EP = "expert parallelism is not built: the MoE is sharded over the --tp ranks"
 _LORA = "LoRA adapters are not supported"
@@ -218,15 +239,22 @@ def notes(args: argparse.Namespace) -> list[tuple[int, str]]:
 
 
 def supported(parser: argparse.ArgumentParser) -> list[str]:
-    """SGLang's flags the parser takes with SGLang's meaning (aliases and no-effect ones aside)."""
+    """SGLang's flags the parser takes with SGLang's meaning, one entry per setting with all its
+    spellings (the peers' spellings and the flags without effect are in their own tables)."""
     elsewhere = {a.flag for a in ALIASES} | {f.flag for f in IGNORED}
-    return sorted(s for s in parser._option_string_actions if s in SGLANG_FLAGS - elsewhere)
+    out = []
+    for action in parser._actions:
+        names = [s for s in action.option_strings if s not in elsewhere]
+        if any(s in SGLANG_FLAGS for s in names):
+            out.append(" / ".join(f"`{s}`" for s in names))
+    return out
 
 
 def markdown(parser: argparse.ArgumentParser) -> str:
     """README's flag tables: SGLang's flags, then vLLM's spellings."""
-    lines = ["Supported with SGLang's meaning: " + ", ".join(f"`{f}`" for f in supported(parser))]
+    lines = ["Supported with SGLang's meaning: " + ", ".join(supported(parser)) + "."]
     lines += ["", "| SGLang / vLLM flag | pyllama4 |", "| --- | --- |"]
+    lines += [f"| `{flag}` | {what} |" for flag, what in VALUES]
     lines += [f"| `{a.flag}` ({a.peer}) | = `{a.ours}` |" for a in ALIASES]
     lines += [f"| `{f.flag}` | accepted, no effect: {f.why} |" for f in IGNORED]
     lines += [f"| `{flag}` | refused: {why} |" for flag, why in REFUSED.items()]
