@@ -281,7 +281,11 @@ def notes(args: argparse.Namespace) -> list[tuple[int, str]]:
         )
     if args.kv_cache_dtype.lower() != "auto":
         out.append(
-            (logging.INFO, f"--kv-cache-dtype {args.kv_cache_dtype}: the model's dtype, bfloat16")
+            (
+                logging.INFO,
+                f"--kv-cache-dtype {args.kv_cache_dtype}: the KV cache is stored in the model's "
+                "dtype (--dtype)",
+            )
         )
     return out
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ GENERATION_CONFIG = "generation_config.json"
 MODES = ("model", "openai")
 
 
-def _real(low: float, high: float, *, low_open: bool = False) -> Any:
+def _real(low: float, high: float, *, low_open: bool = False) -> Callable[[Any], float | None]:
     def check(value: Any) -> float | None:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return None
@@ -64,7 +65,7 @@ class SamplingDefaults:
 
     def describe(self) -> str:
         if not self.from_file:
-            return f"sampling defaults: OpenAI's (temperature=1 top_p=1) ({self.source})"
+            return f"sampling defaults: OpenAI's (temperature=1 top_p=1); {self.source}"
         values = " ".join(f"{name}={getattr(self, name):g}" for name in self.from_file)
         return f"sampling defaults from {GENERATION_CONFIG}: {values}"
 
@@ -91,7 +92,8 @@ def read_generation_config(directory: Path) -> tuple[SamplingDefaults, list[str]
             warnings.append(f"{path}: {name}={config[name]!r} is out of range; not used")
             continue
         values[name] = value
-    defaults = replace(SamplingDefaults(), **values, source=str(path), from_file=tuple(values))
+    source = str(path) if values else f"{path} sets none of them"
+    defaults = replace(SamplingDefaults(), **values, source=source, from_file=tuple(values))
     return defaults, warnings
 
 
