@@ -174,7 +174,7 @@ REFUSED = {
 PEERS = (("SGLang", SGLANG_FLAGS), ("vLLM", VLLM_FLAGS))
 
 
-def refusal(flag: str) -> str:
+def refusal(flag: str, prog: str = "pyllama4-serve") -> str:
     """The one line for a flag the parser does not know."""
     why = REFUSED.get(flag)
     peers = [peer for peer, names in PEERS if flag in names]
@@ -182,7 +182,7 @@ def refusal(flag: str) -> str:
         return f"{flag}: {why}"
     if peers:
         return f"{flag}: a flag of {' and '.join(peers)} that pyllama4 does not implement"
-    return f"unknown flag {flag}; see pyllama4-serve --help"
+    return f"unknown flag {flag}; see {prog} --help"
 
 
 def add_peer_flags(p: argparse.ArgumentParser) -> None:
@@ -219,7 +219,7 @@ def check_known(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
             name, has_value = token.split("=", 1)[0], "=" in token
             action = actions.get(name)
             if action is None:
-                parser.error(refusal(name))
+                parser.error(refusal(name, parser.prog))
             if not has_value and action.nargs is None:
                 i += 1
             elif not has_value and action.nargs in ("+", "*"):
