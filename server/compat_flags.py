@@ -108,6 +108,11 @@ def add_compat_flags(p: argparse.ArgumentParser) -> None:
             metavar="NAME",
             help="accepted (SGLang's and vLLM's names); pyllama4 runs its own attention",
         )
+    _add_scheduling_flags(g)
+
+
+def _add_scheduling_flags(g: argparse._ArgumentGroup) -> None:
+    """Data and expert parallel sizes, the prefill budget, sampling defaults, HTTP logs."""
     g.add_argument(
         "--dp-size",
         "--dp",
