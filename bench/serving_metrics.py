@@ -1,12 +1,15 @@
 """SGLang's bench_serving metrics, computed from what each request did.
 
-Pure functions of the per-request records (send time, content chunk arrivals, end of stream,
-token counts) and the run's duration; bench/serving.py's docstring states the definitions.
+Pure functions of the per-request records and the run's duration, with SGLang's definitions:
+TTFT = first content - send; ITL = one entry per output token after the first chunk (a chunk that
+carries k tokens gives k entries of gap/k); TPOT per request = (E2E - TTFT) / (output_len - 1) for
+output_len > 1; E2E = send -> last line of the stream; peak output throughput = the most tokens
+whose arrival (send + TTFT + running sum of the ITLs) falls in one 1-second bucket from the first
+send; concurrency = sum of E2E / duration. Percentiles are numpy's (linear interpolation).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
@@ -14,118 +17,123 @@ from typing import Any, NoReturn
 import numpy as np
 from serving_data import part_of_serving
 
+STATS = ("mean", "median", "std", "p90", "p95", "p99")
+
 
 @dataclass
 class RequestRecord:
     """What one request did, in perf_counter seconds; the metrics are computed from these."""
 
-    prompt_len: int
-    send_time: float
-    chunk_times: list[float] = field(default_factory=list)  # arrival of each content chunk
-    end_time: float = 0.0  # the stream ended
+    prompt_len: int  # the server's count when it reports one, else the row's
+    start_time: float
+    ttft: float = 0.0
+    itl: list[float] = field(default_factory=list)  # one gap per output token after the first chunk
+    latency: float = 0.0
     generated_text: str = ""
-    output_tokens: int | None = None  # the server's count (usage / meta_info) when it gives one
+    output_len: int = 0  # the server's count when it reports one, else the tokens asked for
+    text_chunks: list[str] = field(default_factory=list)  # the chunks after the first
     success: bool = False
     error: str = ""
 
     @property
-    def ttft(self) -> float:
-        return self.chunk_times[0] - self.send_time if self.chunk_times else 0.0
-
-    @property
-    def latency(self) -> float:
-        return self.end_time - self.send_time
-
-    @property
-    def itl(self) -> list[float]:
-        t = self.chunk_times
-        return [b - a for a, b in zip(t, t[1:], strict=False)]
+    def end_time(self) -> float:
+        return self.start_time + self.latency
 
 
-def _stats(values: Sequence[float], scale: float = 1000.0) -> dict[str, float]:
-    """mean / median / std / p95 / p99 / max of `values` times `scale` (0 for no values)."""
-    if not values:
-        return dict.fromkeys(("mean", "median", "std", "p95", "p99", "max"), 0.0)
-    a = np.asarray(values, dtype=np.float64) * scale
-    return {
-        "mean": float(np.mean(a)),
-        "median": float(np.median(a)),
-        "std": float(np.std(a)),
-        "p95": float(np.percentile(a, 95)),
-        "p99": float(np.percentile(a, 99)),
-        "max": float(np.max(a)),
-    }
+def _stats(values: Sequence[float]) -> dict[str, float]:
+    """SGLang's statistics of `values` in ms; an empty list counts as [0]."""
+    a = np.asarray(values if values else [0.0], dtype=np.float64) * 1000.0
+    s = {"mean": np.mean(a), "median": np.median(a), "std": np.std(a), "max": np.max(a)}
+    s.update({f"p{q}": np.percentile(a, q) for q in (90, 95, 99)})
+    return {k: float(v) for k, v in s.items()}
+
+
+def token_times(r: RequestRecord) -> list[float]:
+    """When each output token arrived: the first chunk, then one per ITL entry."""
+    times = [r.start_time + r.ttft]
+    for gap in r.itl:
+        times.append(times[-1] + gap)
+    return times
 
 
 def peak_buckets(records: Sequence[RequestRecord]) -> tuple[list[float], list[int]]:
-    """Content chunks and requests in flight per 1-second bucket from the first send (SGLang's
-    max_output_tokens_per_s and max_concurrent_requests come from these)."""
+    """Output tokens and requests in flight per 1-second bucket from the first send."""
     ok = [r for r in records if r.success]
     if not ok:
         return [], []
-    t0 = min(r.send_time for r in ok)
-    t1 = max(r.end_time for r in ok)
-    n = int(math.ceil(t1 - t0)) + 1
-    tokens = [0.0] * n
-    active = [0] * n
+    t0 = min(r.start_time for r in ok)
+    n = int(np.ceil(max(r.end_time for r in ok) - t0)) + 1
+    tokens, active = [0.0] * n, [0] * n
     for r in ok:
-        for t in r.chunk_times:
-            tokens[int(t - t0)] += 1
-        for s in range(int(r.send_time - t0), int(r.end_time - t0) + 1):
+        for t in token_times(r):
+            if 0 <= int(t - t0) < n:
+                tokens[int(t - t0)] += 1
+        for s in range(int(r.start_time - t0), min(int(r.end_time - t0) + 1, n)):
             active[s] += 1
     return tokens, active
 
 
-def compute_metrics(
-    records: Sequence[RequestRecord], duration: float, tokenizer_count: Callable[[str], int]
-) -> dict[str, Any]:
-    """SGLang's BenchmarkMetrics over the records of one run; times in ms, throughputs per s.
+def split_chunk_itls(r: RequestRecord, count: Callable[[str], int]) -> list[float]:
+    """The ITLs of a stream whose chunks carry several tokens without saying how many (OpenAI
+    APIs under speculative decoding): each chunk's gap split over its retokenized length."""
+    itls: list[float] = []
+    for gap, text in zip(r.itl, r.text_chunks, strict=False):
+        n = max(count(text), 1)
+        itls += [gap / n] * n
+    return itls
 
-    `tokenizer_count(text)` is the number of tokens of a generated text (retokenized count).
+
+def compute_metrics(
+    records: Sequence[RequestRecord],
+    duration: float,
+    tokenizer_count: Callable[[str], int],
+    retokenize_itl: bool = False,
+) -> dict[str, Any]:
+    """SGLang's BenchmarkMetrics over the records of one run, under its JSON keys; times in ms.
+
+    `tokenizer_count(text)` is the number of tokens of a generated text (retokenized count);
+    `retokenize_itl` splits each chunk's gap over its retokenized length (SGLang does so on its
+    OpenAI backends when the server reports a speculative accept length).
     """
     output_lens, retok_lens, ttfts, e2es, tpots, itls = [], [], [], [], [], []
     total_input = 0
     for r in records:
         if not r.success:
             continue
-        retok = tokenizer_count(r.generated_text)
-        out = r.output_tokens if r.output_tokens is not None else retok
-        output_lens.append(out)
-        retok_lens.append(retok)
+        output_lens.append(r.output_len)
+        retok_lens.append(tokenizer_count(r.generated_text))
         total_input += r.prompt_len
-        if out > 1:
-            tpots.append((r.latency - r.ttft) / (out - 1))
-        itls += r.itl
+        if r.output_len > 1:
+            tpots.append((r.latency - r.ttft) / (r.output_len - 1))
+        itls += split_chunk_itls(r, tokenizer_count) if retokenize_itl else r.itl
         ttfts.append(r.ttft)
         e2es.append(r.latency)
-    completed = len(output_lens)
-    total_output = sum(output_lens)
+    completed, total_output, total_retok = len(output_lens), sum(output_lens), sum(retok_lens)
     tokens, active = peak_buckets(records)
-    ttft, tpot, itl, e2e = _stats(ttfts), _stats(tpots), _stats(itls), _stats(e2es)
     m: dict[str, Any] = {
         "duration": duration,
         "completed": completed,
-        "failed": sum(1 for r in records if not r.success),
+        "failed": len(records) - completed,
         "total_input_tokens": total_input,
         "total_input_text_tokens": total_input,
         "total_input_vision_tokens": 0,
         "total_output_tokens": total_output,
-        "total_output_tokens_retokenized": sum(retok_lens),
+        "total_output_tokens_retokenized": total_retok,
         "request_throughput": completed / duration,
         "input_throughput": total_input / duration,
         "output_throughput": total_output / duration,
-        "output_throughput_retokenized": sum(retok_lens) / duration,
+        "output_throughput_retokenized": total_retok / duration,
         "total_throughput": (total_input + total_output) / duration,
-        "total_throughput_retokenized": (total_input + sum(retok_lens)) / duration,
-        "max_output_tokens_per_s": float(max(tokens, default=0.0)),
-        "max_concurrent_requests": int(max(active, default=0)),
-        "concurrency": sum(e2es) / duration,
+        "total_throughput_retokenized": (total_input + total_retok) / duration,
     }
-    for name, s in (("e2e_latency", e2e), ("ttft", ttft), ("tpot", tpot)):
-        for k in ("mean", "median", "std", "p99"):
+    for name, values in (("e2e_latency", e2es), ("ttft", ttfts), ("tpot", tpots), ("itl", itls)):
+        s = _stats(values)
+        for k in STATS:
             m[f"{k}_{name}_ms"] = s[k]
-    for k in ("mean", "median", "std", "p95", "p99", "max"):
-        m[f"{k}_itl_ms"] = itl[k]
+    m["max_itl_ms"] = _stats(itls)["max"]
+    m["concurrency"] = sum(e2es) / duration
+    m["max_output_tokens_per_s"] = float(max(tokens, default=0.0))
+    m["max_concurrent_requests"] = int(max(active, default=0))
     return m
 
 

@@ -18,10 +18,17 @@ CPU_LINES = (
     ("Server CPU seconds:", "server_cpu_seconds"),
     ("Server CPU ms per output token:", "server_cpu_ms_per_output_token"),
 )
+SECTIONS = (
+    ("End-to-End Latency", "e2e_latency", "E2E Latency"),
+    ("Time to First Token", "ttft", "TTFT"),
+    ("Time per Output Token (excl. 1st token)", "tpot", "TPOT"),
+    ("Inter-Token Latency", "itl", "ITL"),
+)
+STAT_NAMES = {"mean": "Mean", "median": "Median", "p90": "P90", "p95": "P95", "p99": "P99"}
 
 
 def _fmt(label: str, value: Any, spec: str = "") -> str:
-    return f"{label:<40} {value:<10{spec}}".rstrip()
+    return f"{label:<40} {value:<10{spec}}"
 
 
 def format_result(
@@ -31,8 +38,11 @@ def format_result(
     max_concurrency: int | None,
     accept_length: float | None = None,
 ) -> str:
-    """The "Serving Benchmark Result" block, label for label as SGLang prints it."""
+    """The "Serving Benchmark Result" block, line for line as SGLang prints it (a leading blank
+    line, the value column at 42, padded to 10); pyllama4's server CPU section comes last, before
+    the closing line, and only when measured."""
     lines = [
+        "",
         "{s:{c}^{n}}".format(s=" Serving Benchmark Result ", n=50, c="="),
         _fmt("Backend:", backend),
         _fmt("Traffic request rate:", request_rate),
@@ -41,7 +51,6 @@ def format_result(
         _fmt("Benchmark duration (s):", m["duration"], ".2f"),
         _fmt("Total input tokens:", m["total_input_tokens"]),
         _fmt("Total input text tokens:", m["total_input_text_tokens"]),
-        _fmt("Total input vision tokens:", m["total_input_vision_tokens"]),
         _fmt("Total generated tokens:", m["total_output_tokens"]),
         _fmt("Total generated tokens (retokenized):", m["total_output_tokens_retokenized"]),
         _fmt("Request throughput (req/s):", m["request_throughput"], ".2f"),
@@ -52,22 +61,16 @@ def format_result(
         _fmt("Total token throughput (tok/s):", m["total_throughput"], ".2f"),
         _fmt("Concurrency:", m["concurrency"], ".2f"),
     ]
-    if accept_length is not None:
+    if accept_length:
         lines.append(_fmt("Accept length:", accept_length, ".2f"))
-    for label, key in CPU_LINES:
-        if m.get(key) is not None:
-            lines.append(_fmt(label, m[key], ".2f"))
-    sections = [
-        ("End-to-End Latency", "e2e_latency", "E2E Latency", ("mean", "median")),
-        ("Time to First Token", "ttft", "TTFT", ("mean", "median", "p99")),
-        ("Time per Output Token (excl. 1st token)", "tpot", "TPOT", ("mean", "median", "p99")),
-        ("Inter-Token Latency", "itl", "ITL", ("mean", "median", "p95", "p99", "max")),
-    ]
-    names = {"mean": "Mean", "median": "Median", "p95": "P95", "p99": "P99", "max": "Max"}
-    for title, key, label, stats in sections:
+    for title, key, label in SECTIONS:
         lines.append("{s:{c}^{n}}".format(s=title, n=50, c="-"))
-        for s in stats:
-            lines.append(_fmt(f"{names[s]} {label} (ms):", m[f"{s}_{key}_ms"], ".2f"))
+        for s, name in STAT_NAMES.items():
+            lines.append(_fmt(f"{name} {label} (ms):", m[f"{s}_{key}_ms"], ".2f"))
+    lines.append(_fmt("Max ITL (ms):", m["max_itl_ms"], ".2f"))
+    cpu = [_fmt(label, m[key], ".2f") for label, key in CPU_LINES if m.get(key) is not None]
+    if cpu:
+        lines += ["{s:{c}^{n}}".format(s="Server CPU", n=50, c="-"), *cpu]
     lines.append("=" * 50)
     return "\n".join(lines)
 
@@ -125,11 +128,7 @@ def plot(path: str, records: list[RequestRecord], m: dict[str, Any]) -> None:
         "TTFT": [r.ttft * 1000 for r in ok],
         "E2E": [r.latency * 1000 for r in ok],
         "ITL": [x * 1000 for r in ok for x in r.itl],
-        "TPOT": [
-            (r.latency - r.ttft) * 1000 / (len(r.chunk_times) - 1)
-            for r in ok
-            if len(r.chunk_times) > 1
-        ],
+        "TPOT": [(r.latency - r.ttft) * 1000 / (r.output_len - 1) for r in ok if r.output_len > 1],
     }
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     for name, vals in series.items():
@@ -145,7 +144,7 @@ def plot(path: str, records: list[RequestRecord], m: dict[str, Any]) -> None:
     ax2.plot(range(len(tokens)), tokens, drawstyle="steps-post")
     ax2.axhline(m["output_throughput"], linestyle="--", color="gray", label="mean")
     ax2.set_xlabel("time since first request (s)")
-    ax2.set_ylabel("output chunks per second")
+    ax2.set_ylabel("output tokens per second")
     ax2.set_title("Output throughput over time")
     ax2.legend()
     fig.tight_layout()

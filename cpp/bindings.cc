@@ -271,14 +271,17 @@ owned twice; reference counts equal holders; locked tree pages are never evicted
       .def(
           "add_request",
           [](Scheduler& s, int64_t request_id, IntArray prompt, int32_t max_new_tokens,
-             std::vector<int32_t> stop_token_ids, uint64_t extra_key, int32_t reserve) {
+             std::vector<int32_t> stop_token_ids, uint64_t extra_key, int32_t reserve,
+             int32_t max_cached) {
             std::vector<int32_t> ids(prompt.data(), prompt.data() + prompt.size());
-            s.add_request(request_id, ids, max_new_tokens, stop_token_ids, extra_key, reserve);
+            s.add_request(request_id, ids, max_new_tokens, stop_token_ids, extra_key, reserve,
+                          max_cached);
           },
           py::arg("request_id"), py::arg("prompt"), py::arg("max_new_tokens"),
           py::arg("stop_token_ids") = std::vector<int32_t>{}, py::arg("extra_key") = 0,
-          py::arg("reserve") = 0,
-          "Queues a request; ValueError names the problem when it can never run.")
+          py::arg("reserve") = 0, py::arg("max_cached") = -1,
+          "Queues a request; ValueError names the problem when it can never run. max_cached: "
+          "the most prompt tokens the prefix cache may supply at admission (-1: no limit).")
       .def("abort", &Scheduler::abort, py::arg("request_id"),
            "Ends a request in any state, caching its computed prefix; False if unknown.")
       .def(

@@ -16,6 +16,7 @@ struct Request {
   std::vector<int32_t> stop_ids;
   uint64_t extra_key = 0;
   int32_t reserve = 0;
+  int32_t max_cached = -1;      // most prompt tokens a prefix match may supply (-1: no limit)
   bool running = false;
   bool in_plan = false;
   bool ended = false;           // ended while in the plan in flight; released at commit
@@ -122,7 +123,7 @@ Scheduler::~Scheduler() = default;
 
 void Scheduler::add_request(int64_t request_id, const std::vector<int32_t>& prompt,
                             int32_t max_new_tokens, const std::vector<int32_t>& stop_token_ids,
-                            uint64_t extra_key, int32_t reserve) {
+                            uint64_t extra_key, int32_t reserve, int32_t max_cached) {
   const int32_t P = config_.page_size;
   const int32_t n = static_cast<int32_t>(prompt.size());
   if (requests_.count(request_id))
@@ -135,6 +136,7 @@ void Scheduler::add_request(int64_t request_id, const std::vector<int32_t>& prom
                                 ", which leaves no room to generate");
   if (max_new_tokens < 1) throw std::invalid_argument("max_new_tokens must be >= 1");
   if (reserve < 0) throw std::invalid_argument("reserve must be >= 0");
+  if (max_cached < -1) throw std::invalid_argument("max_cached must be -1 (no limit) or >= 0");
   for (int32_t t : prompt)
     if (t < 0) throw std::invalid_argument("token ids must be >= 0");
   const int32_t max_new = std::min(max_new_tokens, config_.context_len - n);
@@ -161,6 +163,7 @@ void Scheduler::add_request(int64_t request_id, const std::vector<int32_t>& prom
   r->prompt_len = n;
   r->max_new_tokens = max_new;
   r->stop_ids = stop_token_ids;
+  r->max_cached = max_cached;
   r->extra_key = extra_key;
   r->reserve = reserve;
   waiting_.push_back(r.get());
@@ -370,7 +373,7 @@ void Scheduler::retract(Request& r) {
 bool Scheduler::admit(Request& r, int32_t budget, int32_t reserved_global, int32_t reserved_local) {
   MatchResult m;
   if (config_.enable_prefix_cache) {
-    m = cache_->match_prefix(r.extra_key, r.tokens.data(), r.num_tokens() - 1);
+    m = cache_->match_prefix(r.extra_key, r.tokens.data(), match_limit(r));
     cache_->lock(m.node);
   }
   // Judge the request as it would stand with the match applied: this step's chunk must fit what
@@ -409,6 +412,11 @@ bool Scheduler::admit(Request& r, int32_t budget, int32_t reserved_global, int32
   return true;
 }
 
+int32_t Scheduler::match_limit(const Request& r) {
+  const int32_t all = r.num_tokens() - 1;  // the last known token is always computed
+  return r.max_cached < 0 ? all : std::min(all, r.max_cached);
+}
+
 void Scheduler::order_waiting() {
   if (config_.policy != Policy::kLpm || waiting_.size() < 2 || waiting_.size() > 128 ||
       !config_.enable_prefix_cache)
@@ -416,7 +424,7 @@ void Scheduler::order_waiting() {
   std::vector<std::pair<int32_t, Request*>> keyed;
   keyed.reserve(waiting_.size());
   for (Request* r : waiting_)
-    keyed.emplace_back(cache_->peek_prefix(r->extra_key, r->tokens.data(), r->num_tokens() - 1), r);
+    keyed.emplace_back(cache_->peek_prefix(r->extra_key, r->tokens.data(), match_limit(*r)), r);
   std::stable_sort(keyed.begin(), keyed.end(),
                    [](const auto& a, const auto& b) { return a.first > b.first; });
   for (size_t i = 0; i < keyed.size(); ++i) waiting_[i] = keyed[i].second;

@@ -153,9 +153,12 @@ class Scheduler {
   // Queues a request. Throws std::invalid_argument (naming the problem) when the request can never
   // run: duplicate id, empty prompt, prompt not shorter than context_len, max_new_tokens < 1, a
   // sequence that would need more pages than a pool holds, or a reserve that is negative
-  // or leaves 1 + reserve above max_step_tokens.
+  // or leaves 1 + reserve above max_step_tokens, or a negative max_cached other than -1.
+  // max_cached: the most prompt tokens the radix cache may supply at admission (-1: no limit); a
+  // request that must compute positions from p on (prompt logprobs) passes p.
   void add_request(int64_t request_id, const std::vector<int32_t>& prompt, int32_t max_new_tokens,
-                   const std::vector<int32_t>& stop_token_ids, uint64_t extra_key, int32_t reserve);
+                   const std::vector<int32_t>& stop_token_ids, uint64_t extra_key, int32_t reserve,
+                   int32_t max_cached = -1);
   // Ends a request in any state for `reason` and releases its pages (caching its computed prefix).
   // A request in the plan in flight is released at commit(), which skips it (and does not report
   // it as finished). Returns false if unknown or already ended.
@@ -220,6 +223,7 @@ class Scheduler {
   void finish(Request& r, FinishReason reason);  // in commit(): reports r as Finished
   void count(FinishReason reason);
   void order_waiting();
+  static int32_t match_limit(const Request& r);  // tokens a prefix match may cover
 
   SchedulerConfig config_;
   std::unique_ptr<KVPool> global_;

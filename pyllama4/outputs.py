@@ -102,6 +102,9 @@ class RequestOutput:
     cached_tokens: int  # prompt tokens served from the prefix cache (first completion)
     metrics: RequestMetrics
     error: str | None = None  # set when the engine failed the request (finish_reason "error")
+    # With SamplingParams.prompt_logprobs: entry i is about prompt token prompt_logprobs_start + i
+    # (None for position 0, which nothing predicts); complete on every output. None otherwise.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass(frozen=True)

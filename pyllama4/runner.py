@@ -12,9 +12,11 @@ is this rank's KV memory.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from pyllama4._core import Scheduler, StepPlan
@@ -29,6 +31,22 @@ log = logging.getLogger("pyllama4.runner")
 
 MAX_RUNNING = 256  # default: requests decoding together (block-table rows)
 MAX_STEP_TOKENS = 8192  # default: tokens one step computes (the chunked-prefill budget)
+# Logits are computed in blocks of this many rows when a step asks for more (prompt logprobs):
+# a block of [rows, vocab] bounds the memory. The blocks depend on the row count alone, so that
+# every tensor-parallel rank gathers the same ones.
+LOGIT_BLOCK_ROWS = 1024
+Reduce = Callable[[int, torch.Tensor], None]  # (first extra row, logits [B, vocab] of a block)
+
+
+class ScoredPlan:
+    """A plan whose sample indices are followed by extra rows whose logits are wanted too."""
+
+    def __init__(self, plan: Any, extra: np.ndarray):
+        self.plan = plan
+        self.sample_indices = np.concatenate([plan.sample_indices, extra.astype(np.int32)])
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.plan, name)
 
 
 @dataclass(frozen=True)
@@ -219,11 +237,23 @@ class ModelRunner:
         )
 
     def forward(
-        self, plan: StepPlan, embeds: tuple[torch.Tensor, torch.Tensor] | None = None
+        self,
+        plan: StepPlan,
+        embeds: tuple[torch.Tensor, torch.Tensor] | None = None,
+        extra: tuple[np.ndarray, Reduce] | None = None,
     ) -> torch.Tensor:
         """Runs one plan; returns the logits [num_samples, vocab] of its sampling positions.
         embeds: (flat token index [K], features [K, hidden]) of the image positions it computes.
-        Plans of decodes that a captured graph fits replay it."""
+        extra: (flat token indices [E], reduce): the logits of those tokens too, handed to
+        reduce block by block (never all at once), never returned. Plans of decodes that a
+        captured graph fits replay it."""
+        if extra is not None:
+            scored = ScoredPlan(plan, extra[0])
+            self.announce(scored, embeds)
+            self.cache.apply_writes(plan)
+            batch = StepBatch.from_plan(scored, self.device, embeds)
+            hidden = self.model(batch, self.cache)
+            return self.logits(hidden[batch.sample_indices], len(plan.sample_indices), extra[1])
         size = None if self.graphs is None or embeds is not None else self.graphs.size_for(plan)
         if size is None:
             return self.forward_with_hidden(plan, embeds)[0]
@@ -243,4 +273,22 @@ class ModelRunner:
         self.cache.apply_writes(plan)
         batch = StepBatch.from_plan(plan, self.device, embeds)
         hidden = self.model(batch, self.cache)
-        return self.model.logits(hidden[batch.sample_indices]), hidden
+        return self.logits(hidden[batch.sample_indices]), hidden
+
+    def logits(
+        self, rows: torch.Tensor, keep: int | None = None, reduce: Reduce | None = None
+    ) -> torch.Tensor:
+        """The logits of hidden rows [N, hidden], in blocks of LOGIT_BLOCK_ROWS when N is larger:
+        rows [0, keep) are returned, the others go to reduce (keep None: all are returned)."""
+        n = rows.shape[0]
+        keep = n if keep is None else keep
+        if n <= LOGIT_BLOCK_ROWS and reduce is None:
+            return self.model.logits(rows)
+        kept = []
+        for a in range(0, n, LOGIT_BLOCK_ROWS):
+            block = self.model.logits(rows[a : a + LOGIT_BLOCK_ROWS])
+            if a < keep or a == 0:
+                kept.append(block[: max(keep - a, 0)])
+            if reduce is not None and a + block.shape[0] > keep:
+                reduce(max(a, keep) - keep, block[max(keep - a, 0) :])
+        return torch.cat(kept) if len(kept) != 1 else kept[0]

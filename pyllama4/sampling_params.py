@@ -56,6 +56,9 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     logprobs: int | None = None  # None: none; k >= 0: the sampled token's logprob + k top ones
+    # None: none; k >= 0: each prompt token's logprob from prompt_logprobs_start on + k top ones
+    prompt_logprobs: int | None = None
+    prompt_logprobs_start: int = 0  # first prompt position scored (below the prompt length)
     grammar: GrammarSpec | None = None  # structured output: JSON schema, regex or EBNF
 
     def __post_init__(self) -> None:
@@ -95,6 +98,10 @@ class SamplingParams:
             raise bad("min_tokens", "must be in [0, max_tokens]")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
             raise bad("logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}]")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS:
+            raise bad("prompt_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}]")
+        if self.prompt_logprobs_start < 0:
+            raise bad("prompt_logprobs_start", "must be >= 0")
         check_stop(self.stop)
         if any(t < 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", "token ids must be >= 0")

@@ -29,6 +29,8 @@ from pyllama4.server.http_limits import HTTPLimits
 from pyllama4.server.metrics import MetricsRoute
 from pyllama4.server.native_routes import NativeRoutes
 from pyllama4.server.openai_routes import OpenAIRoutes
+from pyllama4.server.response_store import ResponseStore
+from pyllama4.server.responses_api import ResponsesRoutes
 from pyllama4.server.router import PrefixHandler, Router
 from pyllama4.server.sampling_defaults import SamplingDefaults
 from pyllama4.server.serving import Serving
@@ -68,10 +70,11 @@ class App:
             tool_call_parser=config.tool_call_parser,
             sampling_defaults=config.sampling_defaults,
         )
+        responses = ResponsesRoutes(self.serving, ResponseStore())
         self.router = Router(
-            routes(self.serving),
+            routes(self.serving, responses),
             config.api_key,
-            prefix_routes=prefix_routes(self.serving),
+            prefix_routes=prefix_routes(self.serving, responses),
             limits=config.limits,
             public_metrics=config.public_metrics,
         )
@@ -98,12 +101,13 @@ class App:
             )
 
 
-def routes(serving: Serving) -> dict[tuple[str, str], Handler]:
+def routes(serving: Serving, responses: ResponsesRoutes) -> dict[tuple[str, str], Handler]:
     """Every endpoint, by (method, path)."""
     openai, native = OpenAIRoutes(serving), NativeRoutes(serving)
     return {
         ("POST", "/v1/chat/completions"): openai.chat_completions,
         ("POST", "/v1/completions"): openai.completions,
+        ("POST", "/v1/responses"): responses.create,
         ("GET", "/v1/models"): openai.models,
         ("GET", "/health"): native.health,
         ("GET", "/health_generate"): native.health_generate,
@@ -117,9 +121,15 @@ def routes(serving: Serving) -> dict[tuple[str, str], Handler]:
     }
 
 
-def prefix_routes(serving: Serving) -> dict[tuple[str, str], PrefixHandler]:
+def prefix_routes(
+    serving: Serving, responses: ResponsesRoutes
+) -> dict[tuple[str, str], PrefixHandler]:
     """The endpoints with a parameter at the end of their path, by (method, path prefix)."""
-    return {("GET", "/v1/models/"): partial(retrieve_model, serving)}
+    return {
+        ("GET", "/v1/models/"): partial(retrieve_model, serving),
+        ("GET", "/v1/responses/"): responses.retrieve,
+        ("DELETE", "/v1/responses/"): responses.delete,
+    }
 
 
 async def retrieve_model(

@@ -468,6 +468,26 @@ def _add_http_flags(p: argparse.ArgumentParser) -> None:
         f"503 (or an error event when streaming); default {SHUTDOWN_TIMEOUT_S:g}",
     )
     http.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, default="info")
+    http.add_argument(
+        "--log-requests",
+        action="store_true",
+        help="log a line when each request is received and when it ends (and its errors)",
+    )
+    http.add_argument(
+        "--log-requests-level",
+        type=int,
+        choices=(0, 1, 2, 3),
+        default=1,
+        help="0: metadata; 1: and sampling parameters; 2: and prompt/output text cut to 2048 "
+        "characters; 3: and the whole text (default 1)",
+    )
+    http.add_argument(
+        "--decode-log-interval",
+        type=_int_in(1),
+        default=40,
+        metavar="N",
+        help="log a `Decode batch.` line every N decode steps (default 40)",
+    )
 
 
 def parse_args(argv: Sequence[str] | None = None, *, prog: str = PROG) -> argparse.Namespace:

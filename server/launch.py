@@ -39,6 +39,7 @@ from pyllama4.server.http_limits import (
     configure_hypercorn,
     raise_fd_limit,
 )
+from pyllama4.server.request_ids import RequestIdFilter
 
 if TYPE_CHECKING:  # torch and the engine load after the flags are checked
     from pyllama4.engine import Engine, EngineConfig
@@ -70,11 +71,13 @@ def _exit_now(code: int) -> NoReturn:
 def _configure_logging(level: str) -> None:
     logging.basicConfig(
         level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format="%(asctime)s %(levelname)s %(name)s:%(request)s %(message)s",
         datefmt="%Y-%m-%d %H:%M:%S",
         stream=sys.stderr,
         force=True,
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RequestIdFilter())  # " [<request id>]" on a request's lines
 
 
 def _fail(args: argparse.Namespace, message: str) -> NoReturn:
@@ -125,6 +128,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = PROG) -> None:
 def _start_and_serve(args: argparse.Namespace) -> None:
     import anyio
 
+    from pyllama4.server import request_log
     from pyllama4.server.app import AppConfig, create_app  # a broken install fails first
     from pyllama4.server.sampling_defaults import resolve as resolve_defaults
 
@@ -166,6 +170,8 @@ def _start_and_serve(args: argparse.Namespace) -> None:
         sampling_defaults=resolve_defaults(args.sampling_defaults, path, args.generation_config),
     )
     app = create_app(engine, app_config)
+    request_log.configure(args.log_requests, args.log_requests_level)
+    engine.batch_log.interval = args.decode_log_interval
     _log_size_check(app.serving.text.chars_per_token, context)  # read once, before serving
     anyio.run(_serve, app, sock, limits, args.graceful_shutdown_timeout, backend="asyncio")
     engine.close()
@@ -413,7 +419,7 @@ async def _serve(
     from hypercorn.asyncio import serve
     from hypercorn.config import Config
 
-    from pyllama4.server import early_413
+    from pyllama4.server import early_413, request_log
 
     url = _url(sock)
     config = Config()
@@ -469,7 +475,7 @@ async def _serve(
     async with anyio.create_task_group() as tg:
         await tg.start(watch_signals)
         tg.start_soon(drain)
-        await serve(app, config, shutdown_trigger=shutdown_trigger)
+        await serve(request_log.logged(app), config, shutdown_trigger=shutdown_trigger)
         # The task group still waits for drain() when a signal started it.
         if not stop.is_set():
             drain_scope.cancel()

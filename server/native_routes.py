@@ -7,7 +7,6 @@ output (one object for n == 1, a list otherwise); streamed, one event per output
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -27,6 +26,7 @@ from pyllama4.server.asgi import (
     stream_sse,
 )
 from pyllama4.server.openapi import openapi_document
+from pyllama4.server.request_ids import new_id
 from pyllama4.server.responses import finish_reason
 from pyllama4.server.sampling import native_params
 from pyllama4.server.serving import Serving, collect, prompt_length
@@ -54,14 +54,14 @@ class NativeRoutes:
 
     async def generate(self, body: bytes, send: Send, receive: Receive) -> None:
         """SGLang's native endpoint: cumulative text when streaming, meta_info per output."""
+        rid = new_id()
         req = await decode(body, p.GenerateRequest)
         sp = req.sampling_params or p.NativeSamplingParams()
         await self.serving.compile_stops(sp.stop)
         prompt = await self.generate_prompt(req)
         prompt_field = "text" if req.text is not None else "input_ids"
         params = await self.generate_params(sp, prompt_length(prompt), prompt_field)
-        outputs = self.serving.submit(prompt, params)
-        rid = uuid.uuid4().hex
+        outputs = self.serving.submit(prompt, params, stream=req.stream)
         if req.stream:
             events = self.generate_events(rid, outputs)
             await stream_sse(send, receive, events, headers=GENERATE_STREAM_HEADERS)

@@ -8,10 +8,10 @@ chunk when stream_options.include_usage asks for it, then `data: [DONE]`.
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 import msgspec
 
 from pyllama4.outputs import RequestOutput
@@ -19,20 +19,25 @@ from pyllama4.sampling_params import OPENAI_MAX_STOP_STRINGS
 from pyllama4.server import protocol as p
 from pyllama4.server.asgi import HTTPError, Receive, Send, decode, error_body, respond, stream_sse
 from pyllama4.server.chat_prompt import render_chat
+from pyllama4.server.completions import (
+    batch_usage,
+    build_choices,
+    collect_all,
+    read_prompts,
+    submit_all,
+)
+from pyllama4.server.completions import chunk_events as completion_events
+from pyllama4.server.request_ids import new_id
 from pyllama4.server.responses import (
     ChatChunks,
     CompletionChunks,
     chat_logprobs,
     chat_message,
-    completion_logprobs,
-    finish_reason,
     usage,
 )
 from pyllama4.server.sampling import openai_params
 from pyllama4.server.serving import Serving, collect, prompt_length
 from pyllama4.server.tools import grammar_of, grammar_param, plan_tools
-
-Chunks = ChatChunks | CompletionChunks
 
 
 class OpenAIRoutes:
@@ -46,6 +51,7 @@ class OpenAIRoutes:
 
     async def chat_completions(self, body: bytes, send: Send, receive: Receive) -> None:
         s = self.serving
+        rid = new_id("chatcmpl-")
         req = await decode(body, p.ChatCompletionRequest)
         s.check_model(req.model)
         tools = plan_tools(req, s.tool_call_parser)
@@ -73,11 +79,10 @@ class OpenAIRoutes:
             grammar=grammar,
             defaults=s.sampling_defaults,
         )
-        outputs = s.submit(prompt, params)
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        outputs = s.submit(prompt, params, stream=req.stream)
         tokenizer = s.engine.tokenizer if req.logprobs else None
         if req.stream:
-            chunks = ChatChunks(rid, int(time.time()), s.model, tools.names, tokenizer)
+            chunks = ChatChunks(rid, int(time.time()), s.model, tools, tokenizer)
             await stream_sse(send, receive, chunk_events(s, outputs, chunks, req))
             return
         final = await collect(s, outputs, receive)
@@ -91,47 +96,49 @@ class OpenAIRoutes:
 
     async def completions(self, body: bytes, send: Send, receive: Receive) -> None:
         s = self.serving
+        rid = new_id("cmpl-")
         req = await decode(body, p.CompletionRequest)
         s.check_model(req.model)
         grammar = grammar_of(req)
         await s.compile_stops(req.stop, OPENAI_MAX_STOP_STRINGS)
         await s.compile_grammar(grammar, grammar_param(req))
-        if isinstance(req.prompt, str):
-            prompt_ids = await s.text.encode(req.prompt, "prompt")
-        else:
-            prompt_ids = list(req.prompt)
-        params = openai_params(
-            req,
-            prompt_len=len(prompt_ids),
-            context_length=s.context_length,
-            logprobs=req.logprobs,
-            grammar=grammar,
-            defaults=s.sampling_defaults,
-        )
-        outputs = s.submit(prompt_ids, params)
-        rid = f"cmpl-{uuid.uuid4().hex}"
+        prompts = await read_prompts(s, req)
+        params = [
+            openai_params(
+                req,
+                prompt_len=len(prompt.ids),
+                context_length=s.context_length,
+                logprobs=req.logprobs,
+                grammar=grammar,
+                defaults=s.sampling_defaults,
+            )
+            for prompt in prompts
+        ]
+        rid = new_id("cmpl-")
+        streams = submit_all(s, prompts, params, stream=req.stream)
         tokenizer = s.engine.tokenizer if req.logprobs is not None else None
         if req.stream:
-            chunks = CompletionChunks(rid, int(time.time()), s.model, tokenizer)
-            await stream_sse(send, receive, chunk_events(s, outputs, chunks, req))
-            return
-        final = await collect(s, outputs, receive)
-        choices = [
-            p.CompletionChoice(
-                c.index,
-                c.text,
-                finish_reason(c),
-                completion_logprobs(tokenizer, c.logprobs) if tokenizer is not None else None,
-                c.stop_reason,
+            echo = [prompt.text or "" for prompt in prompts] if req.echo else None
+            chunks = CompletionChunks(
+                rid,
+                int(time.time()),
+                s.model,
+                tokenizer,
+                n=req.n,
+                echo=echo,
+                score_only=req.max_tokens == 0,
             )
-            for c in final.outputs
-        ]
-        body = p.Completion(rid, int(time.time()), s.model, choices, usage(final))
+            await stream_sse(send, receive, completion_events(s, streams, chunks, req))
+            return
+        finals = await collect_all(s, streams, receive)
+        choices = await anyio.to_thread.run_sync(build_choices, tokenizer, finals, prompts, req)
+        usage_ = batch_usage(finals, req.max_tokens == 0)
+        body = p.Completion(rid, int(time.time()), s.model, choices, usage_)
         await respond(send, 200, msgspec.json.encode(body))
 
 
 async def chunk_events(
-    serving: Serving, outputs: AsyncIterator[RequestOutput], chunks: Chunks, req: Any
+    serving: Serving, outputs: AsyncIterator[RequestOutput], chunks: ChatChunks, req: Any
 ) -> AsyncIterator[bytes]:
     """A stream's events: each output's chunks, then the usage chunk if asked for; a request
     the server cut short ends with an error event instead of its last chunks."""

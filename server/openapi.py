@@ -12,15 +12,18 @@ from typing import Any
 import msgspec
 
 from pyllama4.server import protocol as p
+from pyllama4.server.responses_protocol import DeletedResponse, Response, ResponsesRequest
 
 _BODIES = {
     "/v1/chat/completions": (p.ChatCompletionRequest, p.ChatCompletion),
     "/v1/completions": (p.CompletionRequest, p.Completion),
+    "/v1/responses": (ResponsesRequest, Response),
     "/generate": (p.GenerateRequest, None),
     "/tokenize": (p.TokenizeRequest, None),
     "/detokenize": (p.DetokenizeRequest, None),
 }
-_STREAMS = ("/v1/chat/completions", "/v1/completions", "/generate")  # "stream": true
+# "stream": true
+_STREAMS = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/generate")
 _GETS = {
     "/v1/models": "application/json",
     "/health": "application/json",
@@ -29,11 +32,17 @@ _GETS = {
     "/get_model_info": "application/json",
     "/get_server_info": "application/json",
 }
+# One server-sent event (OpenAPI 3.1: a stream's `schema` describes each of its events).
+_SSE_EVENT = {
+    "type": "object",
+    "properties": {"event": {"type": "string"}, "data": {"type": "string"}},
+    "required": ["data"],
+}
 # What each status means; every error has the ErrorResponse body.
 _POST_ERRORS = {
     "400": "invalid request",
     "401": "missing or wrong API key",
-    "404": "unknown model",
+    "404": "unknown model (or previous_response_id)",
     "408": "request body not received in time",
     "413": "request body too large",
     "499": "client disconnected",
@@ -46,7 +55,7 @@ _GET_ERRORS = {"401": "missing or wrong API key", "500": "internal error", "503"
 def openapi_document() -> dict[str, Any]:
     """OpenAPI 3.1 for the endpoints, with request and response schemas from the structs."""
     kinds = [k for pair in _BODIES.values() for k in pair if k is not None]
-    kinds += [p.ModelList, p.ModelCard, p.ErrorResponse]
+    kinds += [p.ModelList, p.ModelCard, p.ErrorResponse, DeletedResponse]
     (schemas, components) = msgspec.json.schema_components(
         kinds, ref_template="#/components/schemas/{name}"
     )
@@ -56,7 +65,7 @@ def openapi_document() -> dict[str, Any]:
     for path, (request, response) in _BODIES.items():
         content: dict[str, Any] = {"application/json": {"schema": by_kind.get(response, {})}}
         if path in _STREAMS:
-            content["text/event-stream"] = {"schema": {"type": "string"}}
+            content["text/event-stream"] = {"schema": _SSE_EVENT}
         paths[path] = {
             "post": {
                 "requestBody": {
@@ -72,6 +81,9 @@ def openapi_document() -> dict[str, Any]:
         ok = {"description": "ok", "content": {content_type: {"schema": schema}}}
         paths[path] = {"get": {"responses": {"200": ok} | _errors(_GET_ERRORS, error)}}
     paths["/v1/models/{model}"] = _retrieve_model(by_kind[p.ModelCard], error)
+    paths["/v1/responses/{response_id}"] = _stored_response(
+        by_kind[Response], by_kind[DeletedResponse], error
+    )
     return {
         "openapi": "3.1.0",
         "info": {"title": "pyllama4", "version": "0.1.0"},
@@ -86,6 +98,25 @@ def _retrieve_model(card: dict[str, Any], error: dict[str, Any]) -> dict[str, An
     statuses = {"404": "unknown model"} | _GET_ERRORS
     parameter = {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}
     return {"get": {"parameters": [parameter], "responses": {"200": ok} | _errors(statuses, error)}}
+
+
+def _stored_response(
+    response: dict[str, Any], deleted: dict[str, Any], error: dict[str, Any]
+) -> dict[str, Any]:
+    """GET / DELETE /v1/responses/{response_id}: a stored response; an unknown id is a 404."""
+    statuses = {"404": "unknown response"} | _GET_ERRORS
+    parameter = {
+        "name": "response_id",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string"},
+    }
+
+    def operation(schema: dict[str, Any]) -> dict[str, Any]:
+        ok = {"description": "ok", "content": {"application/json": {"schema": schema}}}
+        return {"parameters": [parameter], "responses": {"200": ok} | _errors(statuses, error)}
+
+    return {"get": operation(response), "delete": operation(deleted)}
 
 
 def _errors(statuses: dict[str, str], schema: dict[str, Any]) -> dict[str, Any]:

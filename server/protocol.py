@@ -24,6 +24,7 @@ TokenIdKey = Annotated[str, msgspec.Meta(pattern="^[0-9]{1,9}$")]
 Bias = Annotated[float, msgspec.Meta(ge=-100.0, le=100.0)]
 TokenBudget = Annotated[int, msgspec.Meta(ge=1, le=INT32_MAX)]
 MinTokens = Annotated[int, msgspec.Meta(ge=0, le=INT32_MAX)]
+ScoreBudget = Annotated[int, msgspec.Meta(ge=0, le=INT32_MAX)]
 Completions = Annotated[int, msgspec.Meta(ge=1, le=MAX_N)]
 Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]
 TopP = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
@@ -158,10 +159,13 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
 
 
 class CompletionRequest(_SamplingFields, kw_only=True):
-    prompt: str | TokenIds
+    # A string, one token-id list, or a batch: a list of strings or of token-id lists (the
+    # server checks that a list is one of these).
+    prompt: str | Annotated[list[str | TokenId | TokenIds], msgspec.Meta(min_length=1)]
+    max_tokens: ScoreBudget | None = None  # 0 only with echo: score the prompt, generate nothing
     logprobs: TopLogprobs | None = None
+    echo: bool = False  # the prompt's text (and logprobs) precede each choice's
     # Not supported, so refused unless they ask for what the server does anyway.
-    echo: bool = False
     suffix: str | None = None
     best_of: Completions | None = None
 
@@ -255,8 +259,8 @@ class ChatCompletionChunk(msgspec.Struct):
 
 class CompletionLogprobs(msgspec.Struct):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]  # None: an echoed prompt's first token
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 

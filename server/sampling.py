@@ -123,8 +123,10 @@ def _or(value: _T | None, default: _T) -> _T:
 
 def check_supported(req: p.CompletionRequest) -> None:
     """A 400 naming the first completions option that asks for what the server does not do."""
-    if req.echo:
-        raise HTTPError(400, "echo: true is not supported", param="echo")
+    if req.max_tokens == 0 and not req.echo:
+        raise HTTPError(
+            400, "max_tokens: must be >= 1 (0 only with echo: true)", param="max_tokens"
+        )
     if req.suffix:
         raise HTTPError(400, "suffix is not supported", param="suffix")
     if req.best_of is not None and req.best_of not in (1, req.n):
@@ -136,8 +138,9 @@ def openai_limit(
 ) -> tuple[int | None, TokenLimit]:
     """The output budget the request asks for (None: the rest of the context) and how its errors
     name it: max_completion_tokens wins over max_tokens when both are set."""
-    if isinstance(req, p.CompletionRequest):
-        return req.max_tokens, TokenLimit("prompt", "max_tokens", shows_total=True)
+    if isinstance(req, p.CompletionRequest):  # max_tokens 0 (echo) still samples one token
+        budget = None if req.max_tokens is None else max(req.max_tokens, 1)
+        return budget, TokenLimit("prompt", "max_tokens", shows_total=True)
     if req.max_completion_tokens is not None:
         field, max_tokens = "max_completion_tokens", req.max_completion_tokens
     else:
@@ -154,11 +157,12 @@ def openai_params(
     grammar: GrammarSpec | None,
     defaults: SamplingDefaults = OPENAI_DEFAULTS,
 ) -> SamplingParams:
-    """A chat or completions request's SamplingParams."""
+    """A chat or completions request's SamplingParams; a completions request with echo and
+    logprobs asks for the prompt's logprobs too."""
     if isinstance(req, p.CompletionRequest):
         check_supported(req)
     max_tokens, limit = openai_limit(req)
-    return to_sampling_params(
+    params = to_sampling_params(
         req,
         max_tokens=fit_context(prompt_len, max_tokens, context_length, limit),
         min_tokens=req.min_tokens,
@@ -168,6 +172,9 @@ def openai_params(
         names={"max_tokens": limit.field, "logprobs": limit.logprobs},
         defaults=defaults,
     )
+    if isinstance(req, p.CompletionRequest) and req.echo and logprobs is not None:
+        params.prompt_logprobs = logprobs
+    return params
 
 
 def native_params(

@@ -23,6 +23,7 @@ from pyllama4.multimodal.inputs import ImageInput, ImagePrompt
 from pyllama4.multimodal.media import MediaError, MediaPolicy, load_image
 from pyllama4.outputs import RequestOutput
 from pyllama4.sampling_params import MAX_STOP_STRINGS, check_stop
+from pyllama4.server import request_log
 from pyllama4.server.asgi import HTTPError, Receive, cancel_on_disconnect
 from pyllama4.server.sampling_defaults import SamplingDefaults
 from pyllama4.server.tokenizing import TextCodec
@@ -145,10 +146,16 @@ class Serving:
             await anyio.to_thread.run_sync(compile_stops, tuple(stops))
 
     def submit(
-        self, prompt: list[int] | ImagePrompt, params: SamplingParams
+        self,
+        prompt: list[int] | ImagePrompt,
+        params: SamplingParams,
+        stream: bool = False,
+        request_id: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Queues the request (a 503 at the queue limit or once the server is shutting down, a
-        400 if the engine refuses it)."""
+        400 if the engine refuses it); with --log-requests its outputs come through the request
+        log (stream: whether the client asked for a stream, for that log). request_id: the engine's
+        id for it (None: the engine makes one)."""
         if self.stopping:
             raise HTTPError(503, "the server is shutting down", kind="service_unavailable")
         if self.max_queued is not None and self.engine.stats().num_waiting >= self.max_queued:
@@ -158,10 +165,17 @@ class Serving:
                 kind="server_overloaded",
                 headers=[(b"retry-after", b"1")],
             )
+        logged = request_log.CONFIG.level is not None
+        ids = prompt.token_ids if isinstance(prompt, ImagePrompt) else prompt
+        if logged:
+            request_log.received(ids, params, stream)
         try:
-            return self.engine.submit(prompt, params)
+            outputs = self.engine.submit(prompt, params, request_id)
         except ValueError as e:
             raise HTTPError(400, str(e)) from None
+        if not logged:
+            return outputs
+        return request_log.watched(outputs, ids, self.engine.tokenizer.decode)
 
 
 def prompt_length(prompt: list[int] | ImagePrompt) -> int:

@@ -4,6 +4,7 @@ model."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import os
@@ -35,6 +36,7 @@ PARTS = (
     "serving_data",
     "serving_metrics",
     "serving_clients",
+    "serving_args",
     "serving_load",
     "serving_report",
 )
@@ -45,11 +47,11 @@ bs = _load("bench_serving", SCRIPT)
 for name in PARTS:
     del sys.modules[name]
 
-# The labels of SGLang's "Serving Benchmark Result" block, copied line for line from the seed
-# document (/work/shared/seed/000_21057d9993ebb82e.txt, §5.1.1 "Test Results", the output of
-# `python3 -m sglang.bench_serving --backend sglang ... --max-concurrency 1`). Header, section
-# separators and footer are whole lines; the other entries are the text before the value column.
-SEED_LABELS = [
+# The lines of SGLang's "Serving Benchmark Result" block, as sglang 0.5.23 prints them
+# (python/sglang/benchmark/serving.py, `benchmark()`, for a text dataset and a generation
+# backend). Header, section separators and footer are whole lines; the other entries are the
+# text before the value column.
+SGLANG_LABELS = [
     "============ Serving Benchmark Result ============",
     "Backend:",
     "Traffic request rate:",
@@ -58,7 +60,6 @@ SEED_LABELS = [
     "Benchmark duration (s):",
     "Total input tokens:",
     "Total input text tokens:",
-    "Total input vision tokens:",
     "Total generated tokens:",
     "Total generated tokens (retokenized):",
     "Request throughput (req/s):",
@@ -71,38 +72,54 @@ SEED_LABELS = [
     "----------------End-to-End Latency----------------",
     "Mean E2E Latency (ms):",
     "Median E2E Latency (ms):",
+    "P90 E2E Latency (ms):",
+    "P95 E2E Latency (ms):",
+    "P99 E2E Latency (ms):",
     "---------------Time to First Token----------------",
     "Mean TTFT (ms):",
     "Median TTFT (ms):",
+    "P90 TTFT (ms):",
+    "P95 TTFT (ms):",
     "P99 TTFT (ms):",
     "-----Time per Output Token (excl. 1st token)------",
     "Mean TPOT (ms):",
     "Median TPOT (ms):",
+    "P90 TPOT (ms):",
+    "P95 TPOT (ms):",
     "P99 TPOT (ms):",
     "---------------Inter-Token Latency----------------",
     "Mean ITL (ms):",
     "Median ITL (ms):",
+    "P90 ITL (ms):",
     "P95 ITL (ms):",
     "P99 ITL (ms):",
     "Max ITL (ms):",
     "==================================================",
 ]
-# Three value lines of the same seed block, verbatim (the value starts in column 42).
-SEED_LINES = [
-    "Backend:                                 sglang",
-    "Benchmark duration (s):                  74.62",
-    "Total input tokens:                      6101",
+CPU_SECTION = ["--------------------Server CPU--------------------"] + [
+    label for label, _ in report.CPU_LINES
+]
+# Three value lines of a block SGLang printed, verbatim (the value starts in column 42, padded).
+SGLANG_LINES = [
+    "Backend:                                 sglang    ",
+    "Benchmark duration (s):                  74.62     ",
+    "Total input tokens:                      6101      ",
 ]
 
 
-def rec(prompt_len, send, chunks, end, text, out=None, success=True):
+def labels_of(lines):
+    return [ln if ln[0] in "=-" else ln[:40].rstrip() for ln in lines if ln]
+
+
+def rec(prompt_len, start, ttft, itl, latency, text, out, success=True):
     return metrics.RequestRecord(
         prompt_len=prompt_len,
-        send_time=send,
-        chunk_times=list(chunks),
-        end_time=end,
+        start_time=start,
+        ttft=ttft,
+        itl=list(itl),
+        latency=latency,
         generated_text=text,
-        output_tokens=out,
+        output_len=out,
         success=success,
     )
 
@@ -110,15 +127,15 @@ def rec(prompt_len, send, chunks, end, text, out=None, success=True):
 def timeline():
     """Three successful requests and one failure over a 2 s benchmark.
 
-    A: sent 0.0, chunks 0.1 0.2 0.3 0.5, 4 tokens per the server, 5 retokenized.
-    B: sent 0.5, chunks 0.7 1.7, end 1.8, no server count (2 retokenized).
-    C: sent 1.0, one chunk at 1.4, 1 token.
+    A: sent 0.0, tokens at 0.1 0.2 0.3 0.5, 4 tokens, 5 retokenized.
+    B: sent 0.5, tokens at 0.7 1.7, end 1.8, 2 tokens.
+    C: sent 1.0, one token at 1.4, 1 token.
     """
     return [
-        rec(10, 0.0, [0.1, 0.2, 0.3, 0.5], 0.5, "abcde", out=4),
-        rec(20, 0.5, [0.7, 1.7], 1.8, "xy"),
-        rec(30, 1.0, [1.4], 1.4, "z", out=1),
-        rec(99, 1.2, [], 1.3, "", success=False),
+        rec(10, 0.0, 0.1, [0.1, 0.1, 0.2], 0.5, "abcde", 4),
+        rec(20, 0.5, 0.2, [1.0], 1.3, "xy", 2),
+        rec(30, 1.0, 0.4, [], 0.4, "z", 1),
+        rec(99, 1.2, 0.0, [], 0.1, "", 0, success=False),
     ]
 
 
@@ -127,7 +144,7 @@ def test_metrics_on_a_synthetic_timeline():
     approx = pytest.approx
     assert m["completed"] == 3 and m["failed"] == 1
     assert m["total_input_tokens"] == 60
-    assert m["total_output_tokens"] == 4 + 2 + 1  # server counts, else retokenized
+    assert m["total_output_tokens"] == 4 + 2 + 1
     assert m["total_output_tokens_retokenized"] == 5 + 2 + 1
     assert m["request_throughput"] == approx(1.5)
     assert m["input_throughput"] == approx(30.0)
@@ -137,7 +154,9 @@ def test_metrics_on_a_synthetic_timeline():
     # TTFT = first chunk - send
     assert m["mean_ttft_ms"] == approx(1000 * (0.1 + 0.2 + 0.4) / 3)
     assert m["median_ttft_ms"] == approx(200.0)
-    assert m["p99_ttft_ms"] == approx(np.percentile([100, 200, 400], 99))
+    for q in (90, 95, 99):
+        assert m[f"p{q}_ttft_ms"] == approx(np.percentile([100, 200, 400], q))
+        assert m[f"p{q}_e2e_latency_ms"] == approx(np.percentile([500, 1300, 400], q))
     assert m["std_ttft_ms"] == approx(np.std([100, 200, 400]))
     # E2E = end - send
     assert m["mean_e2e_latency_ms"] == approx(1000 * 2.2 / 3)
@@ -146,15 +165,17 @@ def test_metrics_on_a_synthetic_timeline():
     tpots = [400 / 3, 1100.0]
     assert m["mean_tpot_ms"] == approx(np.mean(tpots))
     assert m["median_tpot_ms"] == approx(np.median(tpots))
+    assert m["p90_tpot_ms"] == approx(np.percentile(tpots, 90))
     assert m["p99_tpot_ms"] == approx(np.percentile(tpots, 99))
-    # ITL = gaps between successive chunks: A 0.1 0.1 0.2, B 1.0
+    # ITL: every request's per-token gaps, A 0.1 0.1 0.2, B 1.0
     itls = [100, 100, 200, 1000]
     assert m["mean_itl_ms"] == approx(350.0)
     assert m["median_itl_ms"] == approx(150.0)
+    assert m["p90_itl_ms"] == approx(np.percentile(itls, 90))
     assert m["p95_itl_ms"] == approx(np.percentile(itls, 95))
     assert m["p99_itl_ms"] == approx(np.percentile(itls, 99))
     assert m["max_itl_ms"] == approx(1000.0)
-    # 1-second buckets from the first send: chunks [5, 2, 0]; requests in flight [2, 2, 0]
+    # 1-second buckets from the first send: tokens [5, 2, 0]; requests in flight [2, 2, 0]
     assert metrics.peak_buckets(timeline()) == ([5, 2, 0], [2, 2, 0])
     assert m["max_output_tokens_per_s"] == 5.0
     assert m["max_concurrent_requests"] == 2
@@ -164,8 +185,7 @@ def test_one_request_at_a_time_has_concurrency_one():
     # Back-to-back requests, 1 s each, 10 chunks 0.1 s apart after a 0.1 s TTFT.
     records = []
     for i in range(5):
-        chunks = [i + 0.1 * (k + 1) for k in range(10)]
-        records.append(rec(8, float(i), chunks, i + 1.0, "t" * 10, out=10))
+        records.append(rec(8, float(i), 0.1, [0.1] * 9, 1.0, "t" * 10, 10))
     m = metrics.compute_metrics(records, 5.0, len)
     assert m["concurrency"] == pytest.approx(1.0)
     assert m["mean_ttft_ms"] == pytest.approx(100.0)
@@ -175,44 +195,53 @@ def test_one_request_at_a_time_has_concurrency_one():
 
 
 def test_no_successful_request_gives_zeros():
-    m = metrics.compute_metrics([rec(5, 0.0, [], 0.1, "", success=False)], 1.0, len)
+    m = metrics.compute_metrics([rec(5, 0.0, 0.0, [], 0.1, "", 0, success=False)], 1.0, len)
     assert m["completed"] == 0 and m["mean_ttft_ms"] == 0.0 and m["max_concurrent_requests"] == 0
     lines = report.format_result(m, "pyllama4", float("inf"), None).splitlines()
-    assert lines[3].endswith("not set")
+    assert lines[4].rstrip().endswith("not set")
 
 
-def test_printed_labels_equal_the_seeds():
+def test_printed_labels_equal_sglangs():
     m = metrics.compute_metrics(timeline(), 2.0, len)
     lines = report.format_result(m, "sglang", float("inf"), 1).splitlines()
-    labels = [ln if ln[0] in "=-" else ln[:40].rstrip() for ln in lines]
-    assert labels == SEED_LABELS
-    for ln in lines:
+    assert lines[0] == ""  # SGLang prints a blank line before its block
+    assert labels_of(lines) == SGLANG_LABELS
+    for ln in lines[1:]:
         if ln[0] not in "=-":
             assert ln[40] == " " and ln[41] != " ", ln  # the value starts in column 42
-    assert lines[1] == "Backend:                                 sglang"
-    assert lines[2] == "Traffic request rate:                    inf"
+    assert lines[2] == "Backend:                                 sglang    "
+    assert lines[3] == "Traffic request rate:                    inf       "
 
 
-def test_value_lines_match_the_seed_format():
+def test_value_lines_match_sglangs_format():
     m = metrics.compute_metrics(timeline(), 74.6213, len)
     m["total_input_tokens"] = 6101
     out = report.format_result(m, "sglang", float("inf"), 1).splitlines()
-    for line in SEED_LINES:
+    for line in SGLANG_LINES:
         assert line in out
 
 
 def test_accept_length_line_only_when_reported():
     m = metrics.compute_metrics(timeline(), 2.0, len)
     lines = report.format_result(m, "sglang", 4.0, 16, accept_length=2.5).splitlines()
-    assert "Accept length:                           2.50" in lines
-    assert "Traffic request rate:                    4.0" in lines
+    assert "Accept length:                           2.50      " in lines
+    assert "Traffic request rate:                    4.0       " in lines
+    assert not any(ln.startswith("Accept length:") for ln in report.format_result(m, "x", 4.0, 1))
 
 
 def test_random_range_ratio_has_sglangs_meaning():
-    rng = np.random.default_rng(0)
-    assert set(sampling.random_lengths(10, 0.5, 500, rng)) == set(range(5, 11))
-    assert set(sampling.random_lengths(10, 0.0, 500, rng)) == set(range(1, 11))
-    assert sampling.random_lengths(10, 1.0, 20, rng) == [10] * 20
+    sampling.seed_everything(0)
+    assert set(sampling.random_lens(10, 0.5, 500)) == set(range(5, 11))
+    assert set(sampling.random_lens(10, 0.0, 500)) == set(range(1, 11))
+    assert sampling.random_lens(10, 1.0, 20) == [10] * 20
+    assert sampling.random_lens(0, 0.5, 3) == [0, 0, 0]
+
+
+def test_random_lengths_come_from_numpys_seeded_global_generator():
+    sampling.seed_everything(42)
+    first = sampling.random_lens(1024, 0.0, 8)
+    np.random.seed(42)  # what SGLang draws: np.random.randint after np.random.seed(--seed)
+    assert first == np.random.randint(1, 1025, size=8).tolist()
 
 
 class WordTokenizer:
@@ -227,22 +256,72 @@ def test_sharegpt_sampling_filters_like_sglang(tmp_path):
     data = [conv("a b c", "d e"), conv("x", "y z"), {"conversations": []}, conv("p q", "r s t")]
     path = tmp_path / "sg.json"
     path.write_text(json.dumps(data)[:-40])  # truncated inside the last conversation
-    rows = sampling.sample_sharegpt(path, WordTokenizer(), 5, None, seed=0)
+    args = argparse.Namespace(
+        num_prompts=5,
+        sharegpt_output_len=None,
+        sharegpt_context_len=None,
+        prompt_suffix="",
+        apply_chat_template=False,
+    )
+    sampling.seed_everything(0)
+    rows = sampling.sample_sharegpt(args, WordTokenizer(), path)
     assert sorted((r.prompt, r.prompt_len, r.output_len) for r in rows) == [("a b c", 3, 2)]
-    rows = sampling.sample_sharegpt(path, WordTokenizer(), 5, 7, seed=0)
+    args.sharegpt_output_len = 7
+    rows = sampling.sample_sharegpt(args, WordTokenizer(), path)
     assert {r.output_len for r in rows} == {7}
+    args.sharegpt_context_len = 9  # 3 + 7 > 9
+    assert sampling.sample_sharegpt(args, WordTokenizer(), path) == []
 
 
 def test_requests_per_backend():
     row = sampling.DatasetRow([5, 6, 7], 3, 4)
-    path, body = clients.build_request("sglang", "m", row, True)
-    assert path == "/generate" and body["input_ids"] == [5, 6, 7]
+    opts = clients.RequestOptions("m", extra={"top_k": 5})
+    path, body = clients.build_request("sglang", opts, row)
+    assert path == "/generate" and body["input_ids"] == [5, 6, 7] and body["top_k"] == 5
     assert body["sampling_params"] == {"temperature": 0.0, "max_new_tokens": 4, "ignore_eos": True}
-    path, body = clients.build_request("pyllama4", "m", row, False)
+    no_eos = clients.RequestOptions("m", ignore_eos=False, extra={"temperature": 0.5})
+    path, body = clients.build_request("sglang-oai", no_eos, row)
     assert path == "/v1/completions" and body["prompt"] == [5, 6, 7] and body["max_tokens"] == 4
     assert body["stream"] and body["stream_options"] == {"include_usage": True}
-    path, body = clients.build_request("openai-chat", "m", sampling.DatasetRow("hi", 1, 4), True)
-    assert path == "/v1/chat/completions" and body["messages"][0]["content"] == "hi"
+    assert body["temperature"] == 0.5 and body["ignore_eos"] is False and body["best_of"] == 1
+    text = sampling.DatasetRow("hi", 1, 4)
+    for backend in ("sglang-oai-chat", "vllm-chat", "openai-chat"):
+        path, body = clients.build_request(backend, clients.RequestOptions("m", stream=False), text)
+        assert path == "/v1/chat/completions" and body["messages"][0]["content"] == "hi"
+        assert body["max_completion_tokens"] == 4 and body["stream"] is False
+        assert "stream_options" not in body
+    assert clients.build_request("vllm", opts, text)[0] == "/v1/completions"
+
+
+def test_itl_has_one_entry_per_token_on_generate():
+    # /generate: cumulative text; meta_info counts the tokens. A chunk that adds no token is
+    # skipped; one that adds k tokens gives k gaps of (gap / k), as SGLang's client does.
+    timer = clients.StreamTimer("/generate", sampling.DatasetRow("p", 1, 9), 0.5)
+    for t, text, n in ((1.0, "a", 1), (1.4, "abc", 3), (1.5, "abc", 3), (2.0, "abcd", 4)):
+        timer.event(t, {"text": text, "meta_info": {"completion_tokens": n, "prompt_tokens": 7}})
+    r = timer.rec
+    assert r.ttft == pytest.approx(0.5) and r.itl == pytest.approx([0.2, 0.2, 0.6])
+    assert r.output_len == 4 and r.prompt_len == 7 and r.generated_text == "abcd"
+
+
+def test_itl_on_the_openai_apis_splits_by_per_chunk_usage_else_one_per_chunk():
+    def chunk(text, n=None):
+        ev = {"choices": [{"text": text}]}
+        return ev if n is None else {**ev, "usage": {"completion_tokens": n, "prompt_tokens": 3}}
+
+    plain = clients.StreamTimer("/v1/completions", sampling.DatasetRow("p", 1, 9), 0.0)
+    for t, ev in ((1.0, chunk("a")), (1.5, chunk("bc")), (1.7, {"choices": [], **chunk("", 3)})):
+        plain.event(t, ev)
+    assert plain.rec.itl == pytest.approx([0.5]) and plain.rec.output_len == 3
+    assert plain.rec.text_chunks == ["bc"] and plain.rec.prompt_len == 3
+    usage = clients.StreamTimer("/v1/completions", sampling.DatasetRow("p", 1, 9), 0.0)
+    for t, ev in ((1.0, chunk("a", 1)), (1.6, chunk("bcd", 4)), (1.8, chunk("e", 5))):
+        usage.event(t, ev)
+    assert usage.rec.itl == pytest.approx([0.2, 0.2, 0.2, 0.2])
+    # Under speculative decoding SGLang splits an OpenAI chunk by its retokenized length.
+    r = rec(1, 0.0, 0.1, [0.6, 0.2], 1.0, "abcd", 4)
+    r.text_chunks = ["bcd", "e"]
+    assert metrics.split_chunk_itls(r, len) == pytest.approx([0.2, 0.2, 0.2, 0.2])
 
 
 # ---- end to end against a live server (the start/stop helpers of tests/test_server_e2e.py) ----
@@ -275,10 +354,10 @@ def test_bench_serving_against_a_live_server(launch_server, demo_dir, tmp_path):
     assert res["server_cpu_seconds"] > 0 and res["server_cpu_ms_per_output_token"] > 0
     stdout = r.stdout.splitlines()
     start = stdout.index("============ Serving Benchmark Result ============")
-    labels = SEED_LABELS[:18] + [label for label, _ in report.CPU_LINES] + SEED_LABELS[18:]
+    labels = SGLANG_LABELS[:-1] + CPU_SECTION + SGLANG_LABELS[-1:]
     block = stdout[start : start + len(labels)]
-    assert [ln if ln[0] in "=-" else ln[:40].rstrip() for ln in block] == labels
-    assert "Successful requests:                     6" in block
+    assert labels_of(block) == labels
+    assert "Successful requests:                     6         " in block
 
 
 # ---- server CPU from /proc (bench/server_cpu.py) ---------------------------------------------
@@ -346,11 +425,9 @@ def test_cpu_lines_only_when_measured():
     assert "Server CPU" not in report.format_result(m, "sglang", 1.0, None)
     m.update(metrics.cpu_metrics(0.35, m["total_output_tokens"]))  # 7 output tokens
     lines = report.format_result(m, "sglang", 1.0, None).splitlines()
-    assert "Server CPU seconds:                      0.35" in lines
-    assert "Server CPU ms per output token:          50.00" in lines
-    after = lines.index("Concurrency:                             1.10") + 1
-    labels = [lab for lab, _ in report.CPU_LINES]
-    assert [ln[:40].rstrip() for ln in lines[after : after + 2]] == labels
+    assert "Server CPU seconds:                      0.35      " in lines
+    assert "Server CPU ms per output token:          50.00     " in lines
+    assert labels_of(lines) == SGLANG_LABELS[:-1] + CPU_SECTION + SGLANG_LABELS[-1:]
 
 
 def test_comparison_summary_has_medians_ranges_and_ratios():
@@ -376,7 +453,9 @@ def test_comparison_summary_has_medians_ranges_and_ratios():
 
 # ---- --compare against two fake OpenAI-compatible servers -------------------------------------
 
-# Streams max_tokens chunks of " t" and then its usage, for any prompt; prints its port first.
+# Streams max_tokens chunks of " t" and then its usage, for any prompt; answers SGLang's and
+# vLLM's cache flush routes; appends each POST's path and query to the file argv[1]; prints its
+# port first.
 FAKE_SERVER = """
 import json, sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -398,7 +477,13 @@ class Handler(BaseHTTPRequestHandler):
             self.reply(404, "text/plain", b"not found")
 
     def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        with open(sys.argv[1], "a") as log:
+            log.write(self.path + "\\n")
+        raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.path.split("?")[0] in ("/flush_cache", "/reset_prefix_cache"):
+            self.reply(200, "application/json", b"{}")
+            return
+        body = json.loads(raw)
         n = body["max_tokens"]
         events = [{"choices": [{"text": " t"}]}] * n
         events.append({"choices": [], "usage": {"completion_tokens": n}})
@@ -412,10 +497,14 @@ server.serve_forever()
 
 
 @pytest.fixture
-def fake_servers():
+def fake_servers(tmp_path):
     procs = [
-        subprocess.Popen([sys.executable, "-c", FAKE_SERVER], stdout=subprocess.PIPE, text=True)
-        for _ in range(2)
+        subprocess.Popen(
+            [sys.executable, "-c", FAKE_SERVER, str(tmp_path / f"posts-{i}.log")],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
     ]
     try:
         yield [(p.pid, int(p.stdout.readline())) for p in procs]
@@ -431,8 +520,9 @@ def test_compare_alternates_the_two_servers_and_summarizes(fake_servers, demo_di
     cmd = [sys.executable, str(SCRIPT), "--backend", "vllm", "--port", str(port_a)]
     cmd += ["--compare-port", str(port_b), "--compare-server-pid", str(pid_b), "--rounds", "2"]
     cmd += ["--label-a", "first", "--label-b", "second", "--tokenizer", str(demo_dir)]
-    cmd += ["--dataset-name", "random", "--random-input-len", "8", "--random-output-len", "4"]
-    cmd += ["--random-range-ratio", "1", "--num-prompts", "3", "--max-concurrency", "2"]
+    cmd += ["--dataset-name", "random-ids", "--random-input-len", "8"]
+    cmd += ["--random-output-len", "4", "--random-range-ratio", "1", "--num-prompts", "3"]
+    cmd += ["--max-concurrency", "2"]
     cmd += ["--output-file", str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=ROOT)
     assert r.returncode == 0, r.stderr
@@ -444,9 +534,9 @@ def test_compare_alternates_the_two_servers_and_summarizes(fake_servers, demo_di
         f"#### first (http://127.0.0.1:{port_a}), round 2/2",
         f"#### second (http://127.0.0.1:{port_b}), round 2/2",
     ]
-    marks = [ln[:4] for ln in stdout if ln in heads or ln == SEED_LABELS[0]]
+    marks = [ln[:4] for ln in stdout if ln in heads or ln == SGLANG_LABELS[0]]
     assert marks == ["####", "===="] * 4  # each run's heading, then its block
-    assert stdout.count("Successful requests:                     3") == 4
+    assert stdout.count("Successful requests:                     3         ") == 4
     assert sum(ln.startswith("Server CPU seconds:") for ln in stdout) == 4
     summary = stdout[stdout.index(next(ln for ln in stdout if " Comparison: " in ln)) :]
     assert "A: first" in summary[1] and "B: second" in summary[1]
@@ -464,3 +554,34 @@ def test_compare_alternates_the_two_servers_and_summarizes(fake_servers, demo_di
         assert res["total_output_tokens"] == 12
         assert res["server_cpu_seconds"] >= 0.0
         assert res["server_cpu_ms_per_output_token"] >= 0.0
+
+
+@pytest.mark.parametrize(
+    "backend, route", [("vllm", "/reset_prefix_cache"), ("sglang-oai", "/flush_cache?timeout=60.0")]
+)
+def test_flush_cache_posts_the_backends_route_after_the_warmup(
+    fake_servers, demo_dir, tmp_path, backend, route
+):
+    (_, port), _ = fake_servers
+    cmd = [sys.executable, str(SCRIPT), "--backend", backend, "--port", str(port), "--flush-cache"]
+    cmd += ["--tokenizer", str(demo_dir), "--dataset-name", "random-ids", "--num-prompts", "2"]
+    cmd += ["--random-input-len", "4", "--random-output-len", "3", "--disable-tqdm"]
+    cmd += ["--output-file", str(tmp_path / "out.jsonl")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    posts = (tmp_path / "posts-0.log").read_text().splitlines()
+    assert posts == ["/v1/completions", route, "/v1/completions", "/v1/completions"]
+
+
+def test_flush_cache_against_a_live_server(launch_server, demo_dir, tmp_path):
+    live = launch_server(tmp_path / "server.log")
+    try:
+        cmd = [sys.executable, str(SCRIPT), "--backend", "sglang", "--base-url", live.base]
+        cmd += ["--flush-cache", "--tokenizer", str(demo_dir), "--dataset-name", "random-ids"]
+        cmd += ["--random-input-len", "16", "--random-output-len", "4", "--num-prompts", "3"]
+        cmd += ["--disable-tqdm", "--output-file", str(tmp_path / "out.jsonl")]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    finally:
+        live.stop()
+    assert r.returncode == 0, r.stderr
+    assert "Successful requests:                     3         " in r.stdout.splitlines()

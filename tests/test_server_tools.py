@@ -224,6 +224,36 @@ def test_streamed_tool_calls_assemble_into_valid_calls(client):
         jsonschema.validate(json.loads(call["arguments"]), SCHEMAS[call["name"]])
 
 
+def test_forced_call_arguments_stream_as_they_are_written(client):
+    """The call's id and name come first, then its arguments over several chunks; no chunk is
+    empty; the streamed call equals the whole response's (same seed)."""
+    request = dict(
+        model=MODEL,
+        messages=ask("What's the weather in Oslo?"),
+        tools=TOOLS,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        temperature=0.7,
+        seed=3,
+        max_tokens=120,
+    )
+    whole = client.chat.completions.create(**request).choices[0]
+    deltas, reasons = [], []
+    for chunk in client.chat.completions.create(**request, stream=True):
+        for choice in chunk.choices:
+            delta = choice.delta
+            assert delta.role or delta.content or delta.tool_calls or choice.finish_reason
+            deltas += delta.tool_calls or []
+            reasons += [choice.finish_reason] if choice.finish_reason else []
+    assert reasons == ["tool_calls"] == [whole.finish_reason]
+    first, rest = deltas[0], deltas[1:]
+    assert first.id and first.function.name == "get_weather"
+    assert len(rest) >= 3 and all(d.id is None and d.function.name is None for d in rest)
+    arguments = first.function.arguments + "".join(d.function.arguments for d in rest)
+    (call,) = whole.message.tool_calls
+    assert (call.function.name, call.function.arguments) == ("get_weather", arguments)
+    jsonschema.validate(json.loads(arguments), SCHEMAS["get_weather"])
+
+
 def test_a_full_tool_round_trip(client, server):
     messages = ask("What's the weather in Paris?")
     first = client.chat.completions.create(

@@ -291,12 +291,38 @@ void test_random_operations() {
 
 }  // namespace
 
+// max_cached bounds what the prefix cache supplies at admission; without it the match is whole.
+void test_max_cached_limits_the_match() {
+  SchedulerConfig c;
+  c.page_size = 4;
+  c.global_pages = 64;
+  c.context_len = 64;
+  Scheduler s(c);
+  const std::vector<int32_t> prompt = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17};
+  EXPECT(throws<std::invalid_argument>([&] { s.add_request(9, prompt, 1, {}, 0, 0, -2); }));
+  const int32_t token = 3;
+  auto admit_and_finish = [&](int64_t id, int32_t max_cached) {
+    s.add_request(id, prompt, 1, {}, 0, 0, max_cached);
+    auto plan = s.schedule();
+    EXPECT(plan->num_requests() == 1);
+    const int32_t cached = s.request_info(id).cached_tokens;
+    EXPECT(s.commit(&token, 1, nullptr, 0).size() == 1);
+    EXPECT_OK(s.check());
+    return cached;
+  };
+  EXPECT(admit_and_finish(1, -1) == 0);
+  EXPECT(admit_and_finish(2, 6) == 4);   // whole pages within the limit
+  EXPECT(admit_and_finish(3, 0) == 0);
+  EXPECT(admit_and_finish(4, -1) == 16);
+}
+
 int main() {
   test_kv_pool();
   test_radix_match_insert_split();
   test_radix_local_coverage();
   test_scheduler_errors();
   test_finish_reasons_are_counted();
+  test_max_cached_limits_the_match();
   test_scheduler_outputs_do_not_depend_on_memory();
   test_random_operations();
   if (failures) {

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from pyllama4.engine.prompt_scores import StepScores, plan_scores
 from pyllama4.engine.records import Completion, LogprobRow
 from pyllama4.multimodal.features import ImageFeed
 from pyllama4.multimodal.support import ImageSupport
@@ -52,8 +53,9 @@ class StepExecutor:
         return 0
 
     def prepare(self, plan: Any, completion_of: Callable[[int], Completion | None]) -> Any:
-        """What execute() needs of the requests' state, read on the event loop."""
-        return None
+        """What execute() needs of the requests' state, read under the core lock: the prompt
+        positions to score (None when no request in the plan asks)."""
+        return plan_scores(plan, completion_of)
 
     def execute(
         self,
@@ -90,9 +92,14 @@ class StepExecutor:
         prepared: Any,
         launched: Future[None],
     ) -> tuple[SampleOutput, np.ndarray, np.ndarray | None, np.ndarray | None]:
-        out = self.sampler(self.runner.forward(plan, embeds), requests)
+        scores: StepScores | None = prepared
+        extra = None if scores is None else (np.asarray(scores.index), scores.reduce)
+        out = self.sampler(self.runner.forward(plan, embeds, extra), requests)
         launched.set_result(None)
-        return out, out.tokens.to(torch.int32).cpu().numpy(), None, None
+        tokens = out.tokens.to(torch.int32).cpu().numpy()
+        if scores is not None:
+            scores.write()
+        return out, tokens, None, None
 
 
 class EagleExecutor(StepExecutor):

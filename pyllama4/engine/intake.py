@@ -43,3 +43,16 @@ def check_token_ids(params: SamplingParams, vocab_size: int) -> None:
     ):
         if any(t >= vocab_size for t in ids):
             raise ValueError(f"{name}: token ids must be below the vocabulary size {vocab_size}")
+
+
+def check_prompt_logprobs(params: SamplingParams, prompt_len: int, speculative: bool) -> None:
+    """Prompt logprobs start inside the prompt, and are not computed by speculative steps."""
+    if params.prompt_logprobs is None:
+        return
+    if speculative:
+        raise ValueError("prompt_logprobs: not supported with speculative decoding (EAGLE3)")
+    if params.prompt_logprobs_start >= prompt_len:
+        raise ValueError(
+            f"prompt_logprobs_start: {params.prompt_logprobs_start} is not below the prompt "
+            f"length {prompt_len}"
+        )

@@ -41,9 +41,11 @@ from pyllama4._core import Scheduler
 from pyllama4.detokenizer import IncrementalDetokenizer, StopStrings, compile_stops
 from pyllama4.distributed.runtime import Workers
 from pyllama4.engine import intake, offline, output
+from pyllama4.engine.batch_log import BatchLog
 from pyllama4.engine.build import build
 from pyllama4.engine.config import EngineConfig
 from pyllama4.engine.executor import EagleExecutor, StepExecutor
+from pyllama4.engine.prompt_scores import PromptScores
 from pyllama4.engine.records import Completion, Request, StepOutputs
 from pyllama4.engine.steps import StepLoop
 from pyllama4.grammar import GrammarCompiler, GrammarSpec
@@ -121,6 +123,15 @@ class Engine:
             deliver=self._deliver,
             fail=self._fail_step,
         )
+        drafts = None if speculative is None else speculative.config.num_draft_tokens
+        self.batch_log = BatchLog(
+            self.scheduler,
+            lambda: self._generation_tokens,
+            self._graph_ran,
+            "cuda graph" if runner.device.type == "cuda" else "cpu graph",
+            spec=None if speculative is None else (speculative.stats, drafts),
+        )  # its interval: the server's --decode-log-interval
+        self.steps.batch_log = self.batch_log
         self._generation_tokens = 0
         self._grammars: GrammarCompiler | None = None
         self._running = False
@@ -174,6 +185,10 @@ class Engine:
         """The bytes of the weights this rank holds (the vision tower's included)."""
         modules = [self.runner.model] + ([self.images.tower] if self.images else [])
         return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+
+    def _graph_ran(self, plan: Any) -> bool:
+        graphs = self.runner.graphs
+        return graphs is not None and graphs.size_for(plan) is not None
 
     @property
     def graph_sizes(self) -> list[int]:
@@ -344,6 +359,7 @@ class Engine:
         compiled = self.grammars.compile(params.grammar) if params.grammar else None
         prompt_ids, key_ids = intake.prompt_ids(prompt, self.tokenize, self.vocab_size, self.images)
         intake.check_token_ids(params, self.vocab_size)
+        intake.check_prompt_logprobs(params, len(prompt_ids), self.speculative is not None)
         request_id = request_id or f"req-{next(self._request_ids)}"
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -351,6 +367,10 @@ class Engine:
         request = Request(
             request_id, prompt_ids, params, send, RequestMetrics(time.monotonic()), key_ids
         )
+        if params.prompt_logprobs is not None:
+            request.prompt_scores = PromptScores(
+                prompt_ids, params.prompt_logprobs_start, params.prompt_logprobs
+            )
         if isinstance(prompt, ImagePrompt) and prompt.images:
             request.images = PromptFeatures(prompt)
         stops = compile_stops(tuple(params.stop))
@@ -378,6 +398,8 @@ class Engine:
         return _stream(receive, self, request_id)
 
     def _add_to_core(self, c: Completion) -> None:
+        scores = c.request.prompt_scores
+        max_cached = -1 if scores is None or c.index else scores.max_cached
         with self._lock:
             self.scheduler.add_request(
                 c.core_id,
@@ -385,6 +407,7 @@ class Engine:
                 max_new_tokens=c.params.max_tokens,
                 stop_token_ids=sorted(c.stop_ids),
                 reserve=self.executor.reserve(c.params, c.constraint is not None),
+                max_cached=max_cached,
             )
             c.in_core = True
             self._by_core[c.core_id] = c

@@ -17,6 +17,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 
 from pyllama4._core import Finished
 from pyllama4.detokenizer import IncrementalDetokenizer, StopStrings
+from pyllama4.engine.prompt_scores import PromptScores
 from pyllama4.grammar import Constraint
 from pyllama4.multimodal.features import PromptFeatures
 from pyllama4.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprob
@@ -97,6 +98,7 @@ class Request:
     deferred: list[Completion] = field(default_factory=list)  # siblings waiting for the prefix
     cached_tokens: int = 0
     error: str | None = None
+    prompt_scores: PromptScores | None = None  # prompt logprobs, when asked (model thread)
 
     @property
     def finished(self) -> bool:
@@ -112,6 +114,7 @@ class Request:
             cached_tokens=self.cached_tokens,
             metrics=self.metrics,
             error=self.error,
+            prompt_logprobs=None if self.prompt_scores is None else self.prompt_scores.entries,
         )
         for c in self.completions:
             c.emitted = (len(c.pieces), len(c.token_ids))

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from pyllama4._core import Scheduler
+from pyllama4.engine.batch_log import BatchLog
 from pyllama4.engine.executor import StepExecutor, StepResult, image_feed
 from pyllama4.engine.records import Completion, StepOutputs, StepRow
 
@@ -64,6 +65,7 @@ class StepLoop:
         self._delivered = threading.Condition()  # _posted fell: the event loop delivered a step
         self._posted = 0  # steps posted to the event loop, not delivered yet
         self._call_soon: Callable[..., Any] = _not_running
+        self.batch_log: BatchLog | None = None  # told of each planned step (the engine's)
 
     def start(self, call_soon: Callable[..., Any]) -> None:
         """Before drive(): call_soon runs a callback on the event loop, from any thread."""
@@ -123,6 +125,8 @@ class StepLoop:
             plan = self.scheduler.schedule()
             if plan.num_requests == 0:
                 return None
+            if self.batch_log is not None:
+                self.batch_log.planned(plan)
             ids = plan.request_ids[plan.sample_requests].tolist()
             completions = [self.by_core[i] for i in ids]
             for c in completions:  # the cache hit is known once the request is admitted
