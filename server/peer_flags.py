@@ -47,6 +47,7 @@ ALIASES = (
     Alias("--block-size", "--page-size", "vLLM"),
     Alias("--enforce-eager", "--disable-cuda-graph", "vLLM"),
     Alias("--no-enable-prefix-caching", "--disable-radix-cache", "vLLM"),
+    Alias("--enable-log-requests", "--log-requests", "vLLM"),
 )
 
 # The compat group's flags (pyllama4.server.compat_flags) in vLLM's spelling, for the table.
