@@ -33,6 +33,7 @@ from pyllama4.server.openai_routes import OpenAIRoutes
 from pyllama4.server.response_store import ResponseStore
 from pyllama4.server.responses_api import ResponsesRoutes
 from pyllama4.server.router import PrefixHandler, Router
+from pyllama4.server.sampling_defaults import SamplingDefaults
 from pyllama4.server.serving import Serving
 
 log = logging.getLogger("pyllama4.server")
@@ -53,6 +54,7 @@ class AppConfig:
     max_images_per_request: int = 10
     tool_call_parser: str | None = None  # "pythonic": tool-call outputs become tool_calls
     shutdown_timeout: float = 20.0  # in-flight requests' grace at shutdown, then they are cut
+    sampling_defaults: SamplingDefaults = field(default_factory=SamplingDefaults)  # unset fields
 
 
 class App:
@@ -67,6 +69,7 @@ class App:
             media=config.media,
             max_images=config.max_images_per_request,
             tool_call_parser=config.tool_call_parser,
+            sampling_defaults=config.sampling_defaults,
         )
         responses = ResponsesRoutes(self.serving, ResponseStore())
         self.router = Router(

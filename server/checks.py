@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from pyllama4.server import compat_flags, peer_flags
 from pyllama4.server.flags import (
     CHECK_ORDER,
     DEFAULT_GRAPH_MAX_BS,
@@ -238,7 +239,7 @@ def first_problem(args: argparse.Namespace) -> str | None:
     """'--flag value: why' for the first flag (in typed order) the server cannot start with."""
     order = getattr(args, "given", None)
     if order is None:
-        order = CHECK_ORDER
+        order = (*CHECK_ORDER, *compat_flags.DESTS)
     for dest in order:
         if dest in ("tp", "nnodes", "node_rank", "dist_init_addr"):
             problem = _distributed_problem(args)
@@ -256,7 +257,7 @@ def first_problem(args: argparse.Namespace) -> str | None:
                 )
         check = _CHECKS.get(dest)
         value = getattr(args, dest, None)
-        why = check(value) if check is not None else None
+        why = check(value) if check is not None else compat_flags.problem(dest, args)
         if why is not None:
             shown = "" if isinstance(value, bool) else f" {value}"
             return f"{_flag(dest)}{shown}: {why}"
@@ -265,7 +266,7 @@ def first_problem(args: argparse.Namespace) -> str | None:
 
 def notes(args: argparse.Namespace) -> list[tuple[int, str]]:
     """(log level, line) for each accepted flag that has no effect here."""
-    out: list[tuple[int, str]] = []
+    out = peer_flags.notes(args) + compat_flags.notes(args)
     device = resolve_device(args)
     if args.trust_remote_code:
         out.append(

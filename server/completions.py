@@ -82,7 +82,10 @@ def submit_all(
         except HTTPError as e:
             for k in range(i):
                 serving.engine.abort(f"cmpl-{tag}-{k}")
-            raise HTTPError(e.status, e.message, kind=e.kind, param="prompt") from None
+            param = "prompt" if e.status == 400 else e.param
+            raise HTTPError(
+                e.status, e.message, kind=e.kind, param=param, headers=e.headers
+            ) from None
     return streams
 
 

@@ -1,8 +1,9 @@
 """The flag table of `pyllama4-serve`: every flag, its type, default and help, and parse_args.
 
 Every flag of the SGLang command lines our users type for Llama 4 is accepted with SGLang's
-spelling and meaning. This module only parses (one-line argparse errors); what a flag may be set
-to on this machine is checked in pyllama4.server.checks. It is long because it is a table.
+spelling and meaning (the peers' other flags and spellings: pyllama4.server.compat_flags and
+pyllama4.server.peer_flags). This module only parses (one-line argparse errors); what a flag may
+be set to on this machine is checked in pyllama4.server.checks. It is long because it is a table.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
+from pyllama4.server.compat_flags import add_compat_flags, finish
 from pyllama4.server.http_limits import BACKLOG, BODY_TIMEOUT_S, KEEP_ALIVE_S, MAX_BODY_BYTES
+from pyllama4.server.peer_flags import add_peer_flags, check_known
 
 PROG = "pyllama4-serve"
 DEFAULT_HOST = "127.0.0.1"
@@ -160,7 +163,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         "--chat-template",
         metavar="FILE|NAME",
         help="a Jinja chat template file that replaces the checkpoint's, or a built-in one: "
-        "llama4_pythonic (Meta's pythonic tool-call format)",
+        "llama4_pythonic (Meta's pythonic tool-call format; SGLang's name: llama-4)",
     )
 
     images = p.add_argument_group("images (with --enable-multimodal)")
@@ -387,6 +390,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     )
 
     _add_http_flags(p)
+    add_compat_flags(p)
+    add_peer_flags(p)
     return p
 
 
@@ -489,14 +494,16 @@ def parse_args(argv: Sequence[str] | None = None, *, prog: str = PROG) -> argpar
     """The server's options. `args.given` lists the dests of the flags typed, in typed order."""
     parser = build_parser(prog)
     argv = list(sys.argv[1:] if argv is None else argv)
+    check_known(parser, argv)
     args = parser.parse_args(argv)
     args.dtype = DTYPE_ALIASES.get(args.dtype, args.dtype)
     args.prog = prog
     dests = {s: a.dest for a in parser._actions for s in a.option_strings}
     given: list[str] = []
     for token in argv:
-        dest = dests.get(token.split("=", 1)[0]) if token.startswith("--") else None
+        dest = dests.get(token.split("=", 1)[0]) if token.startswith("-") else None
         if dest is not None and dest not in given:
             given.append(dest)
+    finish(parser, args, given)
     args.given = given
     return args

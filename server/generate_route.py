@@ -104,6 +104,7 @@ class GenerateRoute:
             context_length=self.serving.context_length,
             grammar=grammar,
             logprobs=None if options is None else options.top,
+            defaults=self.serving.sampling_defaults,
         )
         scores_prompt = False
         if options is not None:

@@ -31,6 +31,7 @@ from pyllama4.server.checks import (
     resolve_fp8_format,
     speculative_config,
 )
+from pyllama4.server.compat_flags import configure, step_budget
 from pyllama4.server.flags import PROG, parse_args
 from pyllama4.server.http_limits import (
     HTTPLimits,
@@ -129,7 +130,9 @@ def _start_and_serve(args: argparse.Namespace) -> None:
 
     from pyllama4.server import request_log
     from pyllama4.server.app import AppConfig, create_app  # a broken install fails first
+    from pyllama4.server.sampling_defaults import resolve as resolve_defaults
 
+    configure(args)
     _resolve_sources(args)
     if args.node_rank > 0:
         _serve_ranks(args)
@@ -164,6 +167,7 @@ def _start_and_serve(args: argparse.Namespace) -> None:
         max_images_per_request=args.max_images_per_request,
         tool_call_parser=TOOL_CALL_PARSERS.get(args.tool_call_parser or ""),
         shutdown_timeout=args.graceful_shutdown_timeout,
+        sampling_defaults=resolve_defaults(args.sampling_defaults, path, args.generation_config),
     )
     app = create_app(engine, app_config)
     request_log.configure(args.log_requests, args.log_requests_level)
@@ -237,7 +241,7 @@ def engine_config(args: argparse.Namespace, path: Path) -> EngineConfig:
         "kv_tokens": args.max_total_tokens,
         "page_size": args.page_size,
         "max_running": args.max_running_requests,
-        "max_step_tokens": args.chunked_prefill_size,
+        "max_step_tokens": step_budget(args),
         "policy": args.schedule_policy,
     }
     return EngineConfig(
@@ -262,6 +266,7 @@ def engine_config(args: argparse.Namespace, path: Path) -> EngineConfig:
         cpu_bind=args.cpu_bind,
         cpu_reserved_cores=args.cpu_reserved_cores,
         enable_prefix_cache=not args.disable_radix_cache,
+        tokenizer=args.tokenizer_path and os.path.expanduser(args.tokenizer_path),
         **{name: value for name, value in given.items() if value is not None},
     )
 

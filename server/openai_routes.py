@@ -77,6 +77,7 @@ class OpenAIRoutes:
             context_length=s.context_length,
             logprobs=(req.top_logprobs or 0) if req.logprobs else None,
             grammar=grammar,
+            defaults=s.sampling_defaults,
         )
         outputs = s.submit(prompt, params, stream=req.stream)
         tokenizer = s.engine.tokenizer if req.logprobs else None
@@ -109,10 +110,10 @@ class OpenAIRoutes:
                 context_length=s.context_length,
                 logprobs=req.logprobs,
                 grammar=grammar,
+                defaults=s.sampling_defaults,
             )
             for prompt in prompts
         ]
-        rid = new_id("cmpl-")
         streams = submit_all(s, prompts, params, stream=req.stream)
         tokenizer = s.engine.tokenizer if req.logprobs is not None else None
         if req.stream:

@@ -131,9 +131,9 @@ class _SamplingFields(msgspec.Struct, forbid_unknown_fields=False, kw_only=True)
     presence_penalty: Penalty = 0.0
     logit_bias: dict[TokenIdKey, Bias] | None = None
     user: str | None = None  # accepted, not used
-    top_k: TopK = -1
-    min_p: MinP = 0.0
-    repetition_penalty: RepetitionPenalty = 1.0
+    top_k: TopK | None = None  # None (here and below): the server's sampling defaults
+    min_p: MinP | None = None
+    repetition_penalty: RepetitionPenalty | None = None
     min_tokens: MinTokens = 0
     stop_token_ids: list[TokenId] | None = None
     ignore_eos: bool = False
@@ -299,13 +299,13 @@ class NativeSamplingParams(msgspec.Struct, forbid_unknown_fields=False, kw_only=
     """SGLang's /generate sampling_params."""
 
     max_new_tokens: TokenBudget | None = None  # None: all the room the context leaves
-    temperature: Temperature = 1.0
-    top_p: TopP = 1.0
-    top_k: TopK = -1
-    min_p: MinP = 0.0
+    temperature: Temperature | None = None  # None (here and below): the sampling defaults
+    top_p: TopP | None = None
+    top_k: TopK | None = None
+    min_p: MinP | None = None
     frequency_penalty: Penalty = 0.0
     presence_penalty: Penalty = 0.0
-    repetition_penalty: RepetitionPenalty = 1.0
+    repetition_penalty: RepetitionPenalty | None = None
     min_new_tokens: MinTokens = 0
     stop: Stop | None = None
     stop_token_ids: list[TokenId] | None = None

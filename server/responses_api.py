@@ -125,6 +125,7 @@ class ResponsesRoutes:
             min_tokens=0,
             grammar=grammar,
             names={"max_tokens": "max_output_tokens"},
+            defaults=s.sampling_defaults,
         )
         return Prepared(s.submit(prompt, params, stream=req.stream), tools, conversation)
 

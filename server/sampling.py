@@ -10,12 +10,16 @@ budget (max_tokens, max_completion_tokens, max_new_tokens) is all the room the c
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from pyllama4 import SamplingParams
 from pyllama4.grammar import GrammarSpec
 from pyllama4.server import protocol as p
 from pyllama4.server.asgi import HTTPError
+from pyllama4.server.sampling_defaults import SamplingDefaults
+
+OPENAI_DEFAULTS = SamplingDefaults()
+_T = TypeVar("_T")
 
 
 class SamplingFields(Protocol):
@@ -24,11 +28,11 @@ class SamplingFields(Protocol):
     n: int
     temperature: float | None
     top_p: float | None
-    top_k: int
-    min_p: float
+    top_k: int | None
+    min_p: float | None
     frequency_penalty: float
     presence_penalty: float
-    repetition_penalty: float
+    repetition_penalty: float | None
     seed: int | None
     stop: str | list[str] | None
     stop_token_ids: list[int] | None
@@ -80,21 +84,23 @@ def to_sampling_params(
     logprobs: int | None = None,
     grammar: GrammarSpec | None = None,
     names: dict[str, str] | None = None,
+    defaults: SamplingDefaults = OPENAI_DEFAULTS,
 ) -> SamplingParams:
-    """SamplingParams from a request's fields; an invalid one is a 400 naming the field (names:
-    the request's name for a SamplingParams field, where they differ)."""
+    """SamplingParams from a request's fields, `defaults` for those it leaves unset; an invalid
+    one is a 400 naming the field (names: the request's name for a SamplingParams field, where
+    they differ)."""
     stop = [fields.stop] if isinstance(fields.stop, str) else list(fields.stop or [])
     bias = {int(k): v for k, v in (logit_bias or {}).items()}  # keys: digits (protocol.TokenIdKey)
     try:
         return SamplingParams(
             n=fields.n,
-            temperature=1.0 if fields.temperature is None else fields.temperature,
-            top_p=1.0 if fields.top_p is None else fields.top_p,
-            top_k=fields.top_k,
-            min_p=fields.min_p,
+            temperature=_or(fields.temperature, defaults.temperature),
+            top_p=_or(fields.top_p, defaults.top_p),
+            top_k=_or(fields.top_k, defaults.top_k),
+            min_p=_or(fields.min_p, defaults.min_p),
             frequency_penalty=fields.frequency_penalty,
             presence_penalty=fields.presence_penalty,
-            repetition_penalty=fields.repetition_penalty,
+            repetition_penalty=_or(fields.repetition_penalty, defaults.repetition_penalty),
             logit_bias=bias,
             seed=fields.seed,
             max_tokens=max_tokens,
@@ -109,6 +115,10 @@ def to_sampling_params(
     except ValueError as e:
         field = str(e).split(":")[0]
         raise HTTPError(400, str(e), param=(names or {}).get(field, field)) from None
+
+
+def _or(value: _T | None, default: _T) -> _T:
+    return default if value is None else value
 
 
 def check_supported(req: p.CompletionRequest) -> None:
@@ -145,6 +155,7 @@ def openai_params(
     context_length: int,
     logprobs: int | None,
     grammar: GrammarSpec | None,
+    defaults: SamplingDefaults = OPENAI_DEFAULTS,
 ) -> SamplingParams:
     """A chat or completions request's SamplingParams; a completions request with echo and
     logprobs asks for the prompt's logprobs too."""
@@ -159,6 +170,7 @@ def openai_params(
         logprobs=logprobs,
         grammar=grammar,
         names={"max_tokens": limit.field, "logprobs": limit.logprobs},
+        defaults=defaults,
     )
     if isinstance(req, p.CompletionRequest) and req.echo and logprobs is not None:
         params.prompt_logprobs = logprobs
@@ -173,6 +185,7 @@ def native_params(
     context_length: int,
     grammar: GrammarSpec | None,
     logprobs: int | None = None,
+    defaults: SamplingDefaults = OPENAI_DEFAULTS,
 ) -> SamplingParams:
     """A /generate request's SamplingParams; prompt_field: "text" or "input_ids"; logprobs: the
     top logprobs per output token (None: no logprobs)."""
@@ -188,4 +201,5 @@ def native_params(
             "min_tokens": "min_new_tokens",
             "logprobs": "top_logprobs_num",
         },
+        defaults=defaults,
     )

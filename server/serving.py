@@ -25,6 +25,7 @@ from pyllama4.outputs import RequestOutput
 from pyllama4.sampling_params import MAX_STOP_STRINGS, check_stop
 from pyllama4.server import request_log
 from pyllama4.server.asgi import HTTPError, Receive, cancel_on_disconnect
+from pyllama4.server.sampling_defaults import SamplingDefaults
 from pyllama4.server.tokenizing import TextCodec
 
 
@@ -40,6 +41,7 @@ class Serving:
     media: MediaPolicy = field(default_factory=MediaPolicy)
     max_images: int = 10
     tool_call_parser: str | None = None
+    sampling_defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
     created: int = field(default_factory=lambda: int(time.time()))
     stopping: bool = False  # set when the server starts shutting down
 

@@ -5,6 +5,9 @@
   `[func_name1(param1=value1, ...), func_name2(...)]`, past calls render the same way and tool
   results go back as `ipython` turns. Without tools it renders exactly as transformers' built-in
   Llama 4 template. The header comment of the `.jinja` file documents every choice.
+- `llama-4`: SGLang's name for Llama 4's chat layout (its `--chat-template llama-4`), served by
+  `llama4_pythonic`: without tools the two render alike, and with tools SGLang's conversation
+  template would leave the tools out of the prompt where `llama4_pythonic` lists them.
 """
 
 from __future__ import annotations
@@ -12,10 +15,13 @@ from __future__ import annotations
 from importlib import resources
 
 BUILTIN: tuple[str, ...] = ("llama4_pythonic",)
+ALIASES: dict[str, str] = {"llama-4": "llama4_pythonic"}  # SGLang's template names
 
 
 def builtin_template(name: str) -> str | None:
-    """The text of the built-in template `<name>.jinja` in this package, or None if absent."""
+    """The text of the built-in template `<name>.jinja` in this package (or the one an alias
+    names), or None if absent."""
+    name = ALIASES.get(name, name)
     if not name or "/" in name or "\\" in name or name.startswith("."):
         return None
     path = resources.files(__name__).joinpath(f"{name}.jinja")

@@ -78,7 +78,7 @@ def build(config: EngineConfig) -> EngineParts:
     tensor parallelism first starts this node's other ranks (stopped again if loading fails)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(config.checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.checkpoint)
     sharded = None
     if config.tp > 1:
         check_shardable(TextConfig.from_checkpoint(config.checkpoint), config.tp)

@@ -37,6 +37,7 @@ class EngineConfig:
     device: str = "cpu"
     context_len: int | None = None  # None: the model's max_position_embeddings
     progress: bool = True  # progress bars while loading
+    tokenizer: str | None = None  # a directory or Hub id; None: the checkpoint's tokenizer
     # ---- the model
     enable_multimodal: bool = False  # also load the vision tower (ValueError if text-only)
     max_image_tiles: int | None = None  # None: the checkpoint's preprocessor setting
