@@ -11,15 +11,18 @@ Nothing here imports torch.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 from pathlib import Path
 from typing import Any
 
+from pyllama4.server.flag_types import int_in
 from pyllama4.server.model_source import is_hub_id
 
 LOG_LEVELS_HTTP = ("trace", "debug", "info", "warning", "error", "critical")
 SAMPLING_DEFAULTS = ("model", "openai")
+ROUTER_POLICIES = ("cache_aware", "round_robin", "random", "power_of_two")  # sglang-router's
 # SGLang's --attention-backend choices for a model like Llama 4 (MHA): accepted, and pyllama4's
 # own attention runs whatever they say (torch SDPA for prefill, its paged decode kernel on a GPU).
 ATTENTION_BACKENDS = (
@@ -49,16 +52,6 @@ _MODEL_DTYPE = "the KV cache is stored in the model's dtype (auto)"
 DEFAULT_STEP_TOKENS = 8192  # pyllama4.runner.MAX_STEP_TOKENS (torch is not imported here)
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is out of range (expected an integer >= 1)")
-    return value
-
-
 def images_per_prompt(text: str) -> int:
     """vLLM's --limit-mm-per-prompt, '{"image": N}' or image=N: the images a request may hold."""
     try:
@@ -70,7 +63,7 @@ def images_per_prompt(text: str) -> int:
     others = [k for k, v in limits.items() if k != "image" and str(v) != "0"]
     if others:
         raise argparse.ArgumentTypeError(f"{text!r}: Llama 4 takes images only, not {others[0]}")
-    return _positive(str(limits["image"]))
+    return int_in(1)(str(limits["image"]))
 
 
 def add_compat_flags(p: argparse.ArgumentParser) -> None:
@@ -119,17 +112,38 @@ def _add_scheduling_flags(g: argparse._ArgumentGroup) -> None:
         "--data-parallel-size",
         "-dp",
         dest="dp_size",
-        type=_positive,
+        type=int_in(1),
         default=1,
         metavar="N",
-        help="data parallel size: 1 (for more, run N servers behind sglang-router)",
+        help="data-parallel replicas, each with its own --tp ranks, behind sglang-router on "
+        '--host/--port (default 1; more needs pip install "pyllama4[router]")',
+    )
+    g.add_argument(
+        "--base-gpu-id",
+        type=int_in(0),
+        default=0,
+        metavar="N",
+        help="with --dp: the first GPU the replicas use (default 0)",
+    )
+    g.add_argument(
+        "--gpu-id-step",
+        type=int_in(1),
+        default=1,
+        metavar="N",
+        help="with --dp: the distance between consecutive GPU ids (default 1)",
+    )
+    g.add_argument(
+        "--router-policy",
+        choices=ROUTER_POLICIES,
+        default="cache_aware",
+        help="with --dp: how sglang-router picks a replica (default cache_aware)",
     )
     g.add_argument(
         "--ep-size",
         "--ep",
         "--expert-parallel-size",
         dest="ep_size",
-        type=_positive,
+        type=int_in(1),
         metavar="N",
         help="expert parallel size: 1 or --tp (the MoE is sharded over the --tp ranks)",
     )
@@ -140,7 +154,7 @@ def _add_scheduling_flags(g: argparse._ArgumentGroup) -> None:
     )
     g.add_argument(
         "--max-prefill-tokens",
-        type=_positive,
+        type=int_in(1),
         metavar="N",
         help="the most prompt tokens one step prefills; below --chunked-prefill-size it lowers "
         "the step budget to N (default: --chunked-prefill-size)",
@@ -212,6 +226,14 @@ def _attention_problem(value: str) -> str | None:
     )
 
 
+def _dp_problem(args: argparse.Namespace) -> str | None:
+    if importlib.util.find_spec("sglang_router") is None:
+        return 'replicas run behind sglang-router: pip install "pyllama4[router]"'
+    if args.nnodes > 1:
+        return "replicas run on one machine; for several, run a server on each behind sglang-router"
+    return None
+
+
 def problem(dest: str, args: argparse.Namespace) -> str | None:
     """Why the server cannot start with the flag `dest` as given, or None."""
     value = getattr(args, dest, None)
@@ -222,10 +244,7 @@ def problem(dest: str, args: argparse.Namespace) -> str | None:
     if dest.endswith("attention_backend"):
         return _attention_problem(value)
     if dest == "dp_size" and value > 1:
-        return (
-            "data parallelism is not built yet; run N servers (one per GPU group) behind "
-            "sglang-router, or use --tp"
-        )
+        return _dp_problem(args)
     if dest == "ep_size" and value not in (1, args.tp):
         return (
             f"expert parallelism is not built; the MoE is sharded over the --tp {args.tp} ranks "

@@ -78,8 +78,11 @@ def replica_command(argv: Sequence[str], port: int, cpu_threads: int | None) -> 
     return cmd
 
 
-def router_command(args: argparse.Namespace, workers: list[str]) -> list[str]:
+def router_command(args: argparse.Namespace, workers: list[str], tokenizer: str) -> list[str]:
+    """sglang-router in front of the workers; it reads the tokenizer from the local directory
+    (else it would look the served name up on the Hub)."""
     cmd = [sys.executable, "-m", "sglang_router.launch_router", "--host", args.host]
+    cmd += ["--tokenizer-path", tokenizer]
     cmd += ["--port", str(args.port), "--policy", args.router_policy]
     cmd += ["--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port())]
     # The router waits for its requests in flight while the replicas drain theirs.
@@ -97,19 +100,22 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def serve_replicas(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    """Runs the replicas and the router until a signal or a failure; the exit status."""
+def serve_replicas(args: argparse.Namespace, argv: Sequence[str], tokenizer: str) -> int:
+    """Runs the replicas and the router until a signal or a failure; the exit status.
+    tokenizer: the local directory of the served model's tokenizer."""
     stopping = threading.Event()
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per /health poll
 
     def on_signal(signum: int, frame: object) -> None:
-        log.info("%s: stopping the router and %d replicas", signal.Signals(signum).name, args.dp)
+        name = signal.Signals(signum).name
+        log.info("%s: stopping the router and %d replicas", name, args.dp_size)
         stopping.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     children: list[Child] = []
     try:
-        ports = [free_port() for _ in range(args.dp)]
+        ports = [free_port() for _ in range(args.dp_size)]
         threads = _cpu_threads(args, argv)
         for i, port in enumerate(ports):
             env = dict(os.environ)
@@ -122,11 +128,11 @@ def serve_replicas(args: argparse.Namespace, argv: Sequence[str]) -> int:
         workers = [f"http://127.0.0.1:{port}" for port in ports]
         if not _wait_healthy(workers, children, stopping):
             return _stop(children, args, failed=not stopping.is_set())
-        router = _spawn(router_command(args, workers), dict(os.environ), "[router] ")
+        router = _spawn(router_command(args, workers, tokenizer), dict(os.environ), "[router] ")
         children.append(Child("the router", router))
         log.info(
             "%d replicas behind sglang-router (%s) on http://%s:%d",
-            args.dp,
+            args.dp_size,
             args.router_policy,
             args.host,
             args.port,
@@ -147,7 +153,7 @@ def _cpu_threads(args: argparse.Namespace, argv: Sequence[str]) -> int | None:
     """On the CPU, each replica's share of the cores (None: the command line sets it)."""
     if args.device != "cpu" or any(a.split("=")[0] == "--cpu-threads" for a in argv):
         return None
-    return max(1, (os.cpu_count() or 1) // args.dp)
+    return max(1, (os.cpu_count() or 1) // args.dp_size)
 
 
 def _spawn(cmd: list[str], env: dict[str, str], prefix: str) -> subprocess.Popen[bytes]:

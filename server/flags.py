@@ -9,28 +9,22 @@ be set to on this machine is checked in pyllama4.server.checks. It is long becau
 from __future__ import annotations
 
 import argparse
-import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import NoReturn
 
 from pyllama4.server.compat_flags import add_compat_flags, finish
-from pyllama4.server.http_limits import BACKLOG, BODY_TIMEOUT_S, KEEP_ALIVE_S, MAX_BODY_BYTES
+from pyllama4.server.flag_types import fraction, int_in
+from pyllama4.server.http_flags import add_http_flags
 from pyllama4.server.peer_flags import add_peer_flags, check_known
 
 PROG = "pyllama4-serve"
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 30000  # SGLang's default
 # pyllama4.kernels.moe.MAX_TOKENS: above it the MoE runs grouped matmuls, not tried in a graph yet
 DEFAULT_GRAPH_MAX_BS = 64
-# In-flight requests get this long to finish after SIGTERM / SIGINT; then they are cut. With the
-# few seconds the exit takes, a drain fits Kubernetes' default 30 s grace period.
-SHUTDOWN_TIMEOUT_S = 20.0
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32", "half", "float")
 DTYPE_ALIASES = {"half": "float16", "float": "float32"}  # SGLang's (and vLLM's) spellings
 SPEC_DEFAULTS = (3, 1)  # --speculative-num-steps, --speculative-eagle-topk (SGLang's for Llama 4)
 SPEC_DEFAULT_TREE_TOKENS = 8
-LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 # The order check_supported uses when a namespace does not say in which order the flags were
 # typed (it was not made by parse_args): the order of the seed's command lines.
@@ -55,47 +49,6 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _int_in(low: int, high: int | None = None) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < low or (high is not None and value > high):
-            expected = f"{low}..{high}" if high is not None else f"an integer >= {low}"
-            raise argparse.ArgumentTypeError(f"{value} is out of range (expected {expected})")
-        return value
-
-    return parse
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (math.isfinite(value) and 0.0 < value <= 1.0):
-        raise argparse.ArgumentTypeError(f"{text} is out of range (expected 0 < value <= 1)")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not (math.isfinite(value) and value >= 0.0):
-        raise argparse.ArgumentTypeError(f"{text} is out of range (expected seconds >= 0)")
-    return value
-
-
-def _positive_seconds(text: str) -> float:
-    value = _seconds(text)
-    if value == 0.0:
-        raise argparse.ArgumentTypeError(f"{text} is out of range (expected seconds > 0)")
-    return value
 
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
@@ -149,7 +102,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     )
     model.add_argument(
         "--context-length",
-        type=_int_in(1),
+        type=int_in(1),
         metavar="N",
         help="the longest prompt + completion in tokens (default: the model's "
         "max_position_embeddings)",
@@ -175,21 +128,21 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     )
     images.add_argument(
         "--max-image-tiles",
-        type=_int_in(1),
+        type=int_in(1),
         metavar="N",
         help="the most tiles an image is cut into, besides its global tile (default: the "
         "checkpoint's preprocessor_config.json max_patches, 16 for Llama 4)",
     )
     images.add_argument(
         "--max-images-per-request",
-        type=_int_in(1),
+        type=int_in(1),
         default=10,
         metavar="N",
         help="more images in one request are refused with a 400 (default 10)",
     )
     images.add_argument(
         "--max-image-pixels",
-        type=_int_in(1),
+        type=int_in(1),
         default=40_000_000,
         metavar="N",
         help="images with more pixels (width x height) are refused before decoding "
@@ -238,14 +191,14 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     )
     hw.add_argument(
         "--cpu-threads",
-        type=_int_in(1),
+        type=int_in(1),
         metavar="N",
         help="on the CPU: torch compute threads (default: OMP_NUM_THREADS if set, else the "
         "usable cores less --cpu-reserved-cores)",
     )
     hw.add_argument(
         "--cpu-reserved-cores",
-        type=_int_in(0),
+        type=int_in(0),
         metavar="N",
         help="on the CPU: cores kept free of compute threads for the event loop and HTTP "
         "(default 1 with two or more cores)",
@@ -261,18 +214,18 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         "--tp",
         "--tp-size",
         dest="tp",
-        type=_int_in(1),
+        type=int_in(1),
         default=1,
         metavar="N",
         help="tensor parallel size: the model is sharded over N ranks (GPUs; processes on the "
         "CPU), this process being rank 0 (default 1)",
     )
     hw.add_argument(
-        "--nnodes", type=_int_in(1), default=1, metavar="N", help="machines the ranks span"
+        "--nnodes", type=int_in(1), default=1, metavar="N", help="machines the ranks span"
     )
     hw.add_argument(
         "--node-rank",
-        type=_int_in(0),
+        type=int_in(0),
         default=0,
         metavar="R",
         help="this machine's index; node 0 serves HTTP, the others only run their ranks",
@@ -284,13 +237,13 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     )
     hw.add_argument(
         "--mem-fraction-static",
-        type=_fraction,
+        type=fraction,
         metavar="F",
         help="fraction of GPU memory for weights + KV cache (default 0.85); no effect on the CPU",
     )
     hw.add_argument(
         "--cuda-graph-max-bs",
-        type=_int_in(1),
+        type=int_in(1),
         metavar="N",
         help="decode steps of up to N requests replay a captured CUDA/HIP graph, padded to the "
         f"next captured size (default {DEFAULT_GRAPH_MAX_BS}, the fused MoE kernels' largest "
@@ -303,13 +256,13 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     )
     hw.add_argument(
         "--max-total-tokens",
-        type=_int_in(1),
+        type=int_in(1),
         metavar="N",
         help="the KV cache's size in tokens (default: from --mem-fraction-static on a GPU; on "
         "the CPU a quarter of RAM, at most 1 GiB)",
     )
     hw.add_argument(
-        "--page-size", type=_int_in(1), metavar="N", help="tokens per KV page (default 16)"
+        "--page-size", type=int_in(1), metavar="N", help="tokens per KV page (default 16)"
     )
 
     tools = p.add_argument_group("tool calling and structured outputs")
@@ -323,20 +276,20 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     sched = p.add_argument_group("scheduling")
     sched.add_argument(
         "--chunked-prefill-size",
-        type=_int_in(1),
+        type=int_in(1),
         metavar="N",
         help="the most tokens one step computes; longer prompts are prefilled in chunks "
         "(default 8192)",
     )
     sched.add_argument(
         "--max-running-requests",
-        type=_int_in(1),
+        type=int_in(1),
         metavar="N",
         help="the most requests in a batch (default 256)",
     )
     sched.add_argument(
         "--max-queued-requests",
-        type=_int_in(1),
+        type=int_in(1),
         metavar="N",
         help="the most requests waiting for a batch slot; more are answered 503 with "
         "Retry-After (default: no bound)",
@@ -389,105 +342,10 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         f"trees: default {SPEC_DEFAULT_TREE_TOKENS})",
     )
 
-    _add_http_flags(p)
+    add_http_flags(p)
     add_compat_flags(p)
     add_peer_flags(p)
     return p
-
-
-def _add_http_flags(p: argparse.ArgumentParser) -> None:
-    """The "HTTP" group: where the server listens, the API key and what a client may hold."""
-    http = p.add_argument_group("HTTP")
-    http.add_argument("--host", default=DEFAULT_HOST, help=f"default {DEFAULT_HOST}")
-    http.add_argument(
-        "--port",
-        type=_int_in(0, 65535),
-        default=DEFAULT_PORT,
-        help=f"default {DEFAULT_PORT}; 0 picks a free port (logged)",
-    )
-    http.add_argument(
-        "--served-model-name",
-        metavar="NAME",
-        help="the model name in the API (default: --model-path as given)",
-    )
-    http.add_argument(
-        "--api-key",
-        metavar="KEY",
-        help="require `Authorization: Bearer KEY` on every path except GET /health (unknown "
-        "paths included: 401 before 404)",
-    )
-    http.add_argument(
-        "--public-metrics",
-        action="store_true",
-        help="with --api-key: /metrics answers without the key (for a Prometheus scraper)",
-    )
-    http.add_argument(
-        "--timeout-keep-alive",
-        type=_positive_seconds,
-        default=KEEP_ALIVE_S,
-        metavar="S",
-        help="close a connection idle, or still sending its request's headers, for S seconds "
-        f"(default {KEEP_ALIVE_S:g})",
-    )
-    http.add_argument(
-        "--timeout-request-body",
-        type=_positive_seconds,
-        default=BODY_TIMEOUT_S,
-        metavar="S",
-        help="a request's whole body must arrive within S seconds of its headers, else 408 and "
-        f"the connection is closed (default {BODY_TIMEOUT_S:g})",
-    )
-    http.add_argument(
-        "--max-request-body-bytes",
-        type=_int_in(1),
-        default=MAX_BODY_BYTES,
-        metavar="N",
-        help="larger bodies get 413, from their Content-Length before any byte is read "
-        f"(default {MAX_BODY_BYTES})",
-    )
-    http.add_argument(
-        "--limit-concurrency",
-        type=_int_in(1),
-        metavar="N",
-        help="answer 503 + Retry-After beyond N requests in the app at once, GET /health aside "
-        "(default: what the open files limit allows, 1024 descriptors spared; logged)",
-    )
-    http.add_argument(
-        "--backlog",
-        type=_int_in(1),
-        default=BACKLOG,
-        metavar="N",
-        help=f"the listening socket's queue of connections not yet accepted (default {BACKLOG})",
-    )
-    http.add_argument(
-        "--graceful-shutdown-timeout",
-        type=_seconds,
-        default=SHUTDOWN_TIMEOUT_S,
-        metavar="S",
-        help="after SIGTERM, in-flight requests get S seconds to finish; the rest end with a "
-        f"503 (or an error event when streaming); default {SHUTDOWN_TIMEOUT_S:g}",
-    )
-    http.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, default="info")
-    http.add_argument(
-        "--log-requests",
-        action="store_true",
-        help="log a line when each request is received and when it ends (and its errors)",
-    )
-    http.add_argument(
-        "--log-requests-level",
-        type=int,
-        choices=(0, 1, 2, 3),
-        default=1,
-        help="0: metadata; 1: and sampling parameters; 2: and prompt/output text cut to 2048 "
-        "characters; 3: and the whole text (default 1)",
-    )
-    http.add_argument(
-        "--decode-log-interval",
-        type=_int_in(1),
-        default=40,
-        metavar="N",
-        help="log a `Decode batch.` line every N decode steps (default 40)",
-    )
 
 
 def parse_args(argv: Sequence[str] | None = None, *, prog: str = PROG) -> argparse.Namespace:

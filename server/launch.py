@@ -118,11 +118,26 @@ def main(argv: Sequence[str] | None = None, *, prog: str = PROG) -> None:
     signal.signal(signal.SIGTERM, _raise_stopped)
     signal.signal(signal.SIGINT, _raise_stopped)
     try:
+        if args.dp_size > 1:
+            _serve_replicas(args, list(sys.argv[1:] if argv is None else argv))
         _start_and_serve(args)
     except _Stopped as stop:
         name = signal.Signals(stop.signum).name
         log.info("%s before the server was up: stopped", name)
         _exit_now(0 if stop.signum == signal.SIGTERM else 128 + stop.signum)
+
+
+def _serve_replicas(args: argparse.Namespace, argv: list[str]) -> NoReturn:
+    """--dp N: the checkpoint resolved here once (a download or the demo model's conversion
+    runs once, shown once), then N replicas of this command line behind sglang-router."""
+    from pyllama4.server.data_parallel import serve_replicas
+
+    _resolve_sources(args)
+    checkpoint, _ = _checkpoint(args)
+    tokenizer = args.tokenizer_path
+    if tokenizer is None or not Path(tokenizer).expanduser().is_dir():
+        tokenizer = str(checkpoint)
+    sys.exit(serve_replicas(args, argv, tokenizer))
 
 
 def _start_and_serve(args: argparse.Namespace) -> None:

@@ -66,7 +66,8 @@ class NativeRoutes:
         config = s.engine.runner.model.config
         info = {
             "model_path": s.model,
-            "tokenizer_path": s.model,
+            # where the tokenizer was loaded from: sglang-router loads it from there
+            "tokenizer_path": getattr(s.engine.tokenizer, "name_or_path", None) or s.model,
             "is_generation": True,
             "preferred_sampling_params": None,
             "weight_version": "default",

@@ -55,7 +55,7 @@ VLLM_SPELLINGS = (
     ("MODEL (positional, as `vllm serve MODEL`)", "--model-path MODEL"),
     ("--seed", "--random-seed"),
     ("--tokenizer", "--tokenizer-path"),
-    ("--data-parallel-size / -dp", "--dp-size (1 only)"),
+    ("--data-parallel-size / -dp", "--dp-size"),
     ("--enable-expert-parallel", "--ep-size equal to --tp"),
     ("--generation-config auto / vllm / DIR", "--sampling-defaults model / openai / DIR's file"),
     ("--uvicorn-log-level", "--log-level-http"),
@@ -78,7 +78,11 @@ VALUES = (
         "Llama 4's backends accepted, no effect (pyllama4's own attention); "
         "MLA / sparse ones refused",
     ),
-    ("--dp-size / --dp", "1; more refused: run N servers behind sglang-router"),
+    (
+        "--dp-size / --dp",
+        "N replicas behind sglang-router (the router extra), on GPUs from --base-gpu-id "
+        "every --gpu-id-step",
+    ),
     ("--ep-size / --ep", "1 or --tp (the MoE is sharded over the --tp ranks); others refused"),
     ("--random-seed", "seeds torch at start: unseeded requests repeat after a restart"),
     ("--max-prefill-tokens", "below --chunked-prefill-size it lowers the step budget"),
@@ -155,7 +159,7 @@ REFUSED = {
     "(--sampling-defaults model) or use --generation-config DIR",
     "--override-generation-config": "use --generation-config DIR with a generation_config.json",
     "--allow-auto-truncate": "a prompt longer than the context is refused (400), not truncated",
-    "--base-gpu-id": "choose the GPUs with CUDA_VISIBLE_DEVICES / HIP_VISIBLE_DEVICES",
+    "--load-balance-method": "with --dp, sglang-router routes: choose with --router-policy",
     "--enable-custom-logit-processor": "custom logit processors are not supported",
     "--logits-processors": "custom logit processors are not supported",
     "--config": "pyllama4 takes its settings as flags, not a config file",

@@ -157,7 +157,10 @@ def test_accepted_flags_without_effect_are_each_logged_with_why(tiny, caplog):
             "--kv-cache-dtype bf16: the KV cache is stored in the model's dtype (--dtype float32)",
         ),
         (["--attention-backend", "flashmla"], "--attention-backend flashmla: not an attention"),
-        (["--dp", "2"], "--dp-size 2: data parallelism is not built yet; run N servers"),
+        (
+            ["--dp", "2", "--nnodes", "2", "--dist-init-addr", "127.0.0.1:5000"],
+            "--dp-size 2: replicas run on one machine",
+        ),
         (["--tp", "2", "--ep-size", "4"], "--ep-size 4: expert parallelism is not built"),
         (["--tokenizer-path", "./no/such/dir"], "--tokenizer-path ./no/such/dir: no such"),
         (
