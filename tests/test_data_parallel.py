@@ -32,12 +32,12 @@ def free_port() -> int:
 class DataParallelServer:
     """`pyllama4-serve --dp 2` on the demo model, as README shows it (plus a free port)."""
 
-    def __init__(self, log: Path):
+    def __init__(self, log: Path, *flags: str):
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log = log
         cmd = [sys.executable, "-m", "pyllama4.launch_server", "--dp", "2"]
-        cmd += ["--port", str(self.port), "--context-length", "1024"]
+        cmd += ["--port", str(self.port), "--context-length", "1024", *flags]
         self.proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT)
         deadline = time.monotonic() + 600  # loading two replicas on a loaded machine
         while time.monotonic() < deadline:
@@ -55,8 +55,8 @@ class DataParallelServer:
         return [p for p in children if "pyllama4.launch_server" in " ".join(p.cmdline())]
 
 
-def chat(base: str) -> str:
-    client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+def chat(base: str, key: str = "unused") -> str:
+    client = openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0)
     r = client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0
     )
@@ -64,11 +64,13 @@ def chat(base: str) -> str:
 
 
 def test_two_replicas_answer_on_one_port_and_sigterm_exits_0(tmp_path):
-    server = DataParallelServer(tmp_path / "dp.log")
+    server = DataParallelServer(tmp_path / "dp.log", "--api-key", "k")
     try:
         assert len(server.replicas()) == 2
-        assert all(chat(server.base) == "length" for _ in range(4))
-        assert httpx.get(server.base + "/health", timeout=10).status_code == 200
+        assert all(chat(server.base, "k") == "length" for _ in range(4))
+        with pytest.raises(openai.AuthenticationError):  # the router checks the key
+            chat(server.base, "wrong")
+        assert httpx.get(server.base + "/health", timeout=10).status_code == 200  # no key
     finally:
         server.proc.send_signal(signal.SIGTERM)
         status = server.proc.wait(timeout=120)
