@@ -11,14 +11,13 @@ from __future__ import annotations
 import anyio
 import pytest
 import torch
-from transformers import AutoTokenizer, Llama4TextConfig
-from transformers import Llama4ForCausalLM as HFLlama4
+from transformers import AutoTokenizer
 
 from pyllama4 import Engine, SamplingParams
 from pyllama4.config import TextConfig
 from pyllama4.model.llama4 import Llama4ForCausalLM
 from pyllama4.runner import ModelRunner
-from tiny_models import LLAMA3_ROPE, TINY_TEXT
+from tiny_models import tiny_engine_model
 
 VOCAB = 49152
 CONTEXT = 160
@@ -32,26 +31,7 @@ def tokenizer(demo_dir):
 
 @pytest.fixture(scope="module")
 def hf_model():
-    torch.manual_seed(0)
-    cfg = Llama4TextConfig(
-        **TINY_TEXT,
-        vocab_size=VOCAB,
-        interleave_moe_layer_step=1,
-        attention_chunk_size=8,
-        floor_scale=8,
-        max_position_embeddings=1024,
-        bos_token_id=1,
-        eos_token_id=2,
-        rope_parameters=LLAMA3_ROPE,
-    )
-    hf = HFLlama4(cfg)
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if "experts" in name or "router" in name:
-                p.normal_(0, 0.1)
-            if "lm_head" in name:
-                p.normal_(0, 0.5)
-    return hf.eval()
+    return tiny_engine_model(VOCAB)
 
 
 def make_engine(hf_model, tokenizer, **runner) -> Engine:

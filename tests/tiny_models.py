@@ -9,6 +9,7 @@
 - `LLAMA4_SPECIAL_TOKENS`, `TINY_TILE` and `make_tiny_multimodal_checkpoint`: the tiny random
   multimodal checkpoint behind conftest.py's `tiny_mm_dir` fixture.
 - `last_token_logits`: our model's last-token logits for a batch of prompts, in one step.
+- `tiny_engine_model`: the seeded tiny random transformers Llama 4 the engine tests compare with.
 
 Test modules import it as `tiny_models` (pyproject.toml puts tests/ on pytest's pythonpath).
 """
@@ -193,6 +194,35 @@ def make_tiny_multimodal_checkpoint(path: Path, demo_dir: Path) -> Path:
     }
     (path / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
     return path
+
+
+def tiny_engine_model(vocab: int):
+    """A seeded tiny random Llama 4 text model (transformers, eval mode): every layer MoE,
+    8-token attention chunks, bos 1 / eos 2; experts and router drawn wider (std 0.1) and the
+    lm_head peaked (std 0.5), so that seeded samples are not all distinct noise."""
+    from transformers import Llama4ForCausalLM as HFLlama4
+    from transformers import Llama4TextConfig
+
+    torch.manual_seed(0)
+    cfg = Llama4TextConfig(
+        **TINY_TEXT,
+        vocab_size=vocab,
+        interleave_moe_layer_step=1,
+        attention_chunk_size=8,
+        floor_scale=8,
+        max_position_embeddings=1024,
+        bos_token_id=1,
+        eos_token_id=2,
+        rope_parameters=LLAMA3_ROPE,
+    )
+    hf = HFLlama4(cfg)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "experts" in name or "router" in name:
+                p.normal_(0, 0.1)
+            if "lm_head" in name:
+                p.normal_(0, 0.5)
+    return hf.eval()
 
 
 def last_token_logits(model: Llama4ForCausalLM, prompts: list[list[int]]) -> torch.Tensor:
