@@ -31,6 +31,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,9 @@ from pyllama4.sampling_params import SamplingParams
 from pyllama4.speculative.eagle import EagleWorker
 
 log = logging.getLogger("pyllama4.engine")
+# A worker killed mid-step closes its sockets before its exit code shows (the kernel closes a
+# process's files before it can be reaped): its peers' step can fail first.
+WORKER_EXIT_GRACE_S = 2.0
 
 
 class Engine:
@@ -225,11 +229,17 @@ class Engine:
                 await asyncio.wait([asyncio.wrap_future(driving)])
             self._running = False
 
-    def _fail_step(self, core_ids: list[int], message: str) -> None:
+    def _fail_step(self, core_ids: list[int], message: str, waited: float = 0.0) -> None:
         """On the event loop: ends the requests of a step that failed, with the error. A step
         fails when a tensor-parallel worker dies: the engine is then failed at once, before the
-        worker watch notices, so that those requests report it."""
+        worker watch notices, so that those requests report it. The step can fail (the peer's
+        connection closed) a moment before the worker's exit shows: a sharded engine's failed
+        step waits for it up to WORKER_EXIT_GRACE_S, checking every 50 ms, without blocking."""
         dead = self.workers.dead() if self.workers is not None else None
+        if self.workers is not None and dead is None and waited < WORKER_EXIT_GRACE_S:
+            retry = partial(self._fail_step, core_ids, message, waited + 0.05)
+            asyncio.get_running_loop().call_later(0.05, retry)
+            return
         if dead is not None and self.failure is None:
             self.fail(dead)
         for core_id in core_ids:
