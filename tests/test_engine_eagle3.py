@@ -23,8 +23,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from transformers import AutoTokenizer, Llama4TextConfig
-from transformers import Llama4ForCausalLM as HFLlama4
+from transformers import AutoTokenizer
 
 from pyllama4 import Engine, SamplingParams
 from pyllama4.config import TextConfig
@@ -34,7 +33,7 @@ from pyllama4.model.llama4 import Llama4ForCausalLM
 from pyllama4.runner import ModelRunner
 from pyllama4.speculative.eagle import EagleWorker, SpecConfig, draft_kv_bytes_per_token
 from pyllama4.speculative.tree import DraftTree
-from tiny_models import LLAMA3_ROPE, TINY_TEXT
+from tiny_models import tiny_engine_model
 
 VOCAB = 49152
 DRAFT_VOCAB = 512
@@ -49,20 +48,8 @@ def tokenizer(demo_dir):
 
 @pytest.fixture(scope="module")
 def target_weights():
-    torch.manual_seed(0)
-    cfg = Llama4TextConfig(
-        **TINY_TEXT,
-        vocab_size=VOCAB,
-        interleave_moe_layer_step=1,
-        attention_chunk_size=8,
-        floor_scale=8,
-        max_position_embeddings=1024,
-        bos_token_id=1,
-        eos_token_id=2,
-        rope_parameters=LLAMA3_ROPE,
-    )
-    hf = HFLlama4(cfg)
-    return TextConfig.from_dict(cfg.to_dict()), hf.state_dict()
+    hf = tiny_engine_model(VOCAB, peaked=False)
+    return TextConfig.from_dict(hf.config.to_dict()), hf.state_dict()
 
 
 def draft_config(num_layers: int) -> Eagle3Config:

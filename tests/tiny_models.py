@@ -196,10 +196,10 @@ def make_tiny_multimodal_checkpoint(path: Path, demo_dir: Path) -> Path:
     return path
 
 
-def tiny_engine_model(vocab: int):
+def tiny_engine_model(vocab: int, *, peaked: bool = True):
     """A seeded tiny random Llama 4 text model (transformers, eval mode): every layer MoE,
-    8-token attention chunks, bos 1 / eos 2; experts and router drawn wider (std 0.1) and the
-    lm_head peaked (std 0.5), so that seeded samples are not all distinct noise."""
+    8-token attention chunks, bos 1 / eos 2; peaked: experts and router drawn wider (std 0.1)
+    and the lm_head peaked (std 0.5), so that seeded samples are not all distinct noise."""
     from transformers import Llama4ForCausalLM as HFLlama4
     from transformers import Llama4TextConfig
 
@@ -218,9 +218,9 @@ def tiny_engine_model(vocab: int):
     hf = HFLlama4(cfg)
     with torch.no_grad():
         for name, p in hf.named_parameters():
-            if "experts" in name or "router" in name:
+            if peaked and ("experts" in name or "router" in name):
                 p.normal_(0, 0.1)
-            if "lm_head" in name:
+            if peaked and "lm_head" in name:
                 p.normal_(0, 0.5)
     return hf.eval()
 
